@@ -1,0 +1,1 @@
+//! Host device passthrough for Quantix VMs: VFIO and SR-IOV (PCI discovery, driver binding, IOMMU groups, virtual functions). Not yet implemented; QEMU device descriptions it produces will feed `qx_vmm::devices`.

@@ -1,0 +1,1 @@
+//! Host networking for Quantix VMs: an OVSDB (RFC 7047) client, Open vSwitch bridges and ports, and tap devices handed to QEMU as file descriptors. Not yet implemented; VMs use QEMU user-mode networking until it is.

@@ -1,0 +1,341 @@
+//! The QEMU command line, built from a `VmSpec` as a list of arguments (never through a shell).
+//!
+//! Devices and block nodes are described once, as data: the same description renders as `-device`/`-blockdev`
+//! arguments at start and as `device_add`/`blockdev-add` arguments for hotplug.
+
+use std::ffi::OsString;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use serde_json::{json, Map, Value};
+
+use crate::accel::Accel;
+use crate::spec::{AioMode, CacheMode, DiskFormat, NicKind, VmSpec};
+
+/// Free PCIe root ports kept on q35 machines so devices can be hotplugged later (q35's root bus takes none).
+pub const SPARE_HOTPLUG_PORTS: usize = 2;
+
+/// Where the launched QEMU finds what qx-node prepared for it.
+#[derive(Debug, Clone)]
+pub struct LaunchLayout {
+    /// Fd number, in QEMU, of the listening QMP socket qx-node bound.
+    pub qmp_fd: RawFd,
+    /// Fd number, in QEMU, of the listening serial socket qx-node bound (when the spec has a serial port).
+    pub serial_fd: Option<RawFd>,
+    pub pidfile: PathBuf,
+}
+
+/// A guest device: rendered as `-device` at start, or as `device_add` arguments for hotplug.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub driver: String,
+    pub id: String,
+    /// Properties in command-line order (`bus` first, where there is one).
+    pub props: Vec<(String, Value)>,
+}
+
+impl Device {
+    fn new(driver: &str, id: impl Into<String>) -> Self {
+        Self { driver: driver.to_owned(), id: id.into(), props: Vec::new() }
+    }
+
+    fn prop(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.props.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// The `-device` argument value.
+    pub fn to_cli(&self) -> String {
+        let mut out = format!("{},id={}", self.driver, keyval_escape(&self.id));
+        for (key, value) in &self.props {
+            let value = match value {
+                Value::String(s) => keyval_escape(s),
+                Value::Bool(b) => (if *b { "on" } else { "off" }).to_owned(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!(",{key}={value}"));
+        }
+        out
+    }
+
+    /// The `device_add` arguments.
+    pub fn to_qmp(&self) -> Value {
+        let mut args = Map::new();
+        args.insert("driver".into(), self.driver.clone().into());
+        args.insert("id".into(), self.id.clone().into());
+        args.extend(self.props.iter().cloned());
+        Value::Object(args)
+    }
+}
+
+/// QEMU's keyval syntax doubles commas inside values.
+fn keyval_escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The machine's devices and block nodes, in the order QEMU must see them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Hardware {
+    /// `blockdev-add` arguments (also valid as JSON `-blockdev` values), protocol nodes before format nodes.
+    pub blockdevs: Vec<Value>,
+    /// `netdev_add` arguments; rendered as keyval `-netdev` values.
+    pub netdevs: Vec<Value>,
+    pub devices: Vec<Device>,
+}
+
+impl Hardware {
+    /// Describes the devices `spec` asks for.
+    pub fn from_spec(spec: &VmSpec) -> Self {
+        let mut hw = Hardware::default();
+        let pcie = spec.machine == "q35" || spec.machine.starts_with("pc-q35-");
+        let mut next_port = 0usize;
+        let mut bus_for = |hw: &mut Hardware| -> Option<String> {
+            if !pcie {
+                return None;
+            }
+            next_port += 1;
+            let id = format!("rp{next_port}");
+            hw.devices.push(Device::new("pcie-root-port", id.clone()).prop("bus", "pcie.0").prop("chassis", next_port));
+            Some(id)
+        };
+
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let node = format!("disk{i}");
+            let (direct, no_flush, write_cache) = match disk.cache {
+                CacheMode::None => (true, false, true),
+                CacheMode::Writeback => (false, false, true),
+                CacheMode::Writethrough => (false, false, false),
+                CacheMode::Directsync => (true, false, false),
+                CacheMode::Unsafe => (false, true, true),
+            };
+            let aio = match disk.aio {
+                AioMode::Threads => "threads",
+                AioMode::Native => "native",
+                AioMode::IoUring => "io_uring",
+            };
+            let cache = json!({ "direct": direct, "no-flush": no_flush });
+            hw.blockdevs.push(json!({
+                "driver": "file", "node-name": format!("{node}-file"), "filename": disk.path,
+                "aio": aio, "cache": cache, "read-only": disk.read_only, "discard": "unmap",
+            }));
+            let format = match disk.format {
+                DiskFormat::Raw => "raw",
+                DiskFormat::Qcow2 => "qcow2",
+            };
+            hw.blockdevs.push(json!({
+                "driver": format, "node-name": node, "file": format!("{node}-file"),
+                "cache": cache, "read-only": disk.read_only, "discard": "unmap",
+            }));
+            let mut dev = Device::new("virtio-blk-pci", format!("virtio-{node}"));
+            if let Some(bus) = bus_for(&mut hw) {
+                dev = dev.prop("bus", bus);
+            }
+            dev = dev.prop("drive", node).prop("write-cache", write_cache);
+            if i == 0 && spec.kernel.is_none() {
+                dev = dev.prop("bootindex", 1);
+            }
+            hw.devices.push(dev);
+        }
+
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let netdev = format!("net{i}");
+            match nic.kind {
+                NicKind::User => hw.netdevs.push(json!({ "type": "user", "id": netdev })),
+            }
+            let mut dev = Device::new("virtio-net-pci", format!("nic{i}"));
+            if let Some(bus) = bus_for(&mut hw) {
+                dev = dev.prop("bus", bus);
+            }
+            dev = dev.prop("netdev", netdev);
+            if let Some(mac) = &nic.mac {
+                dev = dev.prop("mac", mac.as_str());
+            }
+            hw.devices.push(dev);
+        }
+
+        for _ in 0..SPARE_HOTPLUG_PORTS {
+            bus_for(&mut hw);
+        }
+        if spec.serial {
+            hw.devices.push(Device::new("isa-serial", "serial0").prop("chardev", "serial0"));
+        }
+        if spec.vnc_display.is_some() {
+            hw.devices.push(Device::new("VGA", "video0"));
+        }
+        hw
+    }
+}
+
+/// Renders a `netdev_add` argument object as a keyval `-netdev` value (`type` first, without its key).
+fn netdev_cli(netdev: &Value) -> String {
+    let Some(map) = netdev.as_object() else { return String::new() };
+    let mut out = map.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
+    for (key, value) in map.iter().filter(|(k, _)| *k != "type") {
+        let value = value.as_str().map_or_else(|| value.to_string(), keyval_escape);
+        out.push_str(&format!(",{key}={value}"));
+    }
+    out
+}
+
+/// The full argument list (without the binary) for `spec` under `accel`.
+pub fn qemu_args(spec: &VmSpec, accel: Accel, layout: &LaunchLayout) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::with_capacity(64);
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+
+    push(&["-name", &format!("guest={},debug-threads=on", keyval_escape(&spec.name))]);
+    push(&["-uuid", &spec.uuid().to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-S"]);
+    push(&["-machine", &spec.machine]);
+    push(&["-accel", &accel.to_string()]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-smp", &spec.vcpus.to_string()]);
+    push(&["-m", &format!("{}M", spec.memory_mib)]);
+    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&["-msg", "timestamp=on"]);
+    match spec.vnc_display {
+        Some(display) => push(&["-vnc", &format!("127.0.0.1:{display}")]),
+        None => push(&["-display", "none"]),
+    }
+    push(&["-chardev", &format!("socket,id=qmp,fd={},server=on,wait=off", layout.qmp_fd)]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    if let Some(fd) = layout.serial_fd {
+        push(&["-chardev", &format!("socket,id=serial0,fd={fd},server=on,wait=off")]);
+    }
+    let mut args = args;
+    args.push("-pidfile".into());
+    args.push(layout.pidfile.clone().into());
+    if let Some(kernel) = &spec.kernel {
+        args.push("-kernel".into());
+        args.push(kernel.kernel.clone().into());
+        if let Some(initrd) = &kernel.initrd {
+            args.push("-initrd".into());
+            args.push(initrd.clone().into());
+        }
+        if !kernel.cmdline.is_empty() {
+            args.push("-append".into());
+            args.push(kernel.cmdline.clone().into());
+        }
+    }
+
+    let hw = Hardware::from_spec(spec);
+    for blockdev in &hw.blockdevs {
+        args.push("-blockdev".into());
+        args.push(blockdev.to_string().into());
+    }
+    for netdev in &hw.netdevs {
+        args.push("-netdev".into());
+        args.push(netdev_cli(netdev).into());
+    }
+    for device in &hw.devices {
+        args.push("-device".into());
+        args.push(device.to_cli().into());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DiskSpec, KernelBoot, NicSpec};
+
+    fn spec() -> VmSpec {
+        let mut spec = VmSpec::from_text("name: web,1\nuuid: 6f1e9a43-3b1a-4c57-9d8c-2f6e4b1a7c10\n").unwrap();
+        spec.disks.push(DiskSpec {
+            path: "/img/a,b.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+            cache: CacheMode::None,
+            aio: AioMode::IoUring,
+        });
+        spec.nics.push(NicSpec { kind: NicKind::User, mac: Some("52:54:00:12:34:56".into()) });
+        spec
+    }
+
+    fn layout() -> LaunchLayout {
+        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into() }
+    }
+
+    fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
+        qemu_args(spec, accel, &layout()).into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+    }
+
+    #[test]
+    fn hardening_and_control_flags_are_always_there() {
+        let args = args_of(&spec(), Accel::Tcg);
+        for flag in ["-nodefaults", "-no-user-config", "-S"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+        assert!(value_after(&args, "-sandbox")[0].starts_with("on,"));
+        assert_eq!(value_after(&args, "-name"), ["guest=web,,1,debug-threads=on"]);
+        assert_eq!(value_after(&args, "-accel"), ["tcg"]);
+        assert_eq!(value_after(&args, "-pidfile"), ["/run/vm/qemu.pid"]);
+        assert_eq!(value_after(&args, "-chardev")[0], "socket,id=qmp,fd=3,server=on,wait=off");
+    }
+
+    #[test]
+    fn kvm_gets_the_host_cpu() {
+        assert_eq!(value_after(&args_of(&spec(), Accel::Kvm), "-cpu"), ["host"]);
+        assert!(value_after(&args_of(&spec(), Accel::Tcg), "-cpu").is_empty());
+    }
+
+    #[test]
+    fn disks_become_blockdev_nodes_and_devices() {
+        let args = args_of(&spec(), Accel::Tcg);
+        let blockdevs: Vec<Value> =
+            value_after(&args, "-blockdev").iter().map(|b| serde_json::from_str(b).unwrap()).collect();
+        assert_eq!(blockdevs[0]["filename"], "/img/a,b.qcow2", "JSON needs no comma escaping");
+        assert_eq!(blockdevs[0]["aio"], "io_uring");
+        assert_eq!(blockdevs[0]["cache"]["direct"], true);
+        assert_eq!(blockdevs[1]["driver"], "qcow2");
+        assert_eq!(blockdevs[1]["file"], "disk0-file");
+        let devices = value_after(&args, "-device");
+        assert!(devices.contains(&"virtio-blk-pci,id=virtio-disk0,bus=rp1,drive=disk0,write-cache=on,bootindex=1"));
+        assert!(devices.contains(&"virtio-net-pci,id=nic0,bus=rp2,netdev=net0,mac=52:54:00:12:34:56"));
+        assert_eq!(value_after(&args, "-netdev"), ["user,id=net0"]);
+        let ports = devices.iter().filter(|d| d.starts_with("pcie-root-port")).count();
+        assert_eq!(ports, 2 + SPARE_HOTPLUG_PORTS);
+    }
+
+    #[test]
+    fn i440fx_puts_devices_on_the_root_bus() {
+        let mut spec = spec();
+        spec.machine = "pc".into();
+        let args = args_of(&spec, Accel::Tcg);
+        let devices = value_after(&args, "-device");
+        assert!(devices.iter().all(|d| !d.contains("bus=") && !d.starts_with("pcie-root-port")), "{devices:?}");
+    }
+
+    #[test]
+    fn kernel_boot_takes_no_bootindex() {
+        let mut spec = spec();
+        spec.kernel =
+            Some(KernelBoot { kernel: "/k".into(), initrd: Some("/i".into()), cmdline: "console=ttyS0".into() });
+        let args = args_of(&spec, Accel::Tcg);
+        assert_eq!(value_after(&args, "-kernel"), ["/k"]);
+        assert_eq!(value_after(&args, "-initrd"), ["/i"]);
+        assert_eq!(value_after(&args, "-append"), ["console=ttyS0"]);
+        assert!(value_after(&args, "-device").iter().all(|d| !d.contains("bootindex")));
+    }
+
+    #[test]
+    fn device_descriptions_render_for_hotplug_too() {
+        let hw = Hardware::from_spec(&spec());
+        let nic = hw.devices.iter().find(|d| d.id == "nic0").unwrap();
+        assert_eq!(
+            nic.to_qmp(),
+            json!({"driver": "virtio-net-pci", "id": "nic0", "bus": "rp2", "netdev": "net0", "mac": "52:54:00:12:34:56"})
+        );
+    }
+
+    #[test]
+    fn keyval_values_escape_commas() {
+        let dev = Device::new("x", "a,b").prop("p", "c,d");
+        assert_eq!(dev.to_cli(), "x,id=a,,b,p=c,,d");
+    }
+}

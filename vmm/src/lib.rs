@@ -1,0 +1,43 @@
+//! The VM model of a Quantix node and the supervisor that runs it: specs and their validation, the QEMU command
+//! line, QEMU processes that outlive the daemon, their serial consoles, and the lifecycle state machine.
+//!
+//! This crate drives QEMU through QMP (`qx-qmp`) and knows nothing of gRPC: the `agent` crate puts a network API
+//! in front of [`VmManager`]. Host networking, storage pools and device passthrough live in their own crates and
+//! feed devices into [`cmdline::Hardware`].
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use qx_vmm::{accel, HostRoot, ManagerConfig, VmManager, VmSpec};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let host = HostRoot::default();
+//! let manager = VmManager::open(ManagerConfig {
+//!     data_dir: "/var/lib/quantix".into(),
+//!     qemu_binary: "qemu-system-x86_64".into(),
+//!     accel: accel::detect(&host),
+//!     host,
+//!     stop_timeout: Duration::from_secs(60),
+//! })
+//! .await?;
+//! let spec = VmSpec::from_text("name: web1\nkernel:\n  kernel: /boot/vmlinuz\n")?;
+//! manager.create(spec).await?;
+//! manager.start("web1").await?;
+//! manager.stop("web1", false, None).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod accel;
+pub mod cmdline;
+pub mod console;
+pub mod host;
+mod manager;
+pub mod persist;
+pub mod process;
+pub mod spec;
+pub mod state;
+
+pub use accel::{Accel, AccelProbe};
+pub use console::SerialConsole;
+pub use host::HostRoot;
+pub use manager::{ManagerConfig, VmError, VmInfo, VmManager};
+pub use spec::{ValidationErrors, VmSpec};
+pub use state::{VmEvent, VmState};

@@ -1,0 +1,882 @@
+//! `VmManager`: every VM on the node, their lifecycle operations, and the supervisor task of each running QEMU.
+//!
+//! Each VM has an operation lock, so its operations run one at a time, and a status behind a short-lived mutex that
+//! is never held across an await; different VMs never wait on each other. Force stop alone skips the operation lock,
+//! so that it can cut short a graceful stop that hangs.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use qx_qmp::{ConnectOptions, Event, QmpClient};
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::accel::{Accel, AccelProbe};
+use crate::cmdline::{qemu_args, LaunchLayout};
+use crate::console::{ConsoleError, SerialConsole};
+use crate::host::HostRoot;
+use crate::persist::{read_tail, write_atomic, StateRecord, VmDir};
+use crate::process::{read_pidfile, ProcessError, QemuProcess};
+use crate::spec::{AccelChoice, RealFiles, ValidationErrors, VmSpec};
+use crate::state::{VmEvent, VmState};
+
+/// Fd numbers QEMU finds its pre-bound sockets at.
+const QMP_FD: i32 = 3;
+const SERIAL_FD: i32 = 4;
+/// How long `quit` gets after the guest ignored the power button, before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How much of `qemu.log` a failed start quotes.
+const START_LOG_TAIL: u64 = 2048;
+
+/// What the manager needs from the node's configuration.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// VMs live in `<data_dir>/vms/<name>/`.
+    pub data_dir: PathBuf,
+    pub qemu_binary: PathBuf,
+    /// Stands for `/` when looking at `/proc`, `/sys`, `/dev`.
+    pub host: HostRoot,
+    /// What `auto` means on this node.
+    pub accel: AccelProbe,
+    /// How long a graceful stop or reboot waits for the guest.
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("invalid VM spec: {0}")]
+    Invalid(#[from] ValidationErrors),
+    #[error("VM {0:?} not found")]
+    NotFound(String),
+    #[error("VM {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("VM {name:?} is {state}; {operation} needs it {needs}")]
+    WrongState { name: String, state: VmState, operation: &'static str, needs: &'static str },
+    #[error("cannot write the files of VM {name:?}")]
+    Persist {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start VM {name:?}: {stage}{}", qemu_said(.log))]
+    Start {
+        name: String,
+        stage: &'static str,
+        log: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("QMP {command} failed on VM {name:?}")]
+    Qmp {
+        name: String,
+        command: &'static str,
+        #[source]
+        source: qx_qmp::Error,
+    },
+    #[error("VM {name:?} has no serial console")]
+    NoConsole { name: String },
+}
+
+fn qemu_said(log: &str) -> String {
+    if log.is_empty() {
+        String::new()
+    } else {
+        format!("; QEMU said: {log}")
+    }
+}
+
+/// A VM as callers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmInfo {
+    pub spec: VmSpec,
+    pub state: VmState,
+    pub pid: Option<i32>,
+    pub started_at_unix: Option<i64>,
+    pub accel: Option<Accel>,
+    /// Why the VM is in its state (e.g. how QEMU exited).
+    pub reason: String,
+}
+
+/// A QEMU that runs for a VM.
+struct Runtime {
+    process: QemuProcess,
+    qmp: QmpClient,
+    console: Option<SerialConsole>,
+    /// Set before qx-node stops QEMU, so its exit counts as a stop rather than a crash.
+    stop_requested: AtomicBool,
+    /// The guest powered off (SHUTDOWN event), so QEMU's exit is a stop rather than a crash.
+    guest_shutdown: AtomicBool,
+}
+
+struct Status {
+    spec: VmSpec,
+    record: StateRecord,
+    runtime: Option<Arc<Runtime>>,
+}
+
+struct Entry {
+    name: String,
+    dir: VmDir,
+    op: tokio::sync::Mutex<()>,
+    status: Mutex<Status>,
+    state_tx: watch::Sender<VmState>,
+    /// Serializes writes of `state.json`; each write takes the record current at write time.
+    persist: tokio::sync::Mutex<()>,
+}
+
+impl Entry {
+    fn new(name: String, dir: VmDir, spec: VmSpec, record: StateRecord) -> Arc<Self> {
+        let (state_tx, _) = watch::channel(record.state);
+        Arc::new(Self {
+            name,
+            dir,
+            op: tokio::sync::Mutex::new(()),
+            status: Mutex::new(Status { spec, record, runtime: None }),
+            state_tx,
+            persist: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> VmState {
+        self.status().record.state
+    }
+
+    fn runtime(&self) -> Option<Arc<Runtime>> {
+        self.status().runtime.clone()
+    }
+
+    fn info(&self) -> VmInfo {
+        let status = self.status();
+        VmInfo {
+            spec: status.spec.clone(),
+            state: status.record.state,
+            pid: status.record.pid,
+            started_at_unix: status.record.started_at_unix,
+            accel: status.record.accel,
+            reason: status.record.reason.clone(),
+        }
+    }
+
+    fn require(&self, operation: &'static str, needs: &'static str, ok: &[VmState]) -> Result<VmState, VmError> {
+        let state = self.state();
+        if ok.contains(&state) {
+            Ok(state)
+        } else {
+            Err(VmError::WrongState { name: self.name.clone(), state, operation, needs })
+        }
+    }
+
+    fn qmp_error(&self, command: &'static str) -> impl FnOnce(qx_qmp::Error) -> VmError + '_ {
+        move |source| VmError::Qmp { name: self.name.clone(), command, source }
+    }
+
+    async fn wait_inactive(&self, timeout: Option<Duration>) -> bool {
+        let mut rx = self.state_tx.subscribe();
+        let wait = rx.wait_for(|state| !state.is_active());
+        match timeout {
+            Some(limit) => matches!(tokio::time::timeout(limit, wait).await, Ok(Ok(_))),
+            None => wait.await.is_ok(),
+        }
+    }
+}
+
+struct Inner {
+    config: ManagerConfig,
+    vms_dir: PathBuf,
+    vms: RwLock<BTreeMap<String, Arc<Entry>>>,
+    /// Serializes create and delete, which change the set of VMs and their directories.
+    membership: tokio::sync::Mutex<()>,
+    events: broadcast::Sender<VmEvent>,
+}
+
+/// Every VM of the node. Cheap to clone.
+#[derive(Clone)]
+pub struct VmManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for VmManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmManager").field("data_dir", &self.inner.config.data_dir).finish()
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn qmp_options() -> ConnectOptions {
+    ConnectOptions { connect_timeout: Duration::from_secs(10), command_timeout: Duration::from_secs(30) }
+}
+
+/// Runs blocking filesystem work off the runtime threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking filesystem task panicked")
+}
+
+impl VmManager {
+    /// Loads every VM under the data directory and reattaches to the QEMUs that still run.
+    pub async fn open(config: ManagerConfig) -> std::io::Result<Self> {
+        let vms_dir = config.data_dir.join("vms");
+        fs::create_dir_all(&vms_dir)?;
+        let (events, _) = broadcast::channel(1024);
+        let manager = Self {
+            inner: Arc::new(Inner {
+                config,
+                vms_dir,
+                vms: RwLock::new(BTreeMap::new()),
+                membership: tokio::sync::Mutex::new(()),
+                events,
+            }),
+        };
+        let found = {
+            let vms_dir = manager.inner.vms_dir.clone();
+            blocking(move || load_dir(&vms_dir)).await?
+        };
+        let reattach = found.into_iter().map(|(name, spec, record)| {
+            let manager = manager.clone();
+            async move { manager.load_one(name, spec, record).await }
+        });
+        futures_join_all(reattach).await;
+        Ok(manager)
+    }
+
+    async fn load_one(&self, name: String, spec: VmSpec, record: StateRecord) {
+        let dir = VmDir::new(&self.inner.vms_dir, &name);
+        let was = record.state;
+        let entry = Entry::new(name.clone(), dir.clone(), spec.clone(), record.clone());
+        self.vms_write().insert(name.clone(), Arc::clone(&entry));
+        if !was.is_active() {
+            return;
+        }
+        let span = tracing::info_span!("vm", vm = %name);
+        async {
+            let pid = read_pidfile(&dir.pidfile()).or(record.pid);
+            let process = match pid.map(|pid| QemuProcess::adopt(pid, spec.uuid(), &self.inner.config.host)) {
+                Some(Ok(Some(process))) => process,
+                Some(Err(e)) => {
+                    error!(error = %e, "cannot watch the QEMU of this VM");
+                    self.lost(&entry, format!("QEMU could not be watched after the restart: {e}")).await;
+                    return;
+                }
+                _ => {
+                    info!("QEMU exited while qx-node was not running");
+                    self.lost(&entry, "QEMU exited while qx-node was not running".into()).await;
+                    return;
+                }
+            };
+            match self.reattach(&entry, process).await {
+                Ok(state) => info!(pid = ?pid, %state, "reattached to running QEMU"),
+                Err(reason) => {
+                    error!(%reason, "QEMU runs but cannot be driven; it is left running");
+                    self.lost(&entry, reason).await;
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn reattach(&self, entry: &Arc<Entry>, process: QemuProcess) -> Result<VmState, String> {
+        let qmp = QmpClient::connect(entry.dir.qmp_socket(), qmp_options())
+            .await
+            .map_err(|e| format!("QMP does not answer: {e}"))?;
+        let status = qmp.execute_raw("query-status", None).await.map_err(|e| format!("query-status failed: {e}"))?;
+        // An earlier daemon may have died halfway through a reboot, which pauses on guest shutdown.
+        if let Err(e) = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await {
+            warn!(error = %e, "cannot reset the shutdown action");
+        }
+        let console = if entry.status().spec.serial {
+            Some(
+                SerialConsole::attach(&entry.dir.serial_socket(), &entry.dir.console_log())
+                    .await
+                    .map_err(|e| format!("serial console: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let state = match status.get("status").and_then(|s| s.as_str()) {
+            Some("running") => VmState::Running,
+            _ => VmState::Paused,
+        };
+        let runtime = Arc::new(Runtime {
+            process,
+            qmp,
+            console,
+            stop_requested: AtomicBool::new(false),
+            guest_shutdown: AtomicBool::new(false),
+        });
+        entry.status().runtime = Some(Arc::clone(&runtime));
+        self.set_state(entry, state, "reattached after a qx-node restart").await;
+        self.supervise(Arc::clone(entry), runtime);
+        Ok(state)
+    }
+
+    /// The VM's QEMU is gone or unusable after a restart.
+    async fn lost(&self, entry: &Arc<Entry>, reason: String) {
+        let dir = entry.dir.clone();
+        blocking(move || dir.remove_runtime_files()).await;
+        {
+            let mut status = entry.status();
+            status.record.pid = None;
+            status.record.started_at_unix = None;
+        }
+        self.set_state(entry, VmState::Stopped, &reason).await;
+    }
+
+    fn vms_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Entry>>> {
+        self.inner.vms.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn vms_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Entry>>> {
+        self.inner.vms.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn entry(&self, name: &str) -> Result<Arc<Entry>, VmError> {
+        self.vms_read().get(name).cloned().ok_or_else(|| VmError::NotFound(name.to_owned()))
+    }
+
+    /// State changes of every VM from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    /// Every VM, by name.
+    pub fn list(&self) -> Vec<VmInfo> {
+        self.vms_read().values().map(|entry| entry.info()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<VmInfo, VmError> {
+        Ok(self.entry(name)?.info())
+    }
+
+    /// Defines a VM. Valid in no state: the name must be new. The VM starts out stopped.
+    pub async fn create(&self, mut spec: VmSpec) -> Result<VmInfo, VmError> {
+        spec = validated(spec).await?;
+        spec.fill_generated();
+        let _membership = self.inner.membership.lock().await;
+        if self.vms_read().contains_key(&spec.name) {
+            return Err(VmError::AlreadyExists(spec.name));
+        }
+        if let Some(other) = self.vms_read().values().find(|e| e.status().spec.uuid == spec.uuid) {
+            return Err(ValidationErrors::one("uuid", spec.uuid(), format!("is already used by VM {:?}", other.name))
+                .into());
+        }
+        let dir = VmDir::new(&self.inner.vms_dir, &spec.name);
+        let record = StateRecord::default();
+        let write = {
+            let (dir, spec, record) = (dir.clone(), spec.clone(), record.clone());
+            blocking(move || create_vm_dir(&dir, &spec, &record)).await
+        };
+        write.map_err(|source| VmError::Persist { name: spec.name.clone(), source })?;
+        let entry = Entry::new(spec.name.clone(), dir, spec.clone(), record);
+        self.vms_write().insert(spec.name.clone(), Arc::clone(&entry));
+        info!(vm = %spec.name, "created");
+        self.emit(&entry, Some(VmState::Stopped), None, "created");
+        Ok(entry.info())
+    }
+
+    /// Replaces the spec of a VM. Valid when stopped or crashed. The uuid and generated MACs are kept.
+    pub async fn update(&self, mut spec: VmSpec) -> Result<VmInfo, VmError> {
+        let entry = self.entry(&spec.name)?;
+        let _op = entry.op.lock().await;
+        entry.require("update", "stopped", &[VmState::Stopped, VmState::Crashed])?;
+        let old = entry.status().spec.clone();
+        match spec.uuid {
+            Some(uuid) if Some(uuid) != old.uuid => {
+                return Err(ValidationErrors::one("uuid", uuid, "cannot change; it identifies the VM").into());
+            }
+            _ => spec.uuid = old.uuid,
+        }
+        for (nic, old_nic) in spec.nics.iter_mut().zip(&old.nics) {
+            if nic.mac.is_none() {
+                nic.mac = old_nic.mac.clone();
+            }
+        }
+        spec = validated(spec).await?;
+        spec.fill_generated();
+        let path = entry.dir.spec();
+        let json = serde_json::to_vec_pretty(&spec).expect("a VmSpec always serializes");
+        blocking(move || write_atomic(&path, &json))
+            .await
+            .map_err(|source| VmError::Persist { name: entry.name.clone(), source })?;
+        entry.status().spec = spec;
+        info!(vm = %entry.name, "spec updated");
+        Ok(entry.info())
+    }
+
+    /// Removes a VM and its directory. Valid when stopped or crashed.
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let entry = self.entry(name)?;
+        let _membership = self.inner.membership.lock().await;
+        let _op = entry.op.lock().await;
+        entry.require("delete", "stopped", &[VmState::Stopped, VmState::Crashed])?;
+        let dir = entry.dir.path().to_owned();
+        let graveyard = self.inner.vms_dir.join(format!(".deleted-{name}-{}", entry.status().spec.uuid()));
+        // Renaming first makes the delete atomic: a crash halfway leaves a hidden directory, never half a VM.
+        blocking(move || {
+            fs::rename(&dir, &graveyard)?;
+            fs::remove_dir_all(&graveyard)
+        })
+        .await
+        .map_err(|source| VmError::Persist { name: name.to_owned(), source })?;
+        self.vms_write().remove(name);
+        info!(vm = %name, "deleted");
+        self.emit(&entry, None, Some(entry.state()), "deleted");
+        Ok(())
+    }
+
+    /// Spawns QEMU and runs the guest. Valid when stopped or crashed; a failed start leaves the VM as it was.
+    pub async fn start(&self, name: &str) -> Result<VmInfo, VmError> {
+        let entry = self.entry(name)?;
+        let _op = entry.op.lock().await;
+        let previous = entry.require("start", "stopped", &[VmState::Stopped, VmState::Crashed])?;
+        let spec = validated(entry.status().spec.clone()).await?;
+        let accel = self.resolve_accel(&spec)?;
+        self.set_state(&entry, VmState::Starting, "start requested").await;
+        match self.launch(&entry, &spec, accel).await {
+            Ok(runtime) => {
+                {
+                    let mut status = entry.status();
+                    status.record.pid = Some(runtime.process.pid());
+                    status.record.started_at_unix = Some(now_unix_ms() / 1000);
+                    status.record.accel = Some(accel);
+                    status.runtime = Some(Arc::clone(&runtime));
+                }
+                info!(vm = %name, pid = runtime.process.pid(), %accel, "started");
+                self.set_state(&entry, VmState::Running, "started").await;
+                self.supervise(Arc::clone(&entry), runtime);
+                Ok(entry.info())
+            }
+            Err(e) => {
+                warn!(vm = %name, error = %e, "start failed");
+                self.set_state(&entry, previous, &format!("start failed: {e}")).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn resolve_accel(&self, spec: &VmSpec) -> Result<Accel, VmError> {
+        let probe = &self.inner.config.accel;
+        match spec.accelerator {
+            AccelChoice::Auto => Ok(probe.accel),
+            AccelChoice::Tcg => Ok(Accel::Tcg),
+            AccelChoice::Kvm if probe.accel == Accel::Kvm => Ok(Accel::Kvm),
+            AccelChoice::Kvm => {
+                Err(ValidationErrors::one("accelerator", "kvm", format!("is not usable on this node: {}", probe.reason))
+                    .into())
+            }
+        }
+    }
+
+    async fn launch(&self, entry: &Arc<Entry>, spec: &VmSpec, accel: Accel) -> Result<Arc<Runtime>, VmError> {
+        let dir = entry.dir.clone();
+        let start_error = |stage: &'static str, log: String| {
+            let name = entry.name.clone();
+            move |source: Box<dyn std::error::Error + Send + Sync>| VmError::Start { name, stage, log, source }
+        };
+        let serial = spec.serial;
+        let prepared = {
+            let dir = dir.clone();
+            blocking(move || prepare_sockets(&dir, serial)).await
+        };
+        let (fds, log) = prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
+        let layout = LaunchLayout {
+            qmp_fd: QMP_FD,
+            serial_fd: serial.then_some(SERIAL_FD),
+            pidfile: dir.pidfile(),
+        };
+        let args = qemu_args(spec, accel, &layout);
+        debug!(vm = %entry.name, ?args, "spawning QEMU");
+        let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
+            .map_err(|e: ProcessError| start_error("spawning QEMU", String::new())(e.into()))?;
+
+        let connected = async {
+            let qmp = tokio::select! {
+                qmp = QmpClient::connect(dir.qmp_socket(), qmp_options()) => qmp.map_err(|e| ("QMP handshake", e.into()))?,
+                how = process.exited() => {
+                    let how = how.unwrap_or_else(|| "exited".into());
+                    return Err(("QEMU startup", format!("QEMU {how} before answering QMP").into()));
+                }
+            };
+            let console = if serial {
+                let console = SerialConsole::attach(&dir.serial_socket(), &dir.console_log()).await;
+                Some(console.map_err(|e: ConsoleError| ("serial console", e.into()))?)
+            } else {
+                None
+            };
+            qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
+            Ok::<_, (&'static str, Box<dyn std::error::Error + Send + Sync>)>((qmp, console))
+        };
+        match connected.await {
+            Ok((qmp, console)) => Ok(Arc::new(Runtime {
+                process,
+                qmp,
+                console,
+                stop_requested: AtomicBool::new(false),
+                guest_shutdown: AtomicBool::new(false),
+            })),
+            Err((stage, source)) => {
+                let _ = process.kill();
+                process.exited().await;
+                let log_path = dir.qemu_log();
+                let log = blocking(move || {
+                    dir.remove_runtime_files();
+                    String::from_utf8_lossy(&read_tail(&log_path, START_LOG_TAIL)).trim().to_owned()
+                })
+                .await;
+                Err(start_error(stage, log)(source))
+            }
+        }
+    }
+
+    /// Watches one QEMU until it exits: follows pause/resume done behind our back and records how it ended.
+    fn supervise(&self, entry: Arc<Entry>, runtime: Arc<Runtime>) {
+        let manager = self.clone();
+        let span = tracing::info_span!("vm", vm = %entry.name);
+        tokio::spawn(
+            async move {
+                let mut events = runtime.qmp.subscribe();
+                let exited = runtime.process.exited();
+                tokio::pin!(exited);
+                let how = loop {
+                    tokio::select! {
+                        how = &mut exited => break how,
+                        event = events.recv() => match event {
+                            Ok(Event::Qemu(event)) => manager.on_qmp_event(&entry, &runtime, &event.name).await,
+                            Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => {
+                                // QMP is gone; only the process exit is left to wait for.
+                                break (&mut exited).await;
+                            }
+                            Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        },
+                    }
+                };
+                manager.on_exit(&entry, &runtime, how).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Runtime, name: &str) {
+        match name {
+            "SHUTDOWN" => runtime.guest_shutdown.store(true, Ordering::SeqCst),
+            // Pause and resume that qx-node did not ask for (monitor, I/O error, watchdog). Operations in progress
+            // set the state themselves, and events may arrive after them, so ask QEMU for the truth.
+            "STOP" | "RESUME" => {
+                let Ok(_idle) = entry.op.try_lock() else { return };
+                if !matches!(entry.state(), VmState::Running | VmState::Paused) {
+                    return;
+                }
+                let Ok(status) = runtime.qmp.execute_raw("query-status", None).await else { return };
+                let state = match status.get("running").and_then(|r| r.as_bool()) {
+                    Some(true) => VmState::Running,
+                    _ => VmState::Paused,
+                };
+                let reason = status.get("status").and_then(|s| s.as_str()).unwrap_or_default().to_owned();
+                self.set_state(entry, state, &format!("QEMU reports {reason}")).await;
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_exit(&self, entry: &Arc<Entry>, runtime: &Arc<Runtime>, how: Option<String>) {
+        let how = how.unwrap_or_else(|| "exited".to_owned());
+        let (state, reason) = if runtime.stop_requested.load(Ordering::SeqCst) {
+            (VmState::Stopped, "stopped".to_owned())
+        } else if runtime.guest_shutdown.load(Ordering::SeqCst) {
+            (VmState::Stopped, "the guest powered off".to_owned())
+        } else {
+            error!(%how, "QEMU exited unexpectedly");
+            (VmState::Crashed, format!("QEMU {how} unexpectedly"))
+        };
+        let dir = entry.dir.clone();
+        blocking(move || dir.remove_runtime_files()).await;
+        {
+            let mut status = entry.status();
+            if status.runtime.as_ref().is_some_and(|r| Arc::ptr_eq(r, runtime)) {
+                status.runtime = None;
+            }
+            status.record.pid = None;
+            status.record.started_at_unix = None;
+        }
+        info!(%state, %how, "QEMU exited");
+        self.set_state(entry, state, &reason).await;
+    }
+
+    /// Stops a VM. Valid when running or paused. Graceful: the ACPI power button (skipped when paused, since a
+    /// paused guest cannot answer it), `timeout` for the guest to power off, then QMP `quit`, then SIGKILL.
+    /// Force: SIGKILL at once; valid in any state with a QEMU, including during a graceful stop.
+    pub async fn stop(&self, name: &str, force: bool, timeout: Option<Duration>) -> Result<VmInfo, VmError> {
+        let entry = self.entry(name)?;
+        if force {
+            let runtime = entry.runtime().ok_or_else(|| VmError::WrongState {
+                name: name.to_owned(),
+                state: entry.state(),
+                operation: "force stop",
+                needs: "running, paused or stopping",
+            })?;
+            runtime.stop_requested.store(true, Ordering::SeqCst);
+            if matches!(entry.state(), VmState::Running | VmState::Paused) {
+                self.set_state(&entry, VmState::Stopping, "force stop requested").await;
+            }
+            kill(&runtime);
+            entry.wait_inactive(None).await;
+            return Ok(entry.info());
+        }
+
+        let _op = entry.op.lock().await;
+        let state = entry.require("stop", "running or paused", &[VmState::Running, VmState::Paused])?;
+        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
+        runtime.stop_requested.store(true, Ordering::SeqCst);
+        self.set_state(&entry, VmState::Stopping, "stop requested").await;
+        let timeout = timeout.unwrap_or(self.inner.config.stop_timeout);
+        let mut stopped = false;
+        if state == VmState::Running {
+            match runtime.qmp.execute_raw("system_powerdown", None).await {
+                Ok(_) => stopped = entry.wait_inactive(Some(timeout)).await,
+                Err(e) => warn!(vm = %name, error = %e, "system_powerdown failed"),
+            }
+            if !stopped {
+                info!(vm = %name, ?timeout, "guest did not power off; quitting QEMU");
+            }
+        }
+        if !stopped {
+            let _ = runtime.qmp.execute_raw_timeout("quit", None, QUIT_GRACE).await;
+            stopped = entry.wait_inactive(Some(QUIT_GRACE)).await;
+        }
+        if !stopped {
+            warn!(vm = %name, "QEMU ignored quit; killing it");
+            kill(&runtime);
+            entry.wait_inactive(None).await;
+        }
+        Ok(entry.info())
+    }
+
+    /// Reboots with the guest's cooperation: the power button with QEMU told to pause instead of exiting, then a
+    /// reset and resume. A guest that ignores the button for the stop timeout is reset instead. Valid when running.
+    pub async fn reboot(&self, name: &str) -> Result<VmInfo, VmError> {
+        let entry = self.entry(name)?;
+        let _op = entry.op.lock().await;
+        entry.require("reboot", "running", &[VmState::Running])?;
+        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
+        let qmp = &runtime.qmp;
+        let mut events = qmp.subscribe();
+        qmp.execute_raw("set-action", Some(json!({ "shutdown": "pause" }))).await.map_err(entry.qmp_error("set-action"))?;
+        let powered_off = async {
+            qmp.execute_raw("system_powerdown", None).await.ok()?;
+            loop {
+                match events.recv().await {
+                    Ok(Event::Qemu(event)) if event.name == "SHUTDOWN" => return Some(()),
+                    Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => return None,
+                    _ => {}
+                }
+            }
+        };
+        let cooperative = matches!(tokio::time::timeout(self.inner.config.stop_timeout, powered_off).await, Ok(Some(())));
+        let restore = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await;
+        qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
+        if cooperative {
+            qmp.execute_raw("cont", None).await.map_err(entry.qmp_error("cont"))?;
+        }
+        // The SHUTDOWN of the reboot must not make a later crash look like a power-off.
+        runtime.guest_shutdown.store(false, Ordering::SeqCst);
+        restore.map_err(entry.qmp_error("set-action"))?;
+        let reason = if cooperative { "rebooted" } else { "reset: the guest ignored the power button" };
+        info!(vm = %name, reason, "reboot");
+        self.emit(&entry, Some(VmState::Running), Some(VmState::Running), reason);
+        Ok(entry.info())
+    }
+
+    /// Hard reset, like the reset button. Valid when running or paused; the state is kept.
+    pub async fn reset(&self, name: &str) -> Result<VmInfo, VmError> {
+        let entry = self.entry(name)?;
+        let _op = entry.op.lock().await;
+        let state = entry.require("reset", "running or paused", &[VmState::Running, VmState::Paused])?;
+        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
+        runtime.qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
+        self.emit(&entry, Some(state), Some(state), "reset");
+        Ok(entry.info())
+    }
+
+    /// Stops the vCPUs. Valid when running.
+    pub async fn pause(&self, name: &str) -> Result<VmInfo, VmError> {
+        self.vcpus(name, "pause", VmState::Running, "stop", VmState::Paused).await
+    }
+
+    /// Restarts the vCPUs. Valid when paused.
+    pub async fn resume(&self, name: &str) -> Result<VmInfo, VmError> {
+        self.vcpus(name, "resume", VmState::Paused, "cont", VmState::Running).await
+    }
+
+    async fn vcpus(
+        &self,
+        name: &str,
+        operation: &'static str,
+        from: VmState,
+        command: &'static str,
+        to: VmState,
+    ) -> Result<VmInfo, VmError> {
+        let entry = self.entry(name)?;
+        let _op = entry.op.lock().await;
+        let needs = if from == VmState::Running { "running" } else { "paused" };
+        entry.require(operation, needs, &[from])?;
+        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
+        runtime.qmp.execute_raw(command, None).await.map_err(entry.qmp_error(command))?;
+        self.set_state(&entry, to, &format!("{operation}d")).await;
+        Ok(entry.info())
+    }
+
+    /// The serial console of a VM whose QEMU runs.
+    pub fn console(&self, name: &str) -> Result<SerialConsole, VmError> {
+        let entry = self.entry(name)?;
+        let runtime = entry.runtime().ok_or_else(|| VmError::WrongState {
+            name: name.to_owned(),
+            state: entry.state(),
+            operation: "console",
+            needs: "running or paused",
+        })?;
+        runtime.console.clone().ok_or_else(|| VmError::NoConsole { name: name.to_owned() })
+    }
+
+    /// Records a new state: memory first, then `state.json`, then an event.
+    async fn set_state(&self, entry: &Arc<Entry>, state: VmState, reason: &str) {
+        let previous = {
+            let mut status = entry.status();
+            let previous = status.record.state;
+            status.record.state = state;
+            status.record.reason = reason.to_owned();
+            previous
+        };
+        entry.state_tx.send_replace(state);
+        self.persist_state(entry).await;
+        if previous != state {
+            info!(vm = %entry.name, from = %previous, to = %state, reason, "state");
+            self.emit(entry, Some(state), Some(previous), reason);
+        }
+    }
+
+    async fn persist_state(&self, entry: &Arc<Entry>) {
+        let _serial = entry.persist.lock().await;
+        let record = entry.status().record.clone();
+        let path = entry.dir.state();
+        let json = serde_json::to_vec_pretty(&record).expect("a StateRecord always serializes");
+        if let Err(e) = blocking(move || write_atomic(&path, &json)).await {
+            error!(vm = %entry.name, error = %e, "cannot write state.json; the state is kept in memory");
+        }
+    }
+
+    fn emit(&self, entry: &Entry, state: Option<VmState>, previous: Option<VmState>, reason: &str) {
+        let _ = self.inner.events.send(VmEvent {
+            vm: entry.name.clone(),
+            state,
+            previous,
+            reason: reason.to_owned(),
+            at_unix_ms: now_unix_ms(),
+        });
+    }
+}
+
+fn kill(runtime: &Runtime) {
+    if let Err(e) = runtime.process.kill() {
+        error!(pid = runtime.process.pid(), error = %e, "cannot kill QEMU");
+    }
+}
+
+/// Validates off the runtime threads (image checks touch the filesystem).
+async fn validated(spec: VmSpec) -> Result<VmSpec, VmError> {
+    blocking(move || spec.validate(&RealFiles).map(|()| spec)).await.map_err(VmError::from)
+}
+
+fn create_vm_dir(dir: &VmDir, spec: &VmSpec, record: &StateRecord) -> std::io::Result<()> {
+    fs::create_dir(dir.path())?;
+    let written = (|| {
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
+        write_atomic(&dir.state(), &serde_json::to_vec_pretty(record)?)?;
+        write_atomic(&dir.spec(), &serde_json::to_vec_pretty(spec)?)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_dir_all(dir.path());
+    }
+    written
+}
+
+/// Binds the QMP and serial sockets QEMU will serve (so they exist before QEMU runs, and connecting needs no
+/// polling), and opens `qemu.log`.
+fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, i32)>, fs::File)> {
+    dir.remove_runtime_files();
+    let bind = |path: &Path| -> std::io::Result<OwnedFd> {
+        let listener = UnixListener::bind(path)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        Ok(listener.into())
+    };
+    let mut fds = vec![(bind(&dir.qmp_socket())?, QMP_FD)];
+    if serial {
+        fds.push((bind(&dir.serial_socket())?, SERIAL_FD));
+    }
+    let log = OpenOptions::new().create(true).write(true).truncate(true).open(dir.qemu_log())?;
+    Ok((fds, log))
+}
+
+/// Reads every VM directory; unreadable ones are logged and skipped, never touched.
+fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)>> {
+    let mut found = Vec::new();
+    for dirent in fs::read_dir(vms_dir)? {
+        let dirent = dirent?;
+        let name = dirent.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            if name.starts_with(".deleted-") {
+                let _ = fs::remove_dir_all(dirent.path());
+            }
+            continue;
+        }
+        let dir = VmDir::new(vms_dir, &name);
+        let spec: VmSpec = match fs::read(dir.spec()).map_err(|e| e.to_string()).and_then(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+        }) {
+            Ok(spec) => spec,
+            Err(e) => {
+                error!(path = %dir.spec().display(), error = %e, "cannot read VM spec; skipping this VM");
+                continue;
+            }
+        };
+        if spec.name != name {
+            error!(path = %dir.spec().display(), spec_name = %spec.name, "spec name differs from its directory; skipping");
+            continue;
+        }
+        let record = match fs::read(dir.state()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(vm = %name, error = %e, "unreadable state.json; assuming it was running");
+                StateRecord { state: VmState::Running, ..StateRecord::default() }
+            }),
+            Err(_) => StateRecord::default(),
+        };
+        found.push((name, spec, record));
+    }
+    Ok(found)
+}
+
+/// Runs futures concurrently and waits for all (reattaching VMs one by one would make restart time grow with
+/// their number).
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    for handle in handles {
+        let _ = handle.await;
+    }
+}

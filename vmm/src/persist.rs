@@ -1,0 +1,142 @@
+//! What the daemon keeps on disk for each VM, and the atomic write every such file goes through.
+//!
+//! Layout under the data directory: `vms/<name>/` holds `spec.json`, `state.json`, and while QEMU runs its
+//! `qemu.pid`, `qmp.sock`, `serial.sock`, plus the logs `qemu.log` and `console.log`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::accel::Accel;
+use crate::state::VmState;
+
+/// Writes `data` to `path` so that readers see the old file or the new one, never a mix, even across a crash:
+/// a temp file in the same directory, fsync, rename over, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The last known state of a VM, as `state.json` records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateRecord {
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at_unix: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accel>,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Default for StateRecord {
+    fn default() -> Self {
+        Self { state: VmState::Stopped, pid: None, started_at_unix: None, accel: None, reason: String::new() }
+    }
+}
+
+/// Paths of one VM's directory.
+#[derive(Debug, Clone)]
+pub struct VmDir(PathBuf);
+
+impl VmDir {
+    pub fn new(vms_dir: &Path, name: &str) -> Self {
+        Self(vms_dir.join(name))
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.0.join("spec.json")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.0.join("state.json")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.0.join("qemu.pid")
+    }
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.0.join("qmp.sock")
+    }
+    pub fn serial_socket(&self) -> PathBuf {
+        self.0.join("serial.sock")
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.0.join("qemu.log")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+
+    /// Removes what only a running QEMU needs; missing files are fine.
+    pub fn remove_runtime_files(&self) {
+        for path in [self.pidfile(), self.qmp_socket(), self.serial_socket()] {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// The tail of a log file, at most `max` bytes, for error messages and console history.
+pub fn read_tail(path: &Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = File::open(path) else { return Vec::new() };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if file.seek(SeekFrom::Start(len.saturating_sub(max))).is_err() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let _ = file.take(max).read_to_end(&mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        write_atomic(&path, b"one").unwrap();
+        write_atomic(&path, b"two").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["state.json"]);
+    }
+
+    #[test]
+    fn failed_atomic_write_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x");
+        write_atomic(&path, b"old").unwrap();
+        fs::create_dir(dir.path().join("blocker")).unwrap();
+        assert!(write_atomic(&dir.path().join("blocker"), b"new").is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+    }
+
+    #[test]
+    fn tail_reads_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        fs::write(&path, b"0123456789").unwrap();
+        assert_eq!(read_tail(&path, 4), b"6789");
+        assert_eq!(read_tail(&path, 100), b"0123456789");
+        assert!(read_tail(&dir.path().join("none"), 4).is_empty());
+    }
+}

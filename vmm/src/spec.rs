@@ -1,0 +1,564 @@
+//! `VmSpec`: what an operator asks for, and the validation that stands between it and QEMU.
+//!
+//! Specs arrive as YAML or JSON text (qxctl spec files) or as gRPC messages; both end here. `validate` reports every
+//! problem at once, each naming the field and the offending value, so an operator fixes a spec in one pass.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Smallest memory QEMU's x86 machines and a Linux guest put up with.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// 4 TiB: more than any host we target; larger values are typos.
+pub const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+/// QEMU's q35 limit for x86 without extra configuration.
+pub const MAX_VCPUS: u32 = 288;
+pub const MAX_DISKS: usize = 16;
+pub const MAX_NICS: usize = 8;
+pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_CMDLINE_LEN: usize = 4096;
+/// VNC displays map to TCP ports 5900 + display.
+pub const MAX_VNC_DISPLAY: u32 = 99;
+
+/// A VM as the operator describes it. Everything QEMU needs to start it is derived from this.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Unique on the node; used in paths, so restricted to `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Generated at creation when absent, then kept for the VM's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<Uuid>,
+    /// Default: 1.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// Default: 512.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// QEMU machine type. Default: `q35`.
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    /// Default: `auto` (the node's choice: KVM when usable, else TCG).
+    #[serde(default)]
+    pub accelerator: AccelChoice,
+    /// Default: SeaBIOS.
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// Direct kernel boot; when absent the first disk boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelBoot>,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    /// A serial port captured by qx-node. Default: on.
+    #[serde(default = "default_true")]
+    pub serial: bool,
+    /// VNC on 127.0.0.1, port 5900 + display. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc_display: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_memory_mib() -> u64 {
+    512
+}
+fn default_machine() -> String {
+    "q35".to_owned()
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    #[default]
+    Seabios,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// Default: raw.
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Default: none (O_DIRECT; no double caching in host and guest).
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// Default: threads (works with every cache mode).
+    #[serde(default)]
+    pub aio: AioMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    #[default]
+    None,
+    Writeback,
+    Writethrough,
+    Directsync,
+    Unsafe,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AioMode {
+    #[default]
+    Threads,
+    Native,
+    IoUring,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// Default: user-mode networking.
+    #[serde(default)]
+    pub kind: NicKind,
+    /// Generated once at creation when absent, then kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicKind {
+    /// QEMU's user-mode network stack: no host privileges, for development.
+    #[default]
+    User,
+}
+
+macro_rules! display_as_serde {
+    ($($t:ty),*) => {$(
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let value = serde_json::to_value(self).map_err(|_| fmt::Error)?;
+                f.write_str(value.as_str().unwrap_or_default())
+            }
+        }
+    )*};
+}
+display_as_serde!(AccelChoice, Firmware, DiskFormat, CacheMode, AioMode, NicKind);
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `disks[1].path`.
+    pub field: String,
+    /// The offending value as the operator wrote it.
+    pub value: String,
+    pub problem: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {:?} {}", self.field, self.value, self.problem)
+    }
+}
+
+/// Every problem found in a spec, in field order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+impl ValidationErrors {
+    /// A single-problem error, for checks made outside `validate` (duplicate names, say).
+    pub fn one(field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) -> Self {
+        Self(vec![FieldError { field: field.into(), value: value.to_string(), problem: problem.into() }])
+    }
+
+    /// The first offending field, for protocols that carry one (gRPC's BadRequest style).
+    pub fn first_field(&self) -> &str {
+        self.0.first().map_or("", |e| e.field.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecParseError {
+    #[error("spec is not valid YAML or JSON: {0}")]
+    Syntax(String),
+}
+
+/// Collects problems while walking a spec.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), value: value.to_string(), problem: problem.into() });
+    }
+}
+
+/// How `validate` looks at the host: real files in the daemon, anything in unit tests.
+pub trait HostFiles {
+    /// `Ok(())` when `path` names an existing regular file or block device that can be opened.
+    fn check_image(&self, path: &Path) -> Result<(), String>;
+}
+
+/// The real filesystem.
+pub struct RealFiles;
+
+impl HostFiles for RealFiles {
+    fn check_image(&self, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => "does not exist".to_owned(),
+            _ => format!("cannot be read: {e}"),
+        })?;
+        let kind = meta.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            return Err("is not a regular file or block device".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl VmSpec {
+    /// Parses a YAML or JSON spec (YAML is a superset of JSON). Unknown fields are refused, with their path.
+    pub fn from_text(text: &str) -> Result<Self, SpecParseError> {
+        serde_norway::from_str(text).map_err(|e| SpecParseError::Syntax(e.to_string()))
+    }
+
+    /// Checks every field; host files (images, kernels) through `files`.
+    pub fn validate(&self, files: &dyn HostFiles) -> Result<(), ValidationErrors> {
+        let mut p = Problems::default();
+        if let Err(problem) = check_name(&self.name) {
+            p.add("name", &self.name, problem);
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            p.add("vcpus", self.vcpus, format!("is outside 1..={MAX_VCPUS}"));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            p.add("memory_mib", self.memory_mib, format!("is below the minimum {MIN_MEMORY_MIB}"));
+        } else if self.memory_mib > MAX_MEMORY_MIB {
+            p.add("memory_mib", self.memory_mib, format!("is above the maximum {MAX_MEMORY_MIB} (4 TiB)"));
+        }
+        if !machine_type_ok(&self.machine) {
+            p.add("machine", &self.machine, "is not a supported machine type (q35, pc, pc-q35-X.Y, pc-i440fx-X.Y)");
+        }
+        if let Some(kernel) = &self.kernel {
+            self.validate_kernel(kernel, files, &mut p);
+        } else if self.disks.is_empty() {
+            p.add("kernel", "", "is required when there are no disks: there is nothing to boot");
+        }
+        self.validate_disks(files, &mut p);
+        self.validate_nics(&mut p);
+        if let Some(display) = self.vnc_display {
+            if display > MAX_VNC_DISPLAY {
+                p.add("vnc_display", display, format!("is above {MAX_VNC_DISPLAY}"));
+            }
+        }
+        for (key, value) in &self.labels {
+            if key.is_empty() || key.len() > 63 || !key.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c)) {
+                p.add(format!("labels.{key}"), key, "is not a valid label key (1-63 of [A-Za-z0-9._-/])");
+            }
+            if value.len() > 255 || value.chars().any(char::is_control) {
+                p.add(format!("labels.{key}"), value, "is not a valid label value (at most 255 characters, no control characters)");
+            }
+        }
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(p.0))
+        }
+    }
+
+    fn validate_kernel(&self, kernel: &KernelBoot, files: &dyn HostFiles, p: &mut Problems) {
+        if let Err(problem) = check_host_path(&kernel.kernel, files) {
+            p.add("kernel.kernel", kernel.kernel.display(), problem);
+        }
+        if let Some(initrd) = &kernel.initrd {
+            if let Err(problem) = check_host_path(initrd, files) {
+                p.add("kernel.initrd", initrd.display(), problem);
+            }
+        }
+        if kernel.cmdline.len() > MAX_CMDLINE_LEN {
+            p.add("kernel.cmdline", format!("{}...", &kernel.cmdline[..32]), format!("is longer than {MAX_CMDLINE_LEN} bytes"));
+        } else if kernel.cmdline.chars().any(char::is_control) {
+            p.add("kernel.cmdline", &kernel.cmdline, "contains control characters");
+        }
+    }
+
+    fn validate_disks(&self, files: &dyn HostFiles, p: &mut Problems) {
+        if self.disks.len() > MAX_DISKS {
+            p.add("disks", self.disks.len(), format!("is more than {MAX_DISKS} disks"));
+        }
+        let mut seen = HashSet::new();
+        for (i, disk) in self.disks.iter().enumerate() {
+            if let Err(problem) = check_host_path(&disk.path, files) {
+                p.add(format!("disks[{i}].path"), disk.path.display(), problem);
+            } else if !seen.insert(&disk.path) {
+                p.add(format!("disks[{i}].path"), disk.path.display(), "is already used by another disk of this VM");
+            }
+            if disk.aio == AioMode::Native && !matches!(disk.cache, CacheMode::None | CacheMode::Directsync) {
+                p.add(format!("disks[{i}].aio"), disk.aio, format!("needs cache none or directsync, not {}", disk.cache));
+            }
+        }
+    }
+
+    fn validate_nics(&self, p: &mut Problems) {
+        if self.nics.len() > MAX_NICS {
+            p.add("nics", self.nics.len(), format!("is more than {MAX_NICS} NICs"));
+        }
+        let mut seen = HashSet::new();
+        for (i, nic) in self.nics.iter().enumerate() {
+            let Some(mac) = &nic.mac else { continue };
+            match parse_mac(mac) {
+                Err(problem) => p.add(format!("nics[{i}].mac"), mac, problem),
+                Ok(bytes) if !seen.insert(bytes) => {
+                    p.add(format!("nics[{i}].mac"), mac, "is already used by another NIC of this VM");
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Fills in what creation generates once and keeps: the uuid and NIC MAC addresses.
+    pub fn fill_generated(&mut self) {
+        self.uuid.get_or_insert_with(Uuid::new_v4);
+        for nic in &mut self.nics {
+            if nic.mac.is_none() {
+                nic.mac = Some(generate_mac());
+            }
+        }
+    }
+
+    /// The uuid; `fill_generated` has run on every spec the manager holds.
+    pub fn uuid(&self) -> Uuid {
+        self.uuid.unwrap_or_default()
+    }
+}
+
+fn check_host_path(path: &Path, files: &dyn HostFiles) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err("is not an absolute path".to_owned());
+    }
+    if path.as_os_str().as_encoded_bytes().iter().any(|b| b.is_ascii_control()) {
+        return Err("contains control characters".to_owned());
+    }
+    files.check_image(path)
+}
+
+/// VM names become directory names and QEMU `-name` values: keep them boring.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("is longer than {MAX_NAME_LEN} characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("contains control characters".to_owned());
+    }
+    if name.contains('/') || name.contains("..") {
+        return Err("contains '/' or '..'".to_owned());
+    }
+    if name.starts_with(['.', '-']) {
+        return Err("starts with '.' or '-'".to_owned());
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return Err("may only contain letters, digits, '.', '_' and '-'".to_owned());
+    }
+    Ok(())
+}
+
+fn machine_type_ok(machine: &str) -> bool {
+    let versioned = |prefix: &str| {
+        machine
+            .strip_prefix(prefix)
+            .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+    };
+    matches!(machine, "q35" | "pc") || versioned("pc-q35-") || versioned("pc-i440fx-")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast and all-zero addresses.
+pub fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = mac.split(':').collect();
+    let mut bytes = [0u8; 6];
+    if parts.len() != 6 {
+        return Err("is not a MAC address (aa:bb:cc:dd:ee:ff)".to_owned());
+    }
+    for (byte, part) in bytes.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return Err("is not a MAC address (aa:bb:cc:dd:ee:ff)".to_owned());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| "is not a MAC address (aa:bb:cc:dd:ee:ff)".to_owned())?;
+    }
+    if bytes[0] & 1 == 1 {
+        return Err("is a multicast address".to_owned());
+    }
+    if bytes == [0; 6] {
+        return Err("is all zeros".to_owned());
+    }
+    Ok(bytes)
+}
+
+/// A random locally administered unicast address in QEMU's customary 52:54:00 range.
+fn generate_mac() -> String {
+    let random = Uuid::new_v4();
+    let b = random.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeFiles(Vec<&'static str>);
+    impl HostFiles for FakeFiles {
+        fn check_image(&self, path: &Path) -> Result<(), String> {
+            if self.0.iter().any(|p| Path::new(p) == path) {
+                Ok(())
+            } else {
+                Err("does not exist".to_owned())
+            }
+        }
+    }
+
+    fn files() -> FakeFiles {
+        FakeFiles(vec!["/img/a.raw", "/img/b.qcow2", "/boot/vmlinuz", "/boot/initrd"])
+    }
+
+    fn minimal() -> VmSpec {
+        VmSpec::from_text("name: web1\ndisks:\n  - path: /img/a.raw\n").unwrap()
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let spec = minimal();
+        assert_eq!(spec.vcpus, 1);
+        assert_eq!(spec.memory_mib, 512);
+        assert_eq!(spec.machine, "q35");
+        assert!(spec.serial);
+        assert_eq!(spec.disks[0].format, DiskFormat::Raw);
+        assert_eq!(spec.disks[0].cache, CacheMode::None);
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn json_specs_parse_too() {
+        let spec = VmSpec::from_text(r#"{"name":"a","kernel":{"kernel":"/boot/vmlinuz"},"memory_mib":128}"#).unwrap();
+        assert_eq!(spec.memory_mib, 128);
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let err = VmSpec::from_text("name: a\nmemroy_mib: 5\n").unwrap_err().to_string();
+        assert!(err.contains("memroy_mib"), "{err}");
+        let err = VmSpec::from_text("name: a\ndisks:\n - path: /x\n   formt: raw\n").unwrap_err().to_string();
+        assert!(err.contains("formt"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_field_and_value() {
+        let mut spec = minimal();
+        spec.name = "../etc".into();
+        spec.vcpus = 0;
+        spec.memory_mib = 0;
+        spec.machine = "virt".into();
+        spec.disks.push(DiskSpec { path: "/img/missing.raw".into(), ..spec.disks[0].clone() });
+        spec.disks.push(spec.disks[0].clone());
+        spec.nics.push(NicSpec { kind: NicKind::User, mac: Some("01:00:00:00:00:01".into()) });
+        let errors = spec.validate(&files()).unwrap_err();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["name", "vcpus", "memory_mib", "machine", "disks[1].path", "disks[2].path", "nics[0].mac"]);
+        let text = errors.to_string();
+        assert!(text.contains("memory_mib: \"0\" is below the minimum 16"), "{text}");
+        assert!(text.contains("/img/missing.raw\" does not exist"), "{text}");
+    }
+
+    #[test]
+    fn names_are_restricted() {
+        for bad in ["", "a/b", "..", "a..b", ".hidden", "-x", "tab\there", "sp ace", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "web-01", "db_2.prod"] {
+            check_name(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn nothing_to_boot_is_an_error() {
+        let mut spec = minimal();
+        spec.disks.clear();
+        let errors = spec.validate(&files()).unwrap_err();
+        assert_eq!(errors.first_field(), "kernel");
+    }
+
+    #[test]
+    fn native_aio_needs_direct_io() {
+        let mut spec = minimal();
+        spec.disks[0].aio = AioMode::Native;
+        spec.disks[0].cache = CacheMode::Writeback;
+        assert_eq!(spec.validate(&files()).unwrap_err().first_field(), "disks[0].aio");
+    }
+
+    #[test]
+    fn generated_fields_are_stable_and_valid() {
+        let mut spec = minimal();
+        spec.nics.push(NicSpec { kind: NicKind::User, mac: None });
+        spec.fill_generated();
+        let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
+        spec.fill_generated();
+        assert_eq!((spec.uuid, spec.nics[0].mac.clone()), (uuid, mac.clone()));
+        let bytes = parse_mac(&mac.unwrap()).unwrap();
+        assert_eq!(bytes[0] & 0b11, 0b10, "locally administered unicast");
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn absurd_values_are_refused() {
+        let mut spec = minimal();
+        spec.memory_mib = u64::MAX;
+        spec.vcpus = 10_000;
+        spec.vnc_display = Some(5000);
+        let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["vcpus", "memory_mib", "vnc_display"]);
+    }
+}
