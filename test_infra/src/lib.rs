@@ -1,1 +1,196 @@
-//! placeholder
+//! What Quantix integration tests share: the test guest (built once from Debian's packages and cached), a
+//! `wait_until` helper, and guards that stop what a test started, by PID, even when the test fails.
+//!
+//! Not for production code: nothing outside `[dev-dependencies]` may use it.
+//!
+//! ```no_run
+//! let guest = qx_test_infra::test_guest();
+//! println!("boot {} with {}", guest.kernel.display(), guest.cmdline);
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// What the test guest prints on its serial console once its shell is up.
+pub const READY_MARKER: &str = "QX-GUEST-READY";
+
+/// The test guest: a Debian kernel and a busybox initramfs with a shell on ttyS0 that powers off on the ACPI
+/// power button.
+#[derive(Debug, Clone)]
+pub struct TestGuest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The recommended kernel command line (serial console on ttyS0, fast boot under TCG).
+    pub cmdline: String,
+}
+
+impl TestGuest {
+    /// A VM spec (YAML) that boots this guest, with `extra` appended (more YAML lines).
+    pub fn spec_yaml(&self, name: &str, extra: &str) -> String {
+        format!(
+            "name: {name}\nmemory_mib: 256\nkernel:\n  kernel: {}\n  initrd: {}\n  cmdline: \"{}\"\n{extra}",
+            self.kernel.display(),
+            self.initrd.display(),
+            self.cmdline
+        )
+    }
+}
+
+/// Builds the test guest the first time any test asks (a cached no-op afterwards) and returns it.
+pub fn test_guest() -> &'static TestGuest {
+    static GUEST: OnceLock<TestGuest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(output.status.success(), "{} failed: {}", script.display(), output.status);
+        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+            .unwrap_or_else(|e| panic!("test guest at {} has no cmdline: {e}", dir.display()));
+        TestGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), cmdline: cmdline.trim().to_owned() }
+    })
+}
+
+/// Polls `condition` every 50 ms until it returns `Some`, or gives up after `timeout`.
+pub fn wait_until<T>(timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether `pid` is alive (a zombie counts as gone).
+pub fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// The argv of `pid`, empty when it is gone.
+pub fn cmdline_of(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// SIGKILL to `pid`, and reap it when it is our child.
+pub fn kill_pid(pid: i32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+    }
+}
+
+/// Every PID whose command line contains `needle` (e.g. a VM's uuid or a test's temp dir). Tests use it to find
+/// the processes they caused, never to find processes by name.
+pub fn pids_with_arg(needle: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| pid_alive(*pid) && cmdline_of(*pid).iter().any(|arg| arg.contains(needle)))
+        .collect()
+}
+
+/// A qx-node daemon in a temp dir of its own. Dropping it kills the daemon and every QEMU it started (found by
+/// their pidfile paths, which lie inside the temp dir), so a failing test leaves nothing behind.
+#[derive(Debug)]
+pub struct Daemon {
+    binary: PathBuf,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `binary` (qx-node) with its data dir and socket in a fresh temp dir, and waits for its socket.
+    pub fn start(binary: &Path) -> Self {
+        let dir = tempfile::Builder::new().prefix("qx-test-").tempdir().expect("temp dir");
+        let mut daemon = Self { binary: binary.to_owned(), child: None, dir };
+        daemon.restart();
+        daemon
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("node.sock")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("qx-node.log")
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGKILL to the daemon only: its VMs must survive.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same data dir and socket (after `kill9`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the daemon is still running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).expect("daemon log");
+        let child = Command::new(&self.binary)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--listen")
+            .arg(self.socket())
+            .env("QX_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("daemon log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
+        self.child = Some(child);
+        let socket = self.socket();
+        let up = wait_until(Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok().map(|_| ())
+        });
+        if up.is_none() {
+            panic!("qx-node did not open {} in 30 s; log:\n{}", socket.display(), self.log_text());
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log()).unwrap_or_default()
+    }
+
+    /// PIDs of the QEMUs this daemon's VMs run, by their pidfiles under this temp dir.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        let data_dir = self.data_dir().display().to_string();
+        pids_with_arg(&data_dir)
+            .into_iter()
+            .filter(|pid| cmdline_of(*pid).first().is_some_and(|argv0| argv0.contains("qemu")))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in self.qemu_pids() {
+            kill_pid(pid);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- qx-node log ({}) ---\n{}", self.log().display(), self.log_text());
+        }
+    }
+}

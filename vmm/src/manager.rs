@@ -52,8 +52,9 @@ pub struct ManagerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The problems are the message, not a cause: they are what the caller must fix.
     #[error("invalid VM spec: {0}")]
-    Invalid(#[from] ValidationErrors),
+    Invalid(ValidationErrors),
     #[error("VM {0:?} not found")]
     NotFound(String),
     #[error("VM {0:?} already exists")]
@@ -83,6 +84,12 @@ pub enum VmError {
     },
     #[error("VM {name:?} has no serial console")]
     NoConsole { name: String },
+}
+
+impl From<ValidationErrors> for VmError {
+    fn from(errors: ValidationErrors) -> Self {
+        VmError::Invalid(errors)
+    }
 }
 
 fn qemu_said(log: &str) -> String {
@@ -447,7 +454,8 @@ impl VmManager {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
         let previous = entry.require("start", "stopped", &[VmState::Stopped, VmState::Crashed])?;
-        let spec = validated(entry.status().spec.clone()).await?;
+        let spec = entry.status().spec.clone();
+        let spec = validated(spec).await?;
         let accel = self.resolve_accel(&spec)?;
         self.set_state(&entry, VmState::Starting, "start requested").await;
         match self.launch(&entry, &spec, accel).await {
@@ -549,7 +557,8 @@ impl VmManager {
     /// Watches one QEMU until it exits: follows pause/resume done behind our back and records how it ended.
     fn supervise(&self, entry: Arc<Entry>, runtime: Arc<Runtime>) {
         let manager = self.clone();
-        let span = tracing::info_span!("vm", vm = %entry.name);
+        // A root span: the supervisor outlives the request that started the VM.
+        let span = tracing::info_span!(parent: None, "vm", vm = %entry.name);
         tokio::spawn(
             async move {
                 let mut events = runtime.qmp.subscribe();
@@ -598,10 +607,10 @@ impl VmManager {
 
     async fn on_exit(&self, entry: &Arc<Entry>, runtime: &Arc<Runtime>, how: Option<String>) {
         let how = how.unwrap_or_else(|| "exited".to_owned());
-        let (state, reason) = if runtime.stop_requested.load(Ordering::SeqCst) {
-            (VmState::Stopped, "stopped".to_owned())
-        } else if runtime.guest_shutdown.load(Ordering::SeqCst) {
+        let (state, reason) = if runtime.guest_shutdown.load(Ordering::SeqCst) {
             (VmState::Stopped, "the guest powered off".to_owned())
+        } else if runtime.stop_requested.load(Ordering::SeqCst) {
+            (VmState::Stopped, format!("stopped: QEMU {how}"))
         } else {
             error!(%how, "QEMU exited unexpectedly");
             (VmState::Crashed, format!("QEMU {how} unexpectedly"))
@@ -755,7 +764,7 @@ impl VmManager {
         runtime.console.clone().ok_or_else(|| VmError::NoConsole { name: name.to_owned() })
     }
 
-    /// Records a new state: memory first, then `state.json`, then an event.
+    /// Records a new state: memory first, then `state.json`, then an event, then the waiters.
     async fn set_state(&self, entry: &Arc<Entry>, state: VmState, reason: &str) {
         let previous = {
             let mut status = entry.status();
@@ -764,12 +773,13 @@ impl VmManager {
             status.record.reason = reason.to_owned();
             previous
         };
-        entry.state_tx.send_replace(state);
         self.persist_state(entry).await;
         if previous != state {
             info!(vm = %entry.name, from = %previous, to = %state, reason, "state");
             self.emit(entry, Some(state), Some(previous), reason);
         }
+        // Waiters (a stop waiting for the exit) go on only once the state is on disk and announced.
+        entry.state_tx.send_replace(state);
     }
 
     async fn persist_state(&self, entry: &Arc<Entry>) {

@@ -191,7 +191,11 @@ pub struct FieldError {
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {:?} {}", self.field, self.value, self.problem)
+        if self.value.is_empty() {
+            write!(f, "{} {}", self.field, self.problem)
+        } else {
+            write!(f, "{}: {:?} {}", self.field, self.value, self.problem)
+        }
     }
 }
 

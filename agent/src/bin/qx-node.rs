@@ -1,1 +1,104 @@
-fn main(){}
+//! `qx-node`: the Quantix node daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use qx_agent::config::NodeConfig;
+use qx_agent::node::Node;
+use qx_agent::server;
+use qx_vmm::spec::AccelChoice;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+/// Runs and supervises QEMU VMs on this host and serves the Quantix node API.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// YAML config file (default: /etc/quantix/node.yaml when it exists; built-in defaults otherwise).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Where VM specs, state and logs live.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The API's unix socket.
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    /// Also serve the API on this TCP address.
+    #[arg(long)]
+    listen_tcp: Option<SocketAddr>,
+    #[arg(long)]
+    qemu: Option<PathBuf>,
+    /// auto, kvm or tcg.
+    #[arg(long)]
+    accel: Option<String>,
+    /// tracing filter, e.g. `info`, `qx_vmm=debug`.
+    #[arg(long, env = "QX_LOG", default_value = "info")]
+    log: String,
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let mut config = NodeConfig::load(self.config.as_deref())?;
+        if let Some(name) = self.node_name {
+            config.node_name = name;
+        }
+        if let Some(dir) = self.data_dir {
+            config.data_dir = dir;
+        }
+        if let Some(socket) = self.listen {
+            config.listen.unix = socket;
+        }
+        if let Some(addr) = self.listen_tcp {
+            config.listen.tcp = Some(addr);
+        }
+        if let Some(qemu) = self.qemu {
+            config.qemu_binary = qemu;
+        }
+        if let Some(accel) = self.accel {
+            config.accelerator = match accel.as_str() {
+                "auto" => AccelChoice::Auto,
+                "kvm" => AccelChoice::Kvm,
+                "tcg" => AccelChoice::Tcg,
+                other => anyhow::bail!("--accel: {other:?} is not one of auto, kvm, tcg"),
+            };
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = args.into_config()?;
+    // Two workers: VM operations are I/O-bound waits on QEMU, and a small daemon is part of the product.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: NodeConfig) -> anyhow::Result<()> {
+    let _lock = server::lock_data_dir(&config.data_dir)?;
+    let listener = server::bind_unix(&config.listen.unix).await?;
+    let node = Arc::new(Node::open(config).await.context("cannot start the node")?);
+    let shutdown = async {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        info!("shutting down; VMs keep running");
+    };
+    server::serve(node, listener, shutdown).await?;
+    Ok(())
+}

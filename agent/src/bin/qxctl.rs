@@ -1,1 +1,502 @@
-fn main(){}
+//! `qxctl`: the command-line client of a Quantix node.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use qx_agent::client::{connect, DEFAULT_SOCKET};
+use qx_proto::node::v1 as pb;
+use qx_proto::node::v1::node_service_client::NodeServiceClient;
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+/// Ctrl-]: leaves `vm console` without touching the guest, as telnet and virsh do.
+const DETACH_KEY: u8 = 0x1d;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Manage the VMs of a Quantix node")]
+struct Cli {
+    /// The node's API socket.
+    #[arg(long, global = true, env = "QX_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The node itself.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Follow VM state changes.
+    Events {
+        /// Only this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Host CPU, memory, QEMU and accelerator.
+    Info,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Define a VM from a YAML/JSON spec file or from flags.
+    Create(CreateArgs),
+    /// Replace a stopped VM's spec from a YAML/JSON spec file.
+    Update {
+        #[arg(long, short)]
+        file: PathBuf,
+    },
+    Start { name: String },
+    /// Graceful stop (ACPI power button, then quit, then kill), or --force.
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest (default: the node's).
+        #[arg(long)]
+        timeout: Option<u32>,
+    },
+    Reboot { name: String },
+    Reset { name: String },
+    Pause { name: String },
+    Resume { name: String },
+    Delete { name: String },
+    /// Attach to the serial console (detach with Ctrl-]).
+    Console {
+        name: String,
+        /// Print the recent console output and exit.
+        #[arg(long)]
+        dump: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// A YAML or JSON spec (as in docs); other flags are then not allowed.
+    #[arg(long, short, conflicts_with_all = ["name", "kernel", "disk"])]
+    file: Option<PathBuf>,
+    #[arg(long, required_unless_present = "file")]
+    name: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// MiB.
+    #[arg(long, default_value_t = 512)]
+    memory: u64,
+    #[arg(long, default_value = "q35")]
+    machine: String,
+    /// auto, kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
+    /// PATH[,format=raw|qcow2][,ro][,cache=MODE][,aio=MODE]; repeatable.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// user[,mac=MAC]; repeatable.
+    #[arg(long)]
+    nic: Vec<String>,
+    #[arg(long)]
+    vnc: Option<u32>,
+    /// KEY=VALUE; repeatable.
+    #[arg(long)]
+    label: Vec<String>,
+    #[arg(long)]
+    no_serial: bool,
+    /// Start the VM once it is created.
+    #[arg(long)]
+    start: bool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        let message = match e.downcast_ref::<tonic::Status>() {
+            Some(status) => format!("{:?}: {}", status.code(), status.message()),
+            None => format!("{e:#}"),
+        };
+        eprintln!("qxctl: {message}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut node = connect(&cli.socket)
+        .await
+        .with_context(|| format!("cannot reach qx-node at {} (is it running?)", cli.socket.display()))?;
+    let json = cli.json;
+    match cli.command {
+        Command::Node { command: NodeCommand::Info } => {
+            let info = node.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
+            print_node(&info, json);
+        }
+        Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
+        Command::Vm { command } => vm(&mut node, command, json).await?,
+    }
+    Ok(())
+}
+
+async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: bool) -> anyhow::Result<()> {
+    let name_ref = |name: String| pb::VmRef { name };
+    let vm = match command {
+        VmCommand::List => {
+            let vms = node.list_vms(pb::ListVmsRequest {}).await?.into_inner().vms;
+            print_list(&vms, json);
+            return Ok(());
+        }
+        VmCommand::Show { name } => node.get_vm(name_ref(name)).await?,
+        VmCommand::Create(args) => {
+            let start = args.start;
+            let vm = node.create_vm(create_request(args)?).await?.into_inner();
+            let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            if start {
+                node.start_vm(name_ref(name)).await?
+            } else {
+                tonic::Response::new(vm)
+            }
+        }
+        VmCommand::Update { file } => {
+            let spec_text = read_spec(&file)?;
+            node.update_vm(pb::UpdateVmRequest { spec: None, spec_text }).await?
+        }
+        VmCommand::Start { name } => node.start_vm(name_ref(name)).await?,
+        VmCommand::Stop { name, force, timeout } => {
+            let request = pb::StopVmRequest { name, force, timeout_seconds: timeout.unwrap_or(0) };
+            node.stop_vm(request).await?
+        }
+        VmCommand::Reboot { name } => node.reboot_vm(name_ref(name)).await?,
+        VmCommand::Reset { name } => node.reset_vm(name_ref(name)).await?,
+        VmCommand::Pause { name } => node.pause_vm(name_ref(name)).await?,
+        VmCommand::Resume { name } => node.resume_vm(name_ref(name)).await?,
+        VmCommand::Delete { name } => {
+            node.delete_vm(name_ref(name.clone())).await?;
+            if json {
+                println!("{}", json!({ "deleted": name }));
+            } else {
+                println!("deleted {name}");
+            }
+            return Ok(());
+        }
+        VmCommand::Console { name, dump } => return console(node, name, dump).await,
+    };
+    print_vm(&vm.into_inner(), json);
+    Ok(())
+}
+
+fn read_spec(file: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))
+}
+
+fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
+    if let Some(file) = &args.file {
+        return Ok(pb::CreateVmRequest { spec: None, spec_text: read_spec(file)? });
+    }
+    let mut disks = Vec::new();
+    for (i, text) in args.disk.iter().enumerate() {
+        let mut parts = text.split(',');
+        let mut disk = pb::Disk { path: parts.next().unwrap_or_default().to_owned(), ..Default::default() };
+        for option in parts {
+            match option.split_once('=') {
+                Some(("format", "raw")) => disk.format = pb::DiskFormat::Raw as i32,
+                Some(("format", "qcow2")) => disk.format = pb::DiskFormat::Qcow2 as i32,
+                Some(("cache", mode)) => disk.cache = mode.to_owned(),
+                Some(("aio", mode)) => disk.aio = mode.to_owned(),
+                None if option == "ro" => disk.read_only = true,
+                _ => bail!("--disk #{}: {option:?} is not one of format=raw|qcow2, ro, cache=MODE, aio=MODE", i + 1),
+            }
+        }
+        disks.push(disk);
+    }
+    let mut nics = Vec::new();
+    for text in &args.nic {
+        let mut parts = text.split(',');
+        let mut nic = pb::Nic { kind: parts.next().unwrap_or_default().to_owned(), mac: String::new() };
+        for option in parts {
+            match option.split_once('=') {
+                Some(("mac", mac)) => nic.mac = mac.to_owned(),
+                _ => bail!("--nic {text:?}: {option:?} is not mac=MAC"),
+            }
+        }
+        nics.push(nic);
+    }
+    let mut labels = std::collections::HashMap::new();
+    for label in &args.label {
+        let (key, value) = label.split_once('=').with_context(|| format!("--label {label:?} is not KEY=VALUE"))?;
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    let spec = pb::VmSpec {
+        name: args.name.unwrap_or_default(),
+        uuid: String::new(),
+        vcpus: args.vcpus,
+        memory_mib: args.memory,
+        machine: args.machine,
+        accelerator: args.accel,
+        firmware: String::new(),
+        kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
+            kernel: kernel.display().to_string(),
+            initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
+            cmdline: args.cmdline.unwrap_or_default(),
+        }),
+        disks,
+        nics,
+        serial: Some(!args.no_serial),
+        vnc_display: args.vnc,
+        labels,
+    };
+    Ok(pb::CreateVmRequest { spec: Some(spec), spec_text: String::new() })
+}
+
+async fn events(node: &mut NodeServiceClient<Channel>, vm: String, json: bool) -> anyhow::Result<()> {
+    let mut stream = node.watch_events(pb::WatchEventsRequest { vm }).await?.into_inner();
+    while let Some(event) = stream.message().await? {
+        if json {
+            println!("{}", event_json(&event));
+        } else {
+            let state = state_name(event.state);
+            let previous = state_name(event.previous);
+            println!("{:>13}  {:<16} {previous} -> {state}  {}", event.at_unix_ms, event.vm, event.reason);
+        }
+    }
+    Ok(())
+}
+
+/// Restores the terminal when the console session ends, however it ends.
+struct RawMode(rustix::termios::Termios);
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        let stdin = rustix::stdio::stdin();
+        let saved = rustix::termios::tcgetattr(stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw).ok()?;
+        Some(Self(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(rustix::stdio::stdin(), rustix::termios::OptionalActions::Now, &self.0);
+    }
+}
+
+async fn console(node: &mut NodeServiceClient<Channel>, vm: String, dump: bool) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConsoleInput>(16);
+    tx.send(pb::ConsoleInput { vm: vm.clone(), history: true, data: Vec::new() }).await?;
+    let mut output = node.console(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut stdout = std::io::stdout();
+    if dump {
+        // History arrives at once; stop when the node has nothing more to say.
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_millis(500), output.next()).await {
+            stdout.write_all(&chunk.data)?;
+        }
+        stdout.flush()?;
+        return Ok(());
+    }
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("Connected to the serial console of {vm}. Detach with Ctrl-].\r");
+    }
+    let _raw = interactive.then(RawMode::enter).flatten();
+    let input = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => return Input::Ended,
+                Ok(n) => n,
+            };
+            let (data, detach) = match buf[..n].iter().position(|b| *b == DETACH_KEY) {
+                Some(at) => (&buf[..at], true),
+                None => (&buf[..n], false),
+            };
+            if !data.is_empty() && tx.send(pb::ConsoleInput { data: data.to_vec(), ..Default::default() }).await.is_err() {
+                return Input::Ended;
+            }
+            if detach {
+                return Input::Detached;
+            }
+        }
+    });
+    let mut print = |chunk: pb::ConsoleOutput| stdout.write_all(&chunk.data).and_then(|()| stdout.flush());
+    let input = tokio::select! {
+        input = input => input.unwrap_or(Input::Ended),
+        _ = async {
+            while let Some(Ok(chunk)) = output.next().await {
+                if print(chunk).is_err() {
+                    break;
+                }
+            }
+        } => return Ok(()),
+    };
+    match input {
+        Input::Detached => eprintln!("\r\nDetached from {vm}.\r"),
+        // Piped input ran out: show what the guest answers until it falls quiet.
+        Input::Ended => {
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(1), output.next()).await {
+                print(chunk)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+enum Input {
+    Detached,
+    Ended,
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::VmState::try_from(state) {
+        Ok(pb::VmState::Stopped) => "stopped",
+        Ok(pb::VmState::Starting) => "starting",
+        Ok(pb::VmState::Running) => "running",
+        Ok(pb::VmState::Paused) => "paused",
+        Ok(pb::VmState::Stopping) => "stopping",
+        Ok(pb::VmState::Crashed) => "crashed",
+        _ => "-",
+    }
+}
+
+fn vm_json(vm: &pb::Vm) -> Value {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let runtime = vm.runtime.clone().unwrap_or_default();
+    json!({
+        "name": spec.name,
+        "uuid": spec.uuid,
+        "state": state_name(vm.state),
+        "vcpus": spec.vcpus,
+        "memory_mib": spec.memory_mib,
+        "machine": spec.machine,
+        "accelerator": spec.accelerator,
+        "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
+        "disks": spec.disks.iter().map(|d| json!({
+            "path": d.path,
+            "format": if d.format == pb::DiskFormat::Qcow2 as i32 { "qcow2" } else { "raw" },
+            "read_only": d.read_only, "cache": d.cache, "aio": d.aio,
+        })).collect::<Vec<_>>(),
+        "nics": spec.nics.iter().map(|n| json!({ "kind": n.kind, "mac": n.mac })).collect::<Vec<_>>(),
+        "serial": spec.serial.unwrap_or(true),
+        "vnc_display": spec.vnc_display,
+        "labels": spec.labels,
+        "pid": (runtime.pid != 0).then_some(runtime.pid),
+        "started_at_unix": (runtime.started_at_unix != 0).then_some(runtime.started_at_unix),
+        "running_accelerator": runtime.accelerator,
+        "reason": runtime.last_reason,
+    })
+}
+
+fn event_json(event: &pb::VmEvent) -> Value {
+    json!({
+        "vm": event.vm,
+        "state": state_name(event.state),
+        "previous": state_name(event.previous),
+        "reason": event.reason,
+        "at_unix_ms": event.at_unix_ms,
+    })
+}
+
+fn print_list(vms: &[pb::Vm], json: bool) {
+    if json {
+        println!("{}", Value::Array(vms.iter().map(vm_json).collect()));
+        return;
+    }
+    println!("{:<20} {:<9} {:>5} {:>8} {:>8} {:<5}", "NAME", "STATE", "VCPUS", "MEMORY", "PID", "ACCEL");
+    for vm in vms {
+        let spec = vm.spec.clone().unwrap_or_default();
+        let runtime = vm.runtime.clone().unwrap_or_default();
+        let pid = if runtime.pid == 0 { "-".to_owned() } else { runtime.pid.to_string() };
+        let accel = if runtime.accelerator.is_empty() { "-".to_owned() } else { runtime.accelerator };
+        println!(
+            "{:<20} {:<9} {:>5} {:>6}Mi {:>8} {:<5}",
+            spec.name,
+            state_name(vm.state),
+            spec.vcpus,
+            spec.memory_mib,
+            pid,
+            accel
+        );
+    }
+}
+
+fn print_vm(vm: &pb::Vm, json: bool) {
+    let value = vm_json(vm);
+    if json {
+        println!("{value}");
+        return;
+    }
+    let Value::Object(fields) = value else { return };
+    for (key, value) in fields {
+        let text = match value {
+            Value::Null => continue,
+            Value::String(s) if s.is_empty() => continue,
+            Value::Array(a) if a.is_empty() => continue,
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        println!("{key:<16} {text}");
+    }
+}
+
+fn print_node(info: &pb::NodeInfo, json: bool) {
+    let gib = |bytes: u64| format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64);
+    let rows = [
+        ("node_name", info.node_name.clone()),
+        ("hostname", info.hostname.clone()),
+        ("version", info.version.clone()),
+        ("cpu_model", info.cpu_model.clone()),
+        ("cpu_count", info.cpu_count.to_string()),
+        ("memory_total", gib(info.memory_total_bytes)),
+        ("memory_available", gib(info.memory_available_bytes)),
+        ("qemu_binary", info.qemu_binary.clone()),
+        ("qemu_version", info.qemu_version.clone()),
+        ("accelerator", info.accelerator.clone()),
+        ("accelerator_reason", info.accelerator_reason.clone()),
+        ("vms", format!("{} running / {} total", info.vms_running, info.vms_total)),
+        ("data_dir", info.data_dir.clone()),
+    ];
+    if json {
+        println!(
+            "{}",
+            json!({
+                "node_name": info.node_name, "hostname": info.hostname, "version": info.version,
+                "cpu_model": info.cpu_model, "cpu_count": info.cpu_count,
+                "memory_total_bytes": info.memory_total_bytes, "memory_available_bytes": info.memory_available_bytes,
+                "qemu_binary": info.qemu_binary, "qemu_version": info.qemu_version,
+                "accelerator": info.accelerator, "accelerator_reason": info.accelerator_reason,
+                "vms_total": info.vms_total, "vms_running": info.vms_running, "data_dir": info.data_dir,
+            })
+        );
+        return;
+    }
+    for (key, value) in rows {
+        println!("{key:<19} {value}");
+    }
+}

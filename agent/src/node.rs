@@ -1,0 +1,131 @@
+//! `Node`: the one domain type the front ends (gRPC, and through it qxctl and qx-console) call.
+
+use std::time::Duration;
+
+use qx_vmm::spec::AccelChoice;
+use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmManager, VmState};
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("QEMU binary {binary} does not run: {detail}")]
+    QemuMissing { binary: String, detail: String },
+    #[error("cannot open the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Host facts for GetNodeInfo.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub hostname: String,
+    pub cpu_model: String,
+    pub cpu_count: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    pub qemu_binary: String,
+    pub qemu_version: String,
+    pub accel: AccelProbe,
+    pub vms_total: u32,
+    pub vms_running: u32,
+    pub data_dir: String,
+}
+
+/// A Quantix host: its configuration, what it found out about itself at start, and its VMs.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+    qemu_version: String,
+    vms: VmManager,
+}
+
+impl Node {
+    /// Checks QEMU, picks the accelerator, loads the VMs and reattaches to the ones still running.
+    pub async fn open(config: NodeConfig) -> Result<Self, NodeError> {
+        let qemu_version = qemu_version(&config.qemu_binary).await?;
+        let host = HostRoot::new(&config.host_root);
+        let accel = choose_accel(config.accelerator, accel::detect(&host));
+        info!(accelerator = %accel.accel, reason = %accel.reason, qemu = %qemu_version, "host checked");
+        let vms = VmManager::open(ManagerConfig {
+            data_dir: config.data_dir.clone(),
+            qemu_binary: config.qemu_binary.clone(),
+            host,
+            accel,
+            stop_timeout: Duration::from_secs(config.stop_timeout_seconds),
+        })
+        .await
+        .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        Ok(Self { config, qemu_version, vms })
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// VM lifecycle operations; see `VmManager` for the states in which each is valid.
+    pub fn vms(&self) -> &VmManager {
+        &self.vms
+    }
+
+    pub async fn info(&self) -> NodeInfo {
+        let (cpu_model, cpu_count, memory_total_bytes, memory_available_bytes) =
+            tokio::task::spawn_blocking(host_resources).await.unwrap_or_default();
+        let vms = self.vms.list();
+        let running = vms.iter().filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused)).count();
+        NodeInfo {
+            node_name: self.config.node_name.clone(),
+            hostname: rustix::system::uname().nodename().to_string_lossy().into_owned(),
+            cpu_model,
+            cpu_count,
+            memory_total_bytes,
+            memory_available_bytes,
+            qemu_binary: self.config.qemu_binary.display().to_string(),
+            qemu_version: self.qemu_version.clone(),
+            accel: self.vms.config().accel.clone(),
+            vms_total: vms.len() as u32,
+            vms_running: running as u32,
+            data_dir: self.config.data_dir.display().to_string(),
+        }
+    }
+}
+
+/// The node's accelerator for VMs that ask for `auto`, given what the operator configured.
+fn choose_accel(configured: AccelChoice, probe: AccelProbe) -> AccelProbe {
+    match (configured, probe.accel) {
+        (AccelChoice::Auto, _) | (AccelChoice::Kvm, Accel::Kvm) => probe,
+        (AccelChoice::Tcg, _) => AccelProbe { accel: Accel::Tcg, reason: "TCG is configured (accelerator: tcg)".into() },
+        (AccelChoice::Kvm, Accel::Tcg) => {
+            warn!(reason = %probe.reason, "accelerator: kvm is configured but KVM is not usable; falling back to TCG");
+            probe
+        }
+    }
+}
+
+async fn qemu_version(binary: &std::path::Path) -> Result<String, NodeError> {
+    let missing = |detail: String| NodeError::QemuMissing { binary: binary.display().to_string(), detail };
+    let output = tokio::process::Command::new(binary).arg("--version").output().await.map_err(|e| missing(e.to_string()))?;
+    if !output.status.success() {
+        return Err(missing(format!("--version {}", output.status)));
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    // "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+    let version = text.lines().next().unwrap_or_default().trim_start_matches("QEMU emulator version ").trim();
+    Ok(version.to_owned())
+}
+
+fn host_resources() -> (String, u32, u64, u64) {
+    use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
+    let Ok(system) = System::new_with_specifics(
+        RefreshKind::nothing().with_cpu(CpuRefreshKind::nothing()).with_memory(MemoryRefreshKind::nothing().with_ram()),
+    ) else {
+        return Default::default();
+    };
+    let model = system.cpus().first().map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default();
+    (model, system.cpus().len() as u32, system.total_memory(), system.available_memory())
+}
