@@ -140,12 +140,12 @@ impl QmpClient {
         let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_loop(write, queue, shared.clone()));
-        let client = QmpClient {
-            inner: Arc::new(Inner { shared, writes, reader, next_id: AtomicU64::new(0), greeting, opts }),
-        };
-        client.execute_raw("qmp_capabilities", None).await.map_err(|source| Error::Negotiate {
-            source: Box::new(source),
-        })?;
+        let client =
+            QmpClient { inner: Arc::new(Inner { shared, writes, reader, next_id: AtomicU64::new(0), greeting, opts }) };
+        client
+            .execute_raw("qmp_capabilities", None)
+            .await
+            .map_err(|source| Error::Negotiate { source: Box::new(source) })?;
         Ok(client)
     }
 
@@ -179,8 +179,8 @@ impl QmpClient {
     /// `qapi-qmp` 0.15 follows QEMU 9.1's schema, so on older QEMU a reply can fail to decode
     /// ([`Error::Decode`]) even though the command succeeded; use [`execute_raw`](Self::execute_raw) for those.
     pub async fn execute<C: qapi_spec::Command>(&self, command: C) -> Result<C::Ok, Error> {
-        let arguments = serde_json::to_value(&command)
-            .map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
+        let arguments =
+            serde_json::to_value(&command).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
         let arguments = match arguments {
             Value::Null => None,
             Value::Object(map) if map.is_empty() => None,
@@ -201,9 +201,7 @@ impl QmpClient {
     ) -> Result<Value, Error> {
         // The writer task may send after this future is gone (it always finishes a command it started), so it gets
         // a descriptor of its own rather than a borrow the caller could close underneath it.
-        let fd = fd
-            .try_clone_to_owned()
-            .map_err(|source| Error::FdPass { command: command.to_owned(), source })?;
+        let fd = fd.try_clone_to_owned().map_err(|source| Error::FdPass { command: command.to_owned(), source })?;
         self.exchange(command, arguments, Some(fd), self.inner.opts.command_timeout).await
     }
 
@@ -345,7 +343,9 @@ async fn read_greeting(
     match read {
         Err(_) => Err(Error::Greeting { reason: format!("none received within {timeout:?}"), source: None }),
         Ok(Err(source)) => Err(Error::Greeting { reason: "reading it failed".to_owned(), source: Some(source) }),
-        Ok(Ok(false)) => Err(Error::Greeting { reason: "the socket closed before it arrived".to_owned(), source: None }),
+        Ok(Ok(false)) => {
+            Err(Error::Greeting { reason: "the socket closed before it arrived".to_owned(), source: None })
+        }
         Ok(Ok(true)) => protocol::parse_greeting(&line).map_err(|source| Error::Greeting {
             reason: format!("not a QMP greeting: {}", protocol::excerpt(&line, LOG_EXCERPT)),
             source: Some(source.into()),
@@ -538,11 +538,19 @@ enum WriteError {
 }
 
 async fn write_loop(mut half: OwnedWriteHalf, mut queue: mpsc::Receiver<WriteRequest>, shared: Arc<Shared>) {
-    while let Some(request) = queue.recv().await {
-        if *shared.closed_tx.borrow() {
-            let _ = request.done.send(Err(WriteError::Closed));
-            continue;
-        }
+    let mut closed = shared.closed_tx.subscribe();
+    loop {
+        // Once closed, this task ends and drops the write half; with the reader gone too, that closes the socket
+        // rather than leaving it open until the last client handle is dropped. Requests still queued fail `Closed`
+        // when their `done` senders are dropped with the queue.
+        let request = tokio::select! {
+            biased;
+            _ = closed.wait_for(|closed| *closed) => break,
+            request = queue.recv() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
         let result = write_command(&mut half, &request).await;
         match result {
             Ok(()) => {
@@ -767,7 +775,8 @@ mod tests {
             assert_eq!(message["arguments"], json!({"device": "virtio-disk0"}));
             qemu.reply(message["id"].clone(), json!({})).await;
         };
-        let (result, ()) = tokio::join!(client.execute_raw("device_del", Some(json!({"device": "virtio-disk0"}))), server);
+        let (result, ()) =
+            tokio::join!(client.execute_raw("device_del", Some(json!({"device": "virtio-disk0"}))), server);
         assert_eq!(result.unwrap(), json!({}));
     }
 
@@ -776,8 +785,10 @@ mod tests {
         let (client, mut qemu) = connected().await;
         let server = async {
             let id = qemu.expect("nope").await;
-            qemu.send(json!({"id": id, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}))
-                .await;
+            qemu.send(
+                json!({"id": id, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}),
+            )
+            .await;
         };
         let (result, ()) = tokio::join!(client.execute_raw("nope", None), server);
         match result.unwrap_err() {
@@ -798,8 +809,7 @@ mod tests {
             let message = qemu.recv().await;
             assert_eq!(message["execute"], "query-status");
             assert!(message.get("arguments").is_none(), "{message}");
-            qemu.reply(message["id"].clone(), json!({"status": "paused", "singlestep": false, "running": false}))
-                .await;
+            qemu.reply(message["id"].clone(), json!({"status": "paused", "singlestep": false, "running": false})).await;
         };
         let (status, ()) = tokio::join!(client.execute(qapi_qmp::query_status {}), server);
         let status = status.unwrap();
@@ -966,7 +976,8 @@ mod tests {
             qemu
         });
         tokio::time::timeout(Duration::from_secs(30), client.closed()).await.unwrap();
-        let _qemu = writer.await.unwrap();
+        // The socket itself is closed, not only marked so: the writer stops with an error instead of blocking.
+        let _qemu = tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
     }
 
     #[tokio::test]
@@ -1113,9 +1124,8 @@ mod tests {
 
     #[tokio::test]
     async fn connect_does_not_retry_other_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("plain-file");
-        std::fs::write(&path, b"").unwrap();
+        // Longer than `sun_path` holds: an error no amount of waiting fixes.
+        let path = std::path::PathBuf::from(format!("/tmp/{}", "x".repeat(200)));
         let started = std::time::Instant::now();
         let err = QmpClient::connect(&path, opts()).await.unwrap_err();
         assert!(matches!(err, Error::Connect { .. }), "{err:?}");

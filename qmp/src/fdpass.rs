@@ -10,9 +10,9 @@ use std::os::fd::BorrowedFd;
 #[cfg(test)]
 use std::os::fd::OwnedFd;
 
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 #[cfg(test)]
 use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
@@ -20,7 +20,10 @@ use tokio::net::UnixStream;
 /// Returns how many bytes went out; the caller writes the rest.
 pub(crate) async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
     if bytes.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "a file descriptor needs at least one byte to ride on"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a file descriptor needs at least one byte to ride on",
+        ));
     }
     stream
         .async_io(Interest::WRITABLE, || {

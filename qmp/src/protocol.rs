@@ -203,10 +203,7 @@ where
             None => (available.len(), false),
         };
         if buf.len() + used > max {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("QMP message longer than {max} bytes"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("QMP message longer than {max} bytes")));
         }
         buf.extend_from_slice(&available[..used]);
         reader.consume(used);
@@ -250,7 +247,8 @@ mod tests {
 
     #[test]
     fn greeting_without_package_or_capabilities_parses() {
-        let greeting = parse_greeting(br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 9}}}}"#).unwrap();
+        let greeting =
+            parse_greeting(br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 9}}}}"#).unwrap();
         assert_eq!((greeting.major, greeting.package.as_str()), (9, ""));
         assert!(greeting.capabilities.is_empty());
     }
@@ -289,9 +287,10 @@ mod tests {
 
     #[test]
     fn error_parses() {
-        let message =
-            parse_message(br#"{"id": 4, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#)
-                .unwrap();
+        let message = parse_message(
+            br#"{"id": 4, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
+        )
+        .unwrap();
         assert_eq!(
             message,
             Message::Reply {
@@ -309,7 +308,10 @@ mod tests {
         let message = parse_message(br#"{"id": 4, "error": {}}"#).unwrap();
         assert_eq!(
             message,
-            Message::Reply { id: Some(json!(4)), result: Err(ErrorReply { class: String::new(), desc: String::new() }) }
+            Message::Reply {
+                id: Some(json!(4)),
+                result: Err(ErrorReply { class: String::new(), desc: String::new() })
+            }
         );
     }
 

@@ -180,57 +180,49 @@ fn netdev_cli(netdev: &Value) -> String {
 /// The full argument list (without the binary) for `spec` under `accel`.
 pub fn qemu_args(spec: &VmSpec, accel: Accel, layout: &LaunchLayout) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::with_capacity(64);
-    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| args.extend(items.iter().map(|i| i.as_ref().to_owned()));
 
-    push(&["-name", &format!("guest={},debug-threads=on", keyval_escape(&spec.name))]);
-    push(&["-uuid", &spec.uuid().to_string()]);
-    push(&["-nodefaults", "-no-user-config", "-S"]);
-    push(&["-machine", &spec.machine]);
-    push(&["-accel", &accel.to_string()]);
+    push(&[&"-name", &format!("guest={},debug-threads=on", keyval_escape(&spec.name))]);
+    push(&[&"-uuid", &spec.uuid().to_string()]);
+    push(&[&"-nodefaults", &"-no-user-config", &"-S"]);
+    push(&[&"-machine", &spec.machine]);
+    push(&[&"-accel", &accel.to_string()]);
     if accel == Accel::Kvm {
-        push(&["-cpu", "host"]);
+        push(&[&"-cpu", &"host"]);
     }
-    push(&["-smp", &spec.vcpus.to_string()]);
-    push(&["-m", &format!("{}M", spec.memory_mib)]);
-    push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
-    push(&["-msg", "timestamp=on"]);
+    push(&[&"-smp", &spec.vcpus.to_string()]);
+    push(&[&"-m", &format!("{}M", spec.memory_mib)]);
+    push(&[&"-sandbox", &"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+    push(&[&"-msg", &"timestamp=on"]);
     match spec.vnc_display {
-        Some(display) => push(&["-vnc", &format!("127.0.0.1:{display}")]),
-        None => push(&["-display", "none"]),
+        Some(display) => push(&[&"-vnc", &format!("127.0.0.1:{display}")]),
+        None => push(&[&"-display", &"none"]),
     }
-    push(&["-chardev", &format!("socket,id=qmp,fd={},server=on,wait=off", layout.qmp_fd)]);
-    push(&["-mon", "chardev=qmp,mode=control"]);
+    push(&[&"-chardev", &format!("socket,id=qmp,fd={},server=on,wait=off", layout.qmp_fd)]);
+    push(&[&"-mon", &"chardev=qmp,mode=control"]);
     if let Some(fd) = layout.serial_fd {
-        push(&["-chardev", &format!("socket,id=serial0,fd={fd},server=on,wait=off")]);
+        push(&[&"-chardev", &format!("socket,id=serial0,fd={fd},server=on,wait=off")]);
     }
-    let mut args = args;
-    args.push("-pidfile".into());
-    args.push(layout.pidfile.clone().into());
+    push(&[&"-pidfile", &layout.pidfile]);
     if let Some(kernel) = &spec.kernel {
-        args.push("-kernel".into());
-        args.push(kernel.kernel.clone().into());
+        push(&[&"-kernel", &kernel.kernel]);
         if let Some(initrd) = &kernel.initrd {
-            args.push("-initrd".into());
-            args.push(initrd.clone().into());
+            push(&[&"-initrd", initrd]);
         }
         if !kernel.cmdline.is_empty() {
-            args.push("-append".into());
-            args.push(kernel.cmdline.clone().into());
+            push(&[&"-append", &kernel.cmdline]);
         }
     }
 
     let hw = Hardware::from_spec(spec);
     for blockdev in &hw.blockdevs {
-        args.push("-blockdev".into());
-        args.push(blockdev.to_string().into());
+        push(&[&"-blockdev", &blockdev.to_string()]);
     }
     for netdev in &hw.netdevs {
-        args.push("-netdev".into());
-        args.push(netdev_cli(netdev).into());
+        push(&[&"-netdev", &netdev_cli(netdev)]);
     }
     for device in &hw.devices {
-        args.push("-device".into());
-        args.push(device.to_cli().into());
+        push(&[&"-device", &device.to_cli()]);
     }
     args
 }

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what Quantix needs on a fresh Debian 12 machine: QEMU (system emulator and qemu-img at the same version),
+# and the tools the test guest build uses. Does nothing when everything is there already.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+for tool in busybox:busybox-static cpio:cpio depmod:kmod; do
+    [ -x "/bin/${tool%%:*}" ] || [ -x "/sbin/${tool%%:*}" ] || command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
+done
+[ ${#need[@]} -eq 0 ] && exit 0
+
+echo "installing: ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+packages=("${need[@]}")
+if [[ " ${need[*]} " == *" qemu-system-x86 "* ]]; then
+    # qemu-system-x86 pins qemu-utils to its own version; a newer preinstalled qemu-utils must come down with it.
+    version=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    packages+=("qemu-utils=$version")
+fi
+apt-get install -y -qq --allow-downgrades --no-install-recommends "${packages[@]}" >&2

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, and end-to-end tests against real QEMU booting the test guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+# Build the test guest once up front (cached), so parallel tests find it ready.
+test_infra/guest/build.sh >/dev/null
+cargo test --workspace --locked "$@"
