@@ -48,11 +48,20 @@ pub fn test_guest() -> &'static TestGuest {
             .stderr(Stdio::inherit())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(output.status.success(), "{} failed: {}", script.display(), output.status);
+        assert!(
+            output.status.success(),
+            "{} failed: {}",
+            script.display(),
+            output.status
+        );
         let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         let cmdline = std::fs::read_to_string(dir.join("cmdline"))
             .unwrap_or_else(|e| panic!("test guest at {} has no cmdline: {e}", dir.display()));
-        TestGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), cmdline: cmdline.trim().to_owned() }
+        TestGuest {
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            cmdline: cmdline.trim().to_owned(),
+        }
     })
 }
 
@@ -74,14 +83,22 @@ pub fn wait_until<T>(timeout: Duration, mut condition: impl FnMut() -> Option<T>
 pub fn pid_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(false)
 }
 
 /// The argv of `pid`, empty when it is gone.
 pub fn cmdline_of(pid: i32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -96,7 +113,9 @@ pub fn kill_pid(pid: i32) {
 /// Every PID whose command line contains `needle` (e.g. a VM's uuid or a test's temp dir). Tests use it to find
 /// the processes they caused, never to find processes by name.
 pub fn pids_with_arg(needle: &str) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| pid_alive(*pid) && cmdline_of(*pid).iter().any(|arg| arg.contains(needle)))
         .collect()
@@ -114,8 +133,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `binary` (qx-node) with its data dir and socket in a fresh temp dir, and waits for its socket.
     pub fn start(binary: &Path) -> Self {
-        let dir = tempfile::Builder::new().prefix("qx-test-").tempdir().expect("temp dir");
-        let mut daemon = Self { binary: binary.to_owned(), child: None, dir };
+        let dir = tempfile::Builder::new()
+            .prefix("qx-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mut daemon = Self {
+            binary: binary.to_owned(),
+            child: None,
+            dir,
+        };
         daemon.restart();
         daemon
     }
@@ -147,7 +173,11 @@ impl Daemon {
     /// Starts the daemon again on the same data dir and socket (after `kill9`).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon is still running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).expect("daemon log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("daemon log");
         let child = Command::new(&self.binary)
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -162,10 +192,16 @@ impl Daemon {
         self.child = Some(child);
         let socket = self.socket();
         let up = wait_until(Duration::from_secs(30), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok().map(|_| ())
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| ())
         });
         if up.is_none() {
-            panic!("qx-node did not open {} in 30 s; log:\n{}", socket.display(), self.log_text());
+            panic!(
+                "qx-node did not open {} in 30 s; log:\n{}",
+                socket.display(),
+                self.log_text()
+            );
         }
     }
 
@@ -178,7 +214,11 @@ impl Daemon {
         let data_dir = self.data_dir().display().to_string();
         pids_with_arg(&data_dir)
             .into_iter()
-            .filter(|pid| cmdline_of(*pid).first().is_some_and(|argv0| argv0.contains("qemu")))
+            .filter(|pid| {
+                cmdline_of(*pid)
+                    .first()
+                    .is_some_and(|argv0| argv0.contains("qemu"))
+            })
             .collect()
     }
 }
@@ -190,7 +230,11 @@ impl Drop for Daemon {
             kill_pid(pid);
         }
         if std::thread::panicking() {
-            eprintln!("--- qx-node log ({}) ---\n{}", self.log().display(), self.log_text());
+            eprintln!(
+                "--- qx-node log ({}) ---\n{}",
+                self.log().display(),
+                self.log_text()
+            );
         }
     }
 }

@@ -60,7 +60,12 @@ pub enum VmError {
     #[error("VM {0:?} already exists")]
     AlreadyExists(String),
     #[error("VM {name:?} is {state}; {operation} needs it {needs}")]
-    WrongState { name: String, state: VmState, operation: &'static str, needs: &'static str },
+    WrongState {
+        name: String,
+        state: VmState,
+        operation: &'static str,
+        needs: &'static str,
+    },
     #[error("cannot write the files of VM {name:?}")]
     Persist {
         name: String,
@@ -146,7 +151,11 @@ impl Entry {
             name,
             dir,
             op: tokio::sync::Mutex::new(()),
-            status: Mutex::new(Status { spec, record, runtime: None }),
+            status: Mutex::new(Status {
+                spec,
+                record,
+                runtime: None,
+            }),
             state_tx,
             persist: tokio::sync::Mutex::new(()),
         })
@@ -176,17 +185,31 @@ impl Entry {
         }
     }
 
-    fn require(&self, operation: &'static str, needs: &'static str, ok: &[VmState]) -> Result<VmState, VmError> {
+    fn require(
+        &self,
+        operation: &'static str,
+        needs: &'static str,
+        ok: &[VmState],
+    ) -> Result<VmState, VmError> {
         let state = self.state();
         if ok.contains(&state) {
             Ok(state)
         } else {
-            Err(VmError::WrongState { name: self.name.clone(), state, operation, needs })
+            Err(VmError::WrongState {
+                name: self.name.clone(),
+                state,
+                operation,
+                needs,
+            })
         }
     }
 
     fn qmp_error(&self, command: &'static str) -> impl FnOnce(qx_qmp::Error) -> VmError + '_ {
-        move |source| VmError::Qmp { name: self.name.clone(), command, source }
+        move |source| VmError::Qmp {
+            name: self.name.clone(),
+            command,
+            source,
+        }
     }
 
     async fn wait_inactive(&self, timeout: Option<Duration>) -> bool {
@@ -216,21 +239,30 @@ pub struct VmManager {
 
 impl std::fmt::Debug for VmManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmManager").field("data_dir", &self.inner.config.data_dir).finish()
+        f.debug_struct("VmManager")
+            .field("data_dir", &self.inner.config.data_dir)
+            .finish()
     }
 }
 
 fn now_unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn qmp_options() -> ConnectOptions {
-    ConnectOptions { connect_timeout: Duration::from_secs(10), command_timeout: Duration::from_secs(30) }
+    ConnectOptions {
+        connect_timeout: Duration::from_secs(10),
+        command_timeout: Duration::from_secs(30),
+    }
 }
 
 /// Runs blocking filesystem work off the runtime threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking filesystem task panicked")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking filesystem task panicked")
 }
 
 impl VmManager {
@@ -271,16 +303,23 @@ impl VmManager {
         let span = tracing::info_span!("vm", vm = %name);
         async {
             let pid = read_pidfile(&dir.pidfile()).or(record.pid);
-            let process = match pid.map(|pid| QemuProcess::adopt(pid, spec.uuid(), &self.inner.config.host)) {
+            let process = match pid
+                .map(|pid| QemuProcess::adopt(pid, spec.uuid(), &self.inner.config.host))
+            {
                 Some(Ok(Some(process))) => process,
                 Some(Err(e)) => {
                     error!(error = %e, "cannot watch the QEMU of this VM");
-                    self.lost(&entry, format!("QEMU could not be watched after the restart: {e}")).await;
+                    self.lost(
+                        &entry,
+                        format!("QEMU could not be watched after the restart: {e}"),
+                    )
+                    .await;
                     return;
                 }
                 _ => {
                     info!("QEMU exited while qx-node was not running");
-                    self.lost(&entry, "QEMU exited while qx-node was not running".into()).await;
+                    self.lost(&entry, "QEMU exited while qx-node was not running".into())
+                        .await;
                     return;
                 }
             };
@@ -300,9 +339,15 @@ impl VmManager {
         let qmp = QmpClient::connect(entry.dir.qmp_socket(), qmp_options())
             .await
             .map_err(|e| format!("QMP does not answer: {e}"))?;
-        let status = qmp.execute_raw("query-status", None).await.map_err(|e| format!("query-status failed: {e}"))?;
+        let status = qmp
+            .execute_raw("query-status", None)
+            .await
+            .map_err(|e| format!("query-status failed: {e}"))?;
         // An earlier daemon may have died halfway through a reboot, which pauses on guest shutdown.
-        if let Err(e) = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await {
+        if let Err(e) = qmp
+            .execute_raw("set-action", Some(json!({ "shutdown": "poweroff" })))
+            .await
+        {
             warn!(error = %e, "cannot reset the shutdown action");
         }
         let console = if entry.status().spec.serial {
@@ -326,7 +371,8 @@ impl VmManager {
             guest_shutdown: AtomicBool::new(false),
         });
         entry.status().runtime = Some(Arc::clone(&runtime));
-        self.set_state(entry, state, "reattached after a qx-node restart").await;
+        self.set_state(entry, state, "reattached after a qx-node restart")
+            .await;
         self.supervise(Arc::clone(entry), runtime);
         Ok(state)
     }
@@ -352,7 +398,10 @@ impl VmManager {
     }
 
     fn entry(&self, name: &str) -> Result<Arc<Entry>, VmError> {
-        self.vms_read().get(name).cloned().ok_or_else(|| VmError::NotFound(name.to_owned()))
+        self.vms_read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound(name.to_owned()))
     }
 
     /// State changes of every VM from now on.
@@ -381,9 +430,17 @@ impl VmManager {
         if self.vms_read().contains_key(&spec.name) {
             return Err(VmError::AlreadyExists(spec.name));
         }
-        if let Some(other) = self.vms_read().values().find(|e| e.status().spec.uuid == spec.uuid) {
-            return Err(ValidationErrors::one("uuid", spec.uuid(), format!("is already used by VM {:?}", other.name))
-                .into());
+        if let Some(other) = self
+            .vms_read()
+            .values()
+            .find(|e| e.status().spec.uuid == spec.uuid)
+        {
+            return Err(ValidationErrors::one(
+                "uuid",
+                spec.uuid(),
+                format!("is already used by VM {:?}", other.name),
+            )
+            .into());
         }
         let dir = VmDir::new(&self.inner.vms_dir, &spec.name);
         let record = StateRecord::default();
@@ -391,9 +448,13 @@ impl VmManager {
             let (dir, spec, record) = (dir.clone(), spec.clone(), record.clone());
             blocking(move || create_vm_dir(&dir, &spec, &record)).await
         };
-        write.map_err(|source| VmError::Persist { name: spec.name.clone(), source })?;
+        write.map_err(|source| VmError::Persist {
+            name: spec.name.clone(),
+            source,
+        })?;
         let entry = Entry::new(spec.name.clone(), dir, spec.clone(), record);
-        self.vms_write().insert(spec.name.clone(), Arc::clone(&entry));
+        self.vms_write()
+            .insert(spec.name.clone(), Arc::clone(&entry));
         info!(vm = %spec.name, "created");
         self.emit(&entry, Some(VmState::Stopped), None, "created");
         Ok(entry.info())
@@ -407,7 +468,12 @@ impl VmManager {
         let old = entry.status().spec.clone();
         match spec.uuid {
             Some(uuid) if Some(uuid) != old.uuid => {
-                return Err(ValidationErrors::one("uuid", uuid, "cannot change; it identifies the VM").into());
+                return Err(ValidationErrors::one(
+                    "uuid",
+                    uuid,
+                    "cannot change; it identifies the VM",
+                )
+                .into());
             }
             _ => spec.uuid = old.uuid,
         }
@@ -422,7 +488,10 @@ impl VmManager {
         let json = serde_json::to_vec_pretty(&spec).expect("a VmSpec always serializes");
         blocking(move || write_atomic(&path, &json))
             .await
-            .map_err(|source| VmError::Persist { name: entry.name.clone(), source })?;
+            .map_err(|source| VmError::Persist {
+                name: entry.name.clone(),
+                source,
+            })?;
         entry.status().spec = spec;
         info!(vm = %entry.name, "spec updated");
         Ok(entry.info())
@@ -435,14 +504,20 @@ impl VmManager {
         let _op = entry.op.lock().await;
         entry.require("delete", "stopped", &[VmState::Stopped, VmState::Crashed])?;
         let dir = entry.dir.path().to_owned();
-        let graveyard = self.inner.vms_dir.join(format!(".deleted-{name}-{}", entry.status().spec.uuid()));
+        let graveyard = self
+            .inner
+            .vms_dir
+            .join(format!(".deleted-{name}-{}", entry.status().spec.uuid()));
         // Renaming first makes the delete atomic: a crash halfway leaves a hidden directory, never half a VM.
         blocking(move || {
             fs::rename(&dir, &graveyard)?;
             fs::remove_dir_all(&graveyard)
         })
         .await
-        .map_err(|source| VmError::Persist { name: name.to_owned(), source })?;
+        .map_err(|source| VmError::Persist {
+            name: name.to_owned(),
+            source,
+        })?;
         self.vms_write().remove(name);
         info!(vm = %name, "deleted");
         self.emit(&entry, None, Some(entry.state()), "deleted");
@@ -457,7 +532,8 @@ impl VmManager {
         let spec = entry.status().spec.clone();
         let spec = validated(spec).await?;
         let accel = self.resolve_accel(&spec)?;
-        self.set_state(&entry, VmState::Starting, "start requested").await;
+        self.set_state(&entry, VmState::Starting, "start requested")
+            .await;
         match self.launch(&entry, &spec, accel).await {
             Ok(runtime) => {
                 {
@@ -474,7 +550,8 @@ impl VmManager {
             }
             Err(e) => {
                 warn!(vm = %name, error = %e, "start failed");
-                self.set_state(&entry, previous, &format!("start failed: {e}")).await;
+                self.set_state(&entry, previous, &format!("start failed: {e}"))
+                    .await;
                 Err(e)
             }
         }
@@ -486,25 +563,38 @@ impl VmManager {
             AccelChoice::Auto => Ok(probe.accel),
             AccelChoice::Tcg => Ok(Accel::Tcg),
             AccelChoice::Kvm if probe.accel == Accel::Kvm => Ok(Accel::Kvm),
-            AccelChoice::Kvm => {
-                Err(ValidationErrors::one("accelerator", "kvm", format!("is not usable on this node: {}", probe.reason))
-                    .into())
-            }
+            AccelChoice::Kvm => Err(ValidationErrors::one(
+                "accelerator",
+                "kvm",
+                format!("is not usable on this node: {}", probe.reason),
+            )
+            .into()),
         }
     }
 
-    async fn launch(&self, entry: &Arc<Entry>, spec: &VmSpec, accel: Accel) -> Result<Arc<Runtime>, VmError> {
+    async fn launch(
+        &self,
+        entry: &Arc<Entry>,
+        spec: &VmSpec,
+        accel: Accel,
+    ) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
         let start_error = |stage: &'static str, log: String| {
             let name = entry.name.clone();
-            move |source: Box<dyn std::error::Error + Send + Sync>| VmError::Start { name, stage, log, source }
+            move |source: Box<dyn std::error::Error + Send + Sync>| VmError::Start {
+                name,
+                stage,
+                log,
+                source,
+            }
         };
         let serial = spec.serial;
         let prepared = {
             let dir = dir.clone();
             blocking(move || prepare_sockets(&dir, serial)).await
         };
-        let (fds, log) = prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
+        let (fds, log) =
+            prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
         let layout = LaunchLayout {
             qmp_fd: QMP_FD,
             serial_fd: serial.then_some(SERIAL_FD),
@@ -529,7 +619,9 @@ impl VmManager {
             } else {
                 None
             };
-            qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
+            qmp.execute_raw("cont", None)
+                .await
+                .map_err(|e| ("resuming vCPUs", e.into()))?;
             Ok::<_, (&'static str, Box<dyn std::error::Error + Send + Sync>)>((qmp, console))
         };
         match connected.await {
@@ -546,7 +638,9 @@ impl VmManager {
                 let log_path = dir.qemu_log();
                 let log = blocking(move || {
                     dir.remove_runtime_files();
-                    String::from_utf8_lossy(&read_tail(&log_path, START_LOG_TAIL)).trim().to_owned()
+                    String::from_utf8_lossy(&read_tail(&log_path, START_LOG_TAIL))
+                        .trim()
+                        .to_owned()
                 })
                 .await;
                 Err(start_error(stage, log)(source))
@@ -589,17 +683,26 @@ impl VmManager {
             // Pause and resume that qx-node did not ask for (monitor, I/O error, watchdog). Operations in progress
             // set the state themselves, and events may arrive after them, so ask QEMU for the truth.
             "STOP" | "RESUME" => {
-                let Ok(_idle) = entry.op.try_lock() else { return };
+                let Ok(_idle) = entry.op.try_lock() else {
+                    return;
+                };
                 if !matches!(entry.state(), VmState::Running | VmState::Paused) {
                     return;
                 }
-                let Ok(status) = runtime.qmp.execute_raw("query-status", None).await else { return };
+                let Ok(status) = runtime.qmp.execute_raw("query-status", None).await else {
+                    return;
+                };
                 let state = match status.get("running").and_then(|r| r.as_bool()) {
                     Some(true) => VmState::Running,
                     _ => VmState::Paused,
                 };
-                let reason = status.get("status").and_then(|s| s.as_str()).unwrap_or_default().to_owned();
-                self.set_state(entry, state, &format!("QEMU reports {reason}")).await;
+                let reason = status
+                    .get("status")
+                    .and_then(|s| s.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                self.set_state(entry, state, &format!("QEMU reports {reason}"))
+                    .await;
             }
             _ => {}
         }
@@ -619,7 +722,11 @@ impl VmManager {
         blocking(move || dir.remove_runtime_files()).await;
         {
             let mut status = entry.status();
-            if status.runtime.as_ref().is_some_and(|r| Arc::ptr_eq(r, runtime)) {
+            if status
+                .runtime
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, runtime))
+            {
                 status.runtime = None;
             }
             status.record.pid = None;
@@ -632,7 +739,12 @@ impl VmManager {
     /// Stops a VM. Valid when running or paused. Graceful: the ACPI power button (skipped when paused, since a
     /// paused guest cannot answer it), `timeout` for the guest to power off, then QMP `quit`, then SIGKILL.
     /// Force: SIGKILL at once; valid in any state with a QEMU, including during a graceful stop.
-    pub async fn stop(&self, name: &str, force: bool, timeout: Option<Duration>) -> Result<VmInfo, VmError> {
+    pub async fn stop(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Option<Duration>,
+    ) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
         if force {
             let runtime = entry.runtime().ok_or_else(|| VmError::WrongState {
@@ -643,7 +755,8 @@ impl VmManager {
             })?;
             runtime.stop_requested.store(true, Ordering::SeqCst);
             if matches!(entry.state(), VmState::Running | VmState::Paused) {
-                self.set_state(&entry, VmState::Stopping, "force stop requested").await;
+                self.set_state(&entry, VmState::Stopping, "force stop requested")
+                    .await;
             }
             kill(&runtime);
             entry.wait_inactive(None).await;
@@ -651,10 +764,17 @@ impl VmManager {
         }
 
         let _op = entry.op.lock().await;
-        let state = entry.require("stop", "running or paused", &[VmState::Running, VmState::Paused])?;
-        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
+        let state = entry.require(
+            "stop",
+            "running or paused",
+            &[VmState::Running, VmState::Paused],
+        )?;
+        let Some(runtime) = entry.runtime() else {
+            return Ok(entry.info());
+        };
         runtime.stop_requested.store(true, Ordering::SeqCst);
-        self.set_state(&entry, VmState::Stopping, "stop requested").await;
+        self.set_state(&entry, VmState::Stopping, "stop requested")
+            .await;
         let timeout = timeout.unwrap_or(self.inner.config.stop_timeout);
         let mut stopped = false;
         if state == VmState::Running {
@@ -667,7 +787,10 @@ impl VmManager {
             }
         }
         if !stopped {
-            let _ = runtime.qmp.execute_raw_timeout("quit", None, QUIT_GRACE).await;
+            let _ = runtime
+                .qmp
+                .execute_raw_timeout("quit", None, QUIT_GRACE)
+                .await;
             stopped = entry.wait_inactive(Some(QUIT_GRACE)).await;
         }
         if !stopped {
@@ -684,32 +807,56 @@ impl VmManager {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
         entry.require("reboot", "running", &[VmState::Running])?;
-        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
+        let Some(runtime) = entry.runtime() else {
+            return Ok(entry.info());
+        };
         let qmp = &runtime.qmp;
         let mut events = qmp.subscribe();
-        qmp.execute_raw("set-action", Some(json!({ "shutdown": "pause" }))).await.map_err(entry.qmp_error("set-action"))?;
+        qmp.execute_raw("set-action", Some(json!({ "shutdown": "pause" })))
+            .await
+            .map_err(entry.qmp_error("set-action"))?;
         let powered_off = async {
             qmp.execute_raw("system_powerdown", None).await.ok()?;
             loop {
                 match events.recv().await {
                     Ok(Event::Qemu(event)) if event.name == "SHUTDOWN" => return Some(()),
-                    Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => return None,
+                    Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => {
+                        return None
+                    }
                     _ => {}
                 }
             }
         };
-        let cooperative = matches!(tokio::time::timeout(self.inner.config.stop_timeout, powered_off).await, Ok(Some(())));
-        let restore = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await;
-        qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
+        let cooperative = matches!(
+            tokio::time::timeout(self.inner.config.stop_timeout, powered_off).await,
+            Ok(Some(()))
+        );
+        let restore = qmp
+            .execute_raw("set-action", Some(json!({ "shutdown": "poweroff" })))
+            .await;
+        qmp.execute_raw("system_reset", None)
+            .await
+            .map_err(entry.qmp_error("system_reset"))?;
         if cooperative {
-            qmp.execute_raw("cont", None).await.map_err(entry.qmp_error("cont"))?;
+            qmp.execute_raw("cont", None)
+                .await
+                .map_err(entry.qmp_error("cont"))?;
         }
         // The SHUTDOWN of the reboot must not make a later crash look like a power-off.
         runtime.guest_shutdown.store(false, Ordering::SeqCst);
         restore.map_err(entry.qmp_error("set-action"))?;
-        let reason = if cooperative { "rebooted" } else { "reset: the guest ignored the power button" };
+        let reason = if cooperative {
+            "rebooted"
+        } else {
+            "reset: the guest ignored the power button"
+        };
         info!(vm = %name, reason, "reboot");
-        self.emit(&entry, Some(VmState::Running), Some(VmState::Running), reason);
+        self.emit(
+            &entry,
+            Some(VmState::Running),
+            Some(VmState::Running),
+            reason,
+        );
         Ok(entry.info())
     }
 
@@ -717,21 +864,33 @@ impl VmManager {
     pub async fn reset(&self, name: &str) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
-        let state = entry.require("reset", "running or paused", &[VmState::Running, VmState::Paused])?;
-        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
-        runtime.qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
+        let state = entry.require(
+            "reset",
+            "running or paused",
+            &[VmState::Running, VmState::Paused],
+        )?;
+        let Some(runtime) = entry.runtime() else {
+            return Ok(entry.info());
+        };
+        runtime
+            .qmp
+            .execute_raw("system_reset", None)
+            .await
+            .map_err(entry.qmp_error("system_reset"))?;
         self.emit(&entry, Some(state), Some(state), "reset");
         Ok(entry.info())
     }
 
     /// Stops the vCPUs. Valid when running.
     pub async fn pause(&self, name: &str) -> Result<VmInfo, VmError> {
-        self.vcpus(name, "pause", VmState::Running, "stop", VmState::Paused).await
+        self.vcpus(name, "pause", VmState::Running, "stop", VmState::Paused)
+            .await
     }
 
     /// Restarts the vCPUs. Valid when paused.
     pub async fn resume(&self, name: &str) -> Result<VmInfo, VmError> {
-        self.vcpus(name, "resume", VmState::Paused, "cont", VmState::Running).await
+        self.vcpus(name, "resume", VmState::Paused, "cont", VmState::Running)
+            .await
     }
 
     async fn vcpus(
@@ -744,10 +903,20 @@ impl VmManager {
     ) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
-        let needs = if from == VmState::Running { "running" } else { "paused" };
+        let needs = if from == VmState::Running {
+            "running"
+        } else {
+            "paused"
+        };
         entry.require(operation, needs, &[from])?;
-        let Some(runtime) = entry.runtime() else { return Ok(entry.info()) };
-        runtime.qmp.execute_raw(command, None).await.map_err(entry.qmp_error(command))?;
+        let Some(runtime) = entry.runtime() else {
+            return Ok(entry.info());
+        };
+        runtime
+            .qmp
+            .execute_raw(command, None)
+            .await
+            .map_err(entry.qmp_error(command))?;
         self.set_state(&entry, to, &format!("{operation}d")).await;
         Ok(entry.info())
     }
@@ -761,7 +930,9 @@ impl VmManager {
             operation: "console",
             needs: "running or paused",
         })?;
-        runtime.console.clone().ok_or_else(|| VmError::NoConsole { name: name.to_owned() })
+        runtime.console.clone().ok_or_else(|| VmError::NoConsole {
+            name: name.to_owned(),
+        })
     }
 
     /// Records a new state: memory first, then `state.json`, then an event, then the waiters.
@@ -811,7 +982,9 @@ fn kill(runtime: &Runtime) {
 
 /// Validates off the runtime threads (image checks touch the filesystem).
 async fn validated(spec: VmSpec) -> Result<VmSpec, VmError> {
-    blocking(move || spec.validate(&RealFiles).map(|()| spec)).await.map_err(VmError::from)
+    blocking(move || spec.validate(&RealFiles).map(|()| spec))
+        .await
+        .map_err(VmError::from)
 }
 
 fn create_vm_dir(dir: &VmDir, spec: &VmSpec, record: &StateRecord) -> std::io::Result<()> {
@@ -840,7 +1013,11 @@ fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, 
     if serial {
         fds.push((bind(&dir.serial_socket())?, SERIAL_FD));
     }
-    let log = OpenOptions::new().create(true).write(true).truncate(true).open(dir.qemu_log())?;
+    let log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.qemu_log())?;
     Ok((fds, log))
 }
 
@@ -857,9 +1034,10 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
             continue;
         }
         let dir = VmDir::new(vms_dir, &name);
-        let spec: VmSpec = match fs::read(dir.spec()).map_err(|e| e.to_string()).and_then(|bytes| {
-            serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-        }) {
+        let spec: VmSpec = match fs::read(dir.spec())
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
+        {
             Ok(spec) => spec,
             Err(e) => {
                 error!(path = %dir.spec().display(), error = %e, "cannot read VM spec; skipping this VM");
@@ -873,7 +1051,10 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
         let record = match fs::read(dir.state()) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 warn!(vm = %name, error = %e, "unreadable state.json; assuming it was running");
-                StateRecord { state: VmState::Running, ..StateRecord::default() }
+                StateRecord {
+                    state: VmState::Running,
+                    ..StateRecord::default()
+                }
             }),
             Err(_) => StateRecord::default(),
         };
@@ -884,7 +1065,9 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
 
 /// Runs futures concurrently and waits for all (reattaching VMs one by one would make restart time grow with
 /// their number).
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
     for handle in handles {
         let _ = handle.await;
