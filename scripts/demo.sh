@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
-cargo build --release --locked --bin qx-node --bin qxctl
+cargo build --release --bin qx-node --bin qxctl
 guest=$(test_infra/guest/build.sh)
 bin=$PWD/target/release
 qxctl=("$bin/qxctl")
@@ -23,7 +23,7 @@ echo
 
 if ! "${qxctl[@]}" vm show demo >/dev/null 2>&1; then
     "${qxctl[@]}" vm create --name demo --memory 256 --nic user \
-        --kernel "$guest/vmlinuz" --initrd "$guest/initrd.img" --cmdline "$(cat "$guest/cmdline")" >/dev/null
+        --kernel "$guest/vmlinux" --initrd "$guest/initrd.img" --cmdline "$(cat "$guest/cmdline")" >/dev/null
 fi
 state=$("${qxctl[@]}" --json vm show demo | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')
 if [ "$state" != running ]; then

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 # Build the test guest once up front (cached), so parallel tests find it ready.
 test_infra/guest/build.sh >/dev/null
-cargo test --workspace --locked "$@"
+cargo test --workspace "$@"

@@ -8,7 +8,7 @@ use std::time::Duration;
 use qx_agent::client::connect;
 use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::node_service_client::NodeServiceClient;
-use qx_test_infra::{pid_alive, test_guest, wait_until, Daemon, READY_MARKER};
+use qx_test_infra::{pid_alive, test_guest, wait_until, Daemon, READY_LINE};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -136,7 +136,7 @@ impl Console {
 
 async fn boot(client: &mut Client, name: &str) -> Console {
     let mut console = Console::open(client, name).await;
-    console.expect(READY_MARKER, BOOT_TIMEOUT).await;
+    console.expect(READY_LINE, BOOT_TIMEOUT).await;
     console
 }
 
@@ -215,7 +215,7 @@ async fn lifecycle_create_boot_pause_resume_reboot_stop_update_delete() {
         (pb::VmState::Running, qemu),
         "a reboot keeps the QEMU process"
     );
-    console.expect_count(READY_MARKER, 2, BOOT_TIMEOUT).await;
+    console.expect_count(READY_LINE, 2, BOOT_TIMEOUT).await;
 
     let request = pb::StopVmRequest {
         name: "life".into(),

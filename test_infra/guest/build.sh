@@ -74,19 +74,19 @@ apt_update_once() {
     ((apt_updated)) && return 0
     [[ $EUID -eq 0 ]] || die "apt metadata or packages are missing and updating them needs root"
     log "apt-get update"
-    apt-get update -q >&2
+    apt-get update -q </dev/null >&2
     apt_updated=1
 }
 
 ensure_pkgs() {
     local p missing=()
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+        [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"ok installed" ]] || missing+=("$p")
     done
     ((${#missing[@]})) || return 0
     apt_update_once
     log "installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null >&2
 }
 
 ensure_pkgs busybox-static cpio kmod xz-utils
@@ -95,9 +95,9 @@ ensure_pkgs busybox-static cpio kmod xz-utils
 # and its candidate version.
 resolve_kernel() {
     kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
-        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ && !found { print $2; found = 1 }')
     [[ -n $kpkg ]] || return 1
-    kver=$(apt-cache policy "$kpkg" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')
+    kver=$(apt-cache policy "$kpkg" 2>/dev/null | awk '$1 == "Candidate:" && !found { print $2; found = 1 }')
     [[ -n $kver && $kver != "(none)" ]]
 }
 
@@ -141,7 +141,7 @@ download_kernel() {
     log "downloading $kpkg=$kver"
     rm -rf "$work/dl"
     mkdir -p "$work/dl"
-    (cd "$work/dl" && apt-get -q -o APT::Sandbox::User=root download "$kpkg=$kver" >&2) || return 1
+    (cd "$work/dl" && apt-get -q -o APT::Sandbox::User=root download "$kpkg=$kver" </dev/null >&2) || return 1
     find "$debs" -maxdepth 1 -name 'linux-image-*.deb' -delete
     mv "$work/dl"/*.deb "$deb"
 }
@@ -166,7 +166,7 @@ dpkg-deb -x "$deb" "$kroot"
 if [[ ! -d $kroot/lib/modules && -d $kroot/usr/lib/modules ]]; then
     ln -s usr/lib "$kroot/lib"
 fi
-krel=$(basename "$(find "$kroot/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n1)")
+krel=$(find "$kroot/lib/modules/" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | awk 'NR == 1')
 [[ -n $krel && -f $kroot/boot/vmlinuz-$krel ]] || die "no vmlinuz/modules in $deb"
 depmod -b "$kroot" "$krel"
 
@@ -175,13 +175,14 @@ depmod -b "$kroot" "$krel"
 # decompression (~2.5 s of an XZ kernel under TCG). Optional: skipped with a
 # warning if the payload cannot be found or the kernel lacks the PVH note.
 extract_pvh_vmlinux() {
-    local in=$1 out=$2 magic off dec
-    for magic in xz zstd gzip; do
-        case $magic in
-            xz) off=$(grep -abo $'\xfd7zXZ' "$in" | head -n1 | cut -d: -f1); dec=(xz -dc --single-stream) ;;
-            zstd) off=$(grep -abo $'\x28\xb5\x2f\xfd' "$in" | head -n1 | cut -d: -f1); dec=(zstd -qdc) ;;
-            gzip) off=$(grep -abo $'\x1f\x8b\x08' "$in" | head -n1 | cut -d: -f1); dec=(gzip -dc) ;;
+    local in=$1 out=$2 kind magic off dec
+    for kind in xz zstd gzip; do
+        case $kind in
+            xz) magic=$'\xfd7zXZ'; dec=(xz -dc --single-stream) ;;
+            zstd) magic=$'\x28\xb5\x2f\xfd'; dec=(zstd -qdc) ;;
+            gzip) magic=$'\x1f\x8b\x08'; dec=(gzip -dc) ;;
         esac
+        off=$(LC_ALL=C grep -abo -m1 "$magic" "$in" | awk -F: 'NR == 1 { print $1 }' || true)
         [[ -n $off ]] || continue
         command -v "${dec[0]}" >/dev/null || continue
         tail -c +"$((off + 1))" "$in" | "${dec[@]}" >"$out" 2>/dev/null || true
@@ -267,9 +268,15 @@ root:x:0:
 tty:x:5:
 EOF
 echo qx-guest >"$ir/etc/hostname"
+# PID 1 is a shell script, not an init that acts on the signal plain
+# poweroff/reboot/halt send it; busybox sh runs applets before $PATH, so
+# functions make the interactive commands act directly.
 cat >"$ir/etc/profile" <<'EOF'
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root
 PS1='qx-guest:\w# '
+poweroff() { sync; busybox poweroff -f; }
+reboot() { sync; busybox reboot -f; }
+halt() { sync; busybox halt -f; }
 EOF
 
 # busybox acpid maps KEY_POWER from the "Power Button" input device to the
@@ -300,12 +307,6 @@ hostname -F /etc/hostname
 
 log() { echo "qx-init: $*"; }
 
-# Poweroff/reboot/halt without -f signal PID 1; honour them. They interrupt
-# the `wait` at the bottom.
-trap 'sync; poweroff -f' USR2
-trap 'sync; halt -f' USR1
-trap 'sync; reboot -f' TERM
-
 kver=$(uname -r)
 while read -r m; do
     insmod "/lib/modules/$kver/$m" || log "insmod $m failed (continuing)"
@@ -314,7 +315,7 @@ done <"/lib/modules/$kver/qx-load-order"
 ip link set lo up
 
 read -r cmdline </proc/cmdline
-qx_ip= qx_gw=
+qx_ip='' qx_gw=''
 set -f
 for arg in $cmdline; do
     case $arg in
@@ -352,7 +353,11 @@ for dev in $(findfs LABEL=cidata 2>/dev/null) /dev/sr* /dev/vd*; do
     mkdir -p "/mnt/$name"
     for fs in iso9660 vfat; do
         if mount -r -t "$fs" "$dev" "/mnt/$name" 2>/dev/null; then
+            set -f
+            # Unquoted on purpose: one line, names separated by single spaces.
+            # shellcheck disable=SC2046
             echo "QX-GUEST-MOUNT $dev $fs" $(ls -A "/mnt/$name")
+            set +f
             break
         fi
     done
@@ -369,16 +374,11 @@ console=${console##* }
 
 echo QX-GUEST-READY
 
-(
-    while :; do
-        setsid -c sh -l <>"/dev/$console" >&0 2>&1
-        sleep 0.2
-    done
-) &
-
+# The shell runs in the foreground: an asynchronous list would start it with
+# SIGINT ignored, and Ctrl-C on the serial line would not reach its commands.
 while :; do
-    wait
-    sleep 1
+    setsid -c sh -l <>"/dev/$console" >&0 2>&1
+    sleep 0.2
 done
 EOF
 chmod 755 "$ir/init"

@@ -13,13 +13,17 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// What the test guest prints on its serial console once its shell is up.
+/// What the test guest prints on its serial console once its shell is up. Wait for the whole line
+/// (`READY_LINE`) before typing, or the tty may echo input into the middle of it.
 pub const READY_MARKER: &str = "QX-GUEST-READY";
+pub const READY_LINE: &str = "QX-GUEST-READY\r\n";
 
 /// The test guest: a Debian kernel and a busybox initramfs with a shell on ttyS0 that powers off on the ACPI
 /// power button.
 #[derive(Debug, Clone)]
 pub struct TestGuest {
+    /// The uncompressed kernel (`vmlinux`): QEMU boots it through its PVH entry, skipping ~3 s of in-guest
+    /// decompression under TCG.
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// The recommended kernel command line (serial console on ttyS0, fast boot under TCG).

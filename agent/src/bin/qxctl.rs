@@ -555,21 +555,60 @@ fn print_list(vms: &[pb::Vm], json: bool) {
 }
 
 fn print_vm(vm: &pb::Vm, json: bool) {
-    let value = vm_json(vm);
     if json {
-        println!("{value}");
+        println!("{}", vm_json(vm));
         return;
     }
-    let Value::Object(fields) = value else { return };
-    for (key, value) in fields {
-        let text = match value {
-            Value::Null => continue,
-            Value::String(s) if s.is_empty() => continue,
-            Value::Array(a) if a.is_empty() => continue,
-            Value::String(s) => s,
-            other => other.to_string(),
+    let spec = vm.spec.clone().unwrap_or_default();
+    let runtime = vm.runtime.clone().unwrap_or_default();
+    let mut rows = vec![
+        ("name", spec.name),
+        ("uuid", spec.uuid),
+        ("state", state_name(vm.state).to_owned()),
+        ("reason", runtime.last_reason),
+    ];
+    if runtime.pid != 0 {
+        rows.push(("pid", runtime.pid.to_string()));
+        rows.push(("accelerator", runtime.accelerator));
+    } else {
+        rows.push(("accelerator", spec.accelerator));
+    }
+    rows.push(("vcpus", spec.vcpus.to_string()));
+    rows.push(("memory", format!("{} MiB", spec.memory_mib)));
+    rows.push(("machine", spec.machine));
+    if let Some(kernel) = spec.kernel_boot {
+        rows.push(("kernel", kernel.kernel));
+        rows.push(("initrd", kernel.initrd));
+        rows.push(("cmdline", kernel.cmdline));
+    }
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let format = if disk.format == pb::DiskFormat::Qcow2 as i32 {
+            "qcow2"
+        } else {
+            "raw"
         };
-        println!("{key:<16} {text}");
+        let mode = if disk.read_only { "ro" } else { "rw" };
+        rows.push((
+            "disk",
+            format!(
+                "#{i} {} ({format}, {mode}, cache={}, aio={})",
+                disk.path, disk.cache, disk.aio
+            ),
+        ));
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        rows.push(("nic", format!("#{i} {} {}", nic.kind, nic.mac)));
+    }
+    if let Some(display) = spec.vnc_display {
+        rows.push(("vnc", format!("127.0.0.1:{}", 5900 + display)));
+    }
+    let mut labels: Vec<_> = spec.labels.into_iter().collect();
+    labels.sort();
+    for (key, value) in labels {
+        rows.push(("label", format!("{key}={value}")));
+    }
+    for (key, value) in rows.into_iter().filter(|(_, v)| !v.is_empty()) {
+        println!("{key:<12} {value}");
     }
 }
 
