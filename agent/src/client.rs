@@ -10,9 +10,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 pub const DEFAULT_SOCKET: &str = "/run/quantix/node.sock";
 
 /// A client of the qx-node API at `socket`.
-pub async fn connect(
-    socket: impl Into<PathBuf>,
-) -> Result<NodeServiceClient<Channel>, tonic::transport::Error> {
+pub async fn connect(socket: impl Into<PathBuf>) -> Result<NodeServiceClient<Channel>, tonic::transport::Error> {
     Ok(NodeServiceClient::new(channel(socket).await?))
 }
 
@@ -23,11 +21,7 @@ pub async fn channel(socket: impl Into<PathBuf>) -> Result<Channel, tonic::trans
     let channel = Endpoint::from_static("http://qx-node.local")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
         }))
         .await?;
     Ok(channel)

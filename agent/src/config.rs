@@ -39,10 +39,7 @@ pub struct ListenConfig {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self {
-            unix: PathBuf::from("/run/quantix/node.sock"),
-            tcp: None,
-        }
+        Self { unix: PathBuf::from("/run/quantix/node.sock"), tcp: None }
     }
 }
 
@@ -82,10 +79,7 @@ impl NodeConfig {
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
             None => return Ok(Self::default()),
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
         Self::from_yaml(&text).map_err(|message| ConfigError::Parse { path, message })
     }
 
@@ -99,37 +93,20 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errors = Vec::new();
         let mut problem = |field: &str, value: String, problem: &str| {
-            errors.push(FieldError {
-                field: field.into(),
-                value,
-                problem: problem.into(),
-            });
+            errors.push(FieldError { field: field.into(), value, problem: problem.into() });
         };
-        if self.node_name.is_empty()
-            || self.node_name.len() > 253
-            || self.node_name.chars().any(char::is_control)
-        {
-            problem(
-                "node_name",
-                self.node_name.clone(),
-                "must be 1-253 characters without control characters",
-            );
+        if self.node_name.is_empty() || self.node_name.len() > 253 || self.node_name.chars().any(char::is_control) {
+            problem("node_name", self.node_name.clone(), "must be 1-253 characters without control characters");
         }
-        for (field, path) in [
-            ("data_dir", &self.data_dir),
-            ("listen.unix", &self.listen.unix),
-            ("host_root", &self.host_root),
-        ] {
+        for (field, path) in
+            [("data_dir", &self.data_dir), ("listen.unix", &self.listen.unix), ("host_root", &self.host_root)]
+        {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
             }
         }
         if self.stop_timeout_seconds == 0 || self.stop_timeout_seconds > 3600 {
-            problem(
-                "stop_timeout_seconds",
-                self.stop_timeout_seconds.to_string(),
-                "is outside 1..=3600",
-            );
+            problem("stop_timeout_seconds", self.stop_timeout_seconds.to_string(), "is outside 1..=3600");
         }
         if errors.is_empty() {
             Ok(())
@@ -140,10 +117,7 @@ impl NodeConfig {
 }
 
 fn hostname() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
+    rustix::system::uname().nodename().to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
@@ -161,8 +135,7 @@ mod tests {
 
     #[test]
     fn partial_config_keeps_other_defaults() {
-        let config =
-            NodeConfig::from_yaml("data_dir: /srv/qx\nlisten:\n  tcp: 127.0.0.1:7443\n").unwrap();
+        let config = NodeConfig::from_yaml("data_dir: /srv/qx\nlisten:\n  tcp: 127.0.0.1:7443\n").unwrap();
         assert_eq!(config.data_dir, Path::new("/srv/qx"));
         assert_eq!(config.listen.unix, Path::new("/run/quantix/node.sock"));
         assert_eq!(config.listen.tcp, Some("127.0.0.1:7443".parse().unwrap()));
@@ -174,15 +147,8 @@ mod tests {
         assert!(err.contains("data_dri"), "{err}");
         let err = NodeConfig::from_yaml("accelerator: hvf\n").unwrap_err();
         assert!(err.contains("hvf"), "{err}");
-        let config =
-            NodeConfig::from_yaml("data_dir: relative\nstop_timeout_seconds: 0\n").unwrap();
-        let fields: Vec<String> = config
-            .validate()
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.field)
-            .collect();
+        let config = NodeConfig::from_yaml("data_dir: relative\nstop_timeout_seconds: 0\n").unwrap();
+        let fields: Vec<String> = config.validate().unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["data_dir", "stop_timeout_seconds"]);
     }
 }

@@ -5,8 +5,7 @@ use std::collections::BTreeMap;
 
 use qx_proto::node::v1 as pb;
 use qx_vmm::spec::{
-    AccelChoice, AioMode, CacheMode, DiskFormat, DiskSpec, FieldError, Firmware, KernelBoot,
-    NicKind, NicSpec,
+    AccelChoice, AioMode, CacheMode, DiskFormat, DiskSpec, FieldError, Firmware, KernelBoot, NicKind, NicSpec,
 };
 use qx_vmm::{ValidationErrors, VmEvent, VmInfo, VmSpec, VmState};
 
@@ -18,19 +17,10 @@ struct Problems(Vec<FieldError>);
 
 impl Problems {
     fn add(&mut self, field: String, value: &str, problem: &str) {
-        self.0.push(FieldError {
-            field,
-            value: value.to_owned(),
-            problem: problem.to_owned(),
-        });
+        self.0.push(FieldError { field, value: value.to_owned(), problem: problem.to_owned() });
     }
 
-    fn choice<T: Default>(
-        &mut self,
-        field: String,
-        value: &str,
-        parse: impl Fn(&str) -> Option<T>,
-    ) -> T {
+    fn choice<T: Default>(&mut self, field: String, value: &str, parse: impl Fn(&str) -> Option<T>) -> T {
         if value.is_empty() {
             return T::default();
         }
@@ -44,12 +34,10 @@ impl Problems {
 /// A spec given either as a message or as YAML/JSON text.
 pub fn spec_from_request(spec: Option<pb::VmSpec>, text: &str) -> Result<VmSpec, ValidationErrors> {
     if !text.is_empty() {
-        return VmSpec::from_text(text).map_err(|e| {
-            ValidationErrors::one("spec_text", "", format!("is not a valid spec: {e}"))
-        });
+        return VmSpec::from_text(text)
+            .map_err(|e| ValidationErrors::one("spec_text", "", format!("is not a valid spec: {e}")));
     }
-    let spec =
-        spec.ok_or_else(|| ValidationErrors::one("spec", "", "is required (or spec_text)"))?;
+    let spec = spec.ok_or_else(|| ValidationErrors::one("spec", "", "is required (or spec_text)"))?;
     spec_from_pb(spec)
 }
 
@@ -71,9 +59,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         "tcg" => Some(AccelChoice::Tcg),
         _ => None,
     });
-    let firmware = p.choice("firmware".into(), &spec.firmware, |v| {
-        (v == "seabios").then_some(Firmware::Seabios)
-    });
+    let firmware = p.choice("firmware".into(), &spec.firmware, |v| (v == "seabios").then_some(Firmware::Seabios));
     let disks = spec
         .disks
         .iter()
@@ -84,11 +70,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
                 Ok(pb::DiskFormat::Qcow2) => DiskFormat::Qcow2,
                 Ok(_) => DiskFormat::Raw,
                 Err(_) => {
-                    p.add(
-                        format!("disks[{i}].format"),
-                        &disk.format.to_string(),
-                        "is not a known disk format",
-                    );
+                    p.add(format!("disks[{i}].format"), &disk.format.to_string(), "is not a known disk format");
                     DiskFormat::Raw
                 }
             },
@@ -114,17 +96,11 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         .iter()
         .enumerate()
         .map(|(i, nic)| NicSpec {
-            kind: p.choice(format!("nics[{i}].kind"), &nic.kind, |v| {
-                (v == "user").then_some(NicKind::User)
-            }),
+            kind: p.choice(format!("nics[{i}].kind"), &nic.kind, |v| (v == "user").then_some(NicKind::User)),
             mac: (!nic.mac.is_empty()).then(|| nic.mac.clone()),
         })
         .collect();
-    let machine = if spec.machine.is_empty() {
-        "q35".to_owned()
-    } else {
-        spec.machine
-    };
+    let machine = if spec.machine.is_empty() { "q35".to_owned() } else { spec.machine };
     if !p.0.is_empty() {
         return Err(ValidationErrors(p.0));
     }
@@ -160,11 +136,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         firmware: spec.firmware.to_string(),
         kernel_boot: spec.kernel.as_ref().map(|k| pb::KernelBoot {
             kernel: k.kernel.display().to_string(),
-            initrd: k
-                .initrd
-                .as_ref()
-                .map(|i| i.display().to_string())
-                .unwrap_or_default(),
+            initrd: k.initrd.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),
             cmdline: k.cmdline.clone(),
         }),
         disks: spec
@@ -184,10 +156,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         nics: spec
             .nics
             .iter()
-            .map(|n| pb::Nic {
-                kind: n.kind.to_string(),
-                mac: n.mac.clone().unwrap_or_default(),
-            })
+            .map(|n| pb::Nic { kind: n.kind.to_string(), mac: n.mac.clone().unwrap_or_default() })
             .collect(),
         serial: Some(spec.serial),
         vnc_display: spec.vnc_display,
@@ -269,24 +238,11 @@ mod tests {
             name: "a".into(),
             uuid: "not-a-uuid".into(),
             accelerator: "hvf".into(),
-            disks: vec![pb::Disk {
-                path: "/d".into(),
-                format: 9,
-                cache: "sometimes".into(),
-                ..Default::default()
-            }],
+            disks: vec![pb::Disk { path: "/d".into(), format: 9, cache: "sometimes".into(), ..Default::default() }],
             ..Default::default()
         };
-        let fields: Vec<String> = spec_from_pb(spec)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.field)
-            .collect();
-        assert_eq!(
-            fields,
-            ["uuid", "accelerator", "disks[0].format", "disks[0].cache"]
-        );
+        let fields: Vec<String> = spec_from_pb(spec).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["uuid", "accelerator", "disks[0].format", "disks[0].cache"]);
     }
 
     #[test]

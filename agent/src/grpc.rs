@@ -38,12 +38,8 @@ pub fn status(error: VmError) -> Status {
         VmError::Invalid(_) => Status::invalid_argument(message),
         VmError::NotFound(_) => Status::not_found(message),
         VmError::AlreadyExists(_) => Status::already_exists(message),
-        VmError::WrongState { .. } | VmError::NoConsole { .. } => {
-            Status::failed_precondition(message)
-        }
-        VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => {
-            Status::internal(message)
-        }
+        VmError::WrongState { .. } | VmError::NoConsole { .. } => Status::failed_precondition(message),
+        VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
     }
 }
 
@@ -60,28 +56,19 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 fn vm_reply(result: Result<qx_vmm::VmInfo, VmError>) -> Result<Response<pb::Vm>, Status> {
-    result
-        .map(|vm| Response::new(vm_to_pb(&vm)))
-        .map_err(status)
+    result.map(|vm| Response::new(vm_to_pb(&vm))).map_err(status)
 }
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {
-    async fn get_node_info(
-        &self,
-        _: Request<pb::GetNodeInfoRequest>,
-    ) -> Result<Response<pb::NodeInfo>, Status> {
+    async fn get_node_info(&self, _: Request<pb::GetNodeInfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         let info = self.node.info().instrument(info_span!("GetNodeInfo")).await;
         Ok(Response::new(node_info_to_pb(info)))
     }
 
-    async fn create_vm(
-        &self,
-        request: Request<pb::CreateVmRequest>,
-    ) -> Result<Response<pb::Vm>, Status> {
+    async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let spec =
-            spec_from_request(request.spec, &request.spec_text).map_err(|e| status(e.into()))?;
+        let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(e.into()))?;
         let span = info_span!("CreateVm", vm = %spec.name);
         vm_reply(self.node.vms().create(spec).instrument(span).await)
     }
@@ -90,110 +77,55 @@ impl NodeService for NodeApi {
         vm_reply(self.node.vms().get(&request.into_inner().name))
     }
 
-    async fn list_vms(
-        &self,
-        _: Request<pb::ListVmsRequest>,
-    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+    async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
         let vms = self.node.vms().list().iter().map(vm_to_pb).collect();
         Ok(Response::new(pb::ListVmsResponse { vms }))
     }
 
-    async fn update_vm(
-        &self,
-        request: Request<pb::UpdateVmRequest>,
-    ) -> Result<Response<pb::Vm>, Status> {
+    async fn update_vm(&self, request: Request<pb::UpdateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let spec =
-            spec_from_request(request.spec, &request.spec_text).map_err(|e| status(e.into()))?;
+        let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(e.into()))?;
         let span = info_span!("UpdateVm", vm = %spec.name);
         vm_reply(self.node.vms().update(spec).instrument(span).await)
     }
 
-    async fn delete_vm(
-        &self,
-        request: Request<pb::VmRef>,
-    ) -> Result<Response<pb::DeleteVmResponse>, Status> {
+    async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {
         let name = request.into_inner().name;
         let span = info_span!("DeleteVm", vm = %name);
-        self.node
-            .vms()
-            .delete(&name)
-            .instrument(span)
-            .await
-            .map_err(status)?;
+        self.node.vms().delete(&name).instrument(span).await.map_err(status)?;
         Ok(Response::new(pb::DeleteVmResponse {}))
     }
 
     async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
-        vm_reply(
-            self.node
-                .vms()
-                .start(&name)
-                .instrument(info_span!("StartVm", vm = %name))
-                .await,
-        )
+        vm_reply(self.node.vms().start(&name).instrument(info_span!("StartVm", vm = %name)).await)
     }
 
-    async fn stop_vm(
-        &self,
-        request: Request<pb::StopVmRequest>,
-    ) -> Result<Response<pb::Vm>, Status> {
+    async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let timeout = (request.timeout_seconds > 0)
-            .then(|| Duration::from_secs(request.timeout_seconds.into()));
+        let timeout = (request.timeout_seconds > 0).then(|| Duration::from_secs(request.timeout_seconds.into()));
         let span = info_span!("StopVm", vm = %request.name, force = request.force);
-        vm_reply(
-            self.node
-                .vms()
-                .stop(&request.name, request.force, timeout)
-                .instrument(span)
-                .await,
-        )
+        vm_reply(self.node.vms().stop(&request.name, request.force, timeout).instrument(span).await)
     }
 
     async fn reboot_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
-        vm_reply(
-            self.node
-                .vms()
-                .reboot(&name)
-                .instrument(info_span!("RebootVm", vm = %name))
-                .await,
-        )
+        vm_reply(self.node.vms().reboot(&name).instrument(info_span!("RebootVm", vm = %name)).await)
     }
 
     async fn reset_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
-        vm_reply(
-            self.node
-                .vms()
-                .reset(&name)
-                .instrument(info_span!("ResetVm", vm = %name))
-                .await,
-        )
+        vm_reply(self.node.vms().reset(&name).instrument(info_span!("ResetVm", vm = %name)).await)
     }
 
     async fn pause_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
-        vm_reply(
-            self.node
-                .vms()
-                .pause(&name)
-                .instrument(info_span!("PauseVm", vm = %name))
-                .await,
-        )
+        vm_reply(self.node.vms().pause(&name).instrument(info_span!("PauseVm", vm = %name)).await)
     }
 
     async fn resume_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
-        vm_reply(
-            self.node
-                .vms()
-                .resume(&name)
-                .instrument(info_span!("ResumeVm", vm = %name))
-                .await,
-        )
+        vm_reply(self.node.vms().resume(&name).instrument(info_span!("ResumeVm", vm = %name)).await)
     }
 
     type WatchEventsStream = ServiceStream<pb::VmEvent>;
@@ -209,9 +141,7 @@ impl NodeService for NodeApi {
                 Ok(_) => None,
                 // A watcher that falls behind must know it missed changes, rather than trust a stale picture.
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(Err(Status::data_loss(format!(
-                        "{n} events were dropped; list the VMs again and re-watch"
-                    ))))
+                    Some(Err(Status::data_loss(format!("{n} events were dropped; list the VMs again and re-watch"))))
                 }
             };
             std::future::ready(item)
@@ -226,10 +156,8 @@ impl NodeService for NodeApi {
         request: Request<Streaming<pb::ConsoleInput>>,
     ) -> Result<Response<Self::ConsoleStream>, Status> {
         let mut input = request.into_inner();
-        let first = input
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("vm: the first message must name a VM"))?;
+        let first =
+            input.message().await?.ok_or_else(|| Status::invalid_argument("vm: the first message must name a VM"))?;
         let console = self.node.vms().console(&first.vm).map_err(status)?;
         let (history, mut live) = console.subscribe();
         let (tx, rx) = mpsc::channel(64);

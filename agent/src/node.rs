@@ -60,15 +60,8 @@ impl Node {
             stop_timeout: Duration::from_secs(config.stop_timeout_seconds),
         })
         .await
-        .map_err(|source| NodeError::DataDir {
-            path: config.data_dir.display().to_string(),
-            source,
-        })?;
-        Ok(Self {
-            config,
-            qemu_version,
-            vms,
-        })
+        .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        Ok(Self { config, qemu_version, vms })
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -82,20 +75,12 @@ impl Node {
 
     pub async fn info(&self) -> NodeInfo {
         let (cpu_model, cpu_count, memory_total_bytes, memory_available_bytes) =
-            tokio::task::spawn_blocking(host_resources)
-                .await
-                .unwrap_or_default();
+            tokio::task::spawn_blocking(host_resources).await.unwrap_or_default();
         let vms = self.vms.list();
-        let running = vms
-            .iter()
-            .filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused))
-            .count();
+        let running = vms.iter().filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused)).count();
         NodeInfo {
             node_name: self.config.node_name.clone(),
-            hostname: rustix::system::uname()
-                .nodename()
-                .to_string_lossy()
-                .into_owned(),
+            hostname: rustix::system::uname().nodename().to_string_lossy().into_owned(),
             cpu_model,
             cpu_count,
             memory_total_bytes,
@@ -114,10 +99,9 @@ impl Node {
 fn choose_accel(configured: AccelChoice, probe: AccelProbe) -> AccelProbe {
     match (configured, probe.accel) {
         (AccelChoice::Auto, _) | (AccelChoice::Kvm, Accel::Kvm) => probe,
-        (AccelChoice::Tcg, _) => AccelProbe {
-            accel: Accel::Tcg,
-            reason: "TCG is configured (accelerator: tcg)".into(),
-        },
+        (AccelChoice::Tcg, _) => {
+            AccelProbe { accel: Accel::Tcg, reason: "TCG is configured (accelerator: tcg)".into() }
+        }
         (AccelChoice::Kvm, Accel::Tcg) => {
             warn!(reason = %probe.reason, "accelerator: kvm is configured but KVM is not usable; falling back to TCG");
             probe
@@ -126,47 +110,25 @@ fn choose_accel(configured: AccelChoice, probe: AccelProbe) -> AccelProbe {
 }
 
 async fn qemu_version(binary: &std::path::Path) -> Result<String, NodeError> {
-    let missing = |detail: String| NodeError::QemuMissing {
-        binary: binary.display().to_string(),
-        detail,
-    };
-    let output = tokio::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .await
-        .map_err(|e| missing(e.to_string()))?;
+    let missing = |detail: String| NodeError::QemuMissing { binary: binary.display().to_string(), detail };
+    let output =
+        tokio::process::Command::new(binary).arg("--version").output().await.map_err(|e| missing(e.to_string()))?;
     if !output.status.success() {
         return Err(missing(format!("--version {}", output.status)));
     }
     let text = String::from_utf8_lossy(&output.stdout);
     // "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
-    let version = text
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("QEMU emulator version ")
-        .trim();
+    let version = text.lines().next().unwrap_or_default().trim_start_matches("QEMU emulator version ").trim();
     Ok(version.to_owned())
 }
 
 fn host_resources() -> (String, u32, u64, u64) {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
     let Ok(system) = System::new_with_specifics(
-        RefreshKind::nothing()
-            .with_cpu(CpuRefreshKind::nothing())
-            .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        RefreshKind::nothing().with_cpu(CpuRefreshKind::nothing()).with_memory(MemoryRefreshKind::nothing().with_ram()),
     ) else {
         return Default::default();
     };
-    let model = system
-        .cpus()
-        .first()
-        .map(|cpu| cpu.brand().trim().to_owned())
-        .unwrap_or_default();
-    (
-        model,
-        system.cpus().len() as u32,
-        system.total_memory(),
-        system.available_memory(),
-    )
+    let model = system.cpus().first().map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default();
+    (model, system.cpus().len() as u32, system.total_memory(), system.available_memory())
 }

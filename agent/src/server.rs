@@ -35,10 +35,7 @@ pub enum ServeError {
 pub struct DataDirLock(#[allow(dead_code)] fs::File);
 
 pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, ServeError> {
-    let listen_error = |source| ServeError::Listen {
-        what: data_dir.display().to_string(),
-        source,
-    };
+    let listen_error = |source| ServeError::Listen { what: data_dir.display().to_string(), source };
     fs::create_dir_all(data_dir).map_err(listen_error)?;
     let file = fs::OpenOptions::new()
         .create(true)
@@ -53,10 +50,7 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, ServeError> {
 
 /// Binds the API socket, refusing to take it from a live daemon and replacing a stale one.
 pub async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
-    let listen_error = |source| ServeError::Listen {
-        what: path.display().to_string(),
-        source,
-    };
+    let listen_error = |source| ServeError::Listen { what: path.display().to_string(), source };
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(listen_error)?;
     }
@@ -80,9 +74,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(api);
+    let router = tonic::transport::Server::builder().add_service(health_service).add_service(api);
 
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let stopped = |rx: tokio::sync::broadcast::Receiver<()>| async move {
@@ -93,17 +85,12 @@ pub async fn serve(
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServeError::Listen {
-                    what: addr.to_string(),
-                    source,
-                })?;
+                .map_err(|source| ServeError::Listen { what: addr.to_string(), source })?;
             info!(%addr, "listening on TCP");
             let router = router.clone();
             let stop = stopped(stop_tx.subscribe());
             Some(tokio::spawn(async move {
-                router
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
-                    .await
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop).await
             }))
         }
         None => None,
@@ -114,9 +101,7 @@ pub async fn serve(
         let _ = stop_tx.send(());
     });
     info!(socket = %node.config().listen.unix.display(), "serving");
-    router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stop)
-        .await?;
+    router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), stop).await?;
     if let Some(tcp) = tcp {
         if let Ok(result) = tcp.await {
             result?;

@@ -30,22 +30,11 @@ async fn client(daemon: &Daemon) -> Client {
 
 async fn create(client: &mut Client, name: &str) -> pb::Vm {
     let spec_text = test_guest().spec_yaml(name, "nics:\n  - kind: user\n");
-    client
-        .create_vm(pb::CreateVmRequest {
-            spec: None,
-            spec_text,
-        })
-        .await
-        .expect("CreateVm")
-        .into_inner()
+    client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm").into_inner()
 }
 
 async fn start(client: &mut Client, name: &str) -> pb::Vm {
-    client
-        .start_vm(pb::VmRef { name: name.into() })
-        .await
-        .expect("StartVm")
-        .into_inner()
+    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm").into_inner()
 }
 
 fn state(vm: &pb::Vm) -> pb::VmState {
@@ -57,11 +46,7 @@ fn pid(vm: &pb::Vm) -> u32 {
 }
 
 async fn get(client: &mut Client, name: &str) -> pb::Vm {
-    client
-        .get_vm(pb::VmRef { name: name.into() })
-        .await
-        .expect("GetVm")
-        .into_inner()
+    client.get_vm(pb::VmRef { name: name.into() }).await.expect("GetVm").into_inner()
 }
 
 /// A console session: output accumulates in `seen`.
@@ -74,24 +59,9 @@ struct Console {
 impl Console {
     async fn open(client: &mut Client, name: &str) -> Self {
         let (input, rx) = mpsc::channel(8);
-        input
-            .send(pb::ConsoleInput {
-                vm: name.into(),
-                history: true,
-                data: Vec::new(),
-            })
-            .await
-            .unwrap();
-        let output = client
-            .console(ReceiverStream::new(rx))
-            .await
-            .expect("Console")
-            .into_inner();
-        Self {
-            input,
-            output,
-            seen: String::new(),
-        }
+        input.send(pb::ConsoleInput { vm: name.into(), history: true, data: Vec::new() }).await.unwrap();
+        let output = client.console(ReceiverStream::new(rx)).await.expect("Console").into_inner();
+        Self { input, output, seen: String::new() }
     }
 
     /// Waits until the output since the session opened contains `needle`.
@@ -111,26 +81,15 @@ impl Console {
             true
         })
         .await;
-        assert!(
-            matches!(found, Ok(true)),
-            "console never showed {needle:?} {count} times; it showed:\n{}",
-            self.seen
-        );
+        assert!(matches!(found, Ok(true)), "console never showed {needle:?} {count} times; it showed:\n{}", self.seen);
     }
 
     /// Types a shell command and waits for its answer; `$((..))` keeps the echo of the command itself from
     /// matching.
     async fn run(&mut self, a: u32, b: u32) {
         let command = format!("echo qx-answer-$(({a}+{b}))\n");
-        self.input
-            .send(pb::ConsoleInput {
-                data: command.into_bytes(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        self.expect(&format!("qx-answer-{}", a + b), Duration::from_secs(30))
-            .await;
+        self.input.send(pb::ConsoleInput { data: command.into_bytes(), ..Default::default() }).await.unwrap();
+        self.expect(&format!("qx-answer-{}", a + b), Duration::from_secs(30)).await;
     }
 }
 
@@ -144,30 +103,13 @@ async fn boot(client: &mut Client, name: &str) -> Console {
 async fn lifecycle_create_boot_pause_resume_reboot_stop_update_delete() {
     let daemon = daemon();
     let mut client = client(&daemon).await;
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest { vm: "life".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = client.watch_events(pb::WatchEventsRequest { vm: "life".into() }).await.unwrap().into_inner();
 
     let disk = daemon.data_dir().parent().unwrap().join("data.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let extra = format!(
-        "nics:\n  - kind: user\ndisks:\n  - path: {}\n    read_only: true\n",
-        disk.display()
-    );
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    let extra = format!("nics:\n  - kind: user\ndisks:\n  - path: {}\n    read_only: true\n", disk.display());
     let spec_text = test_guest().spec_yaml("life", &extra);
-    let vm = client
-        .create_vm(pb::CreateVmRequest {
-            spec: None,
-            spec_text,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.unwrap().into_inner();
     assert_eq!(state(&vm), pb::VmState::Stopped);
     let vm = start(&mut client, "life").await;
     assert_eq!(state(&vm), pb::VmState::Running);
@@ -176,97 +118,41 @@ async fn lifecycle_create_boot_pause_resume_reboot_stop_update_delete() {
     console.run(20, 22).await;
     console
         .input
-        .send(pb::ConsoleInput {
-            data: b"cat /sys/block/vda/ro /sys/block/vda/size\n".to_vec(),
-            ..Default::default()
-        })
+        .send(pb::ConsoleInput { data: b"cat /sys/block/vda/ro /sys/block/vda/size\n".to_vec(), ..Default::default() })
         .await
         .unwrap();
     console.expect("1\r\n32768", Duration::from_secs(30)).await;
 
-    let vm = client
-        .pause_vm(pb::VmRef {
-            name: "life".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = client.pause_vm(pb::VmRef { name: "life".into() }).await.unwrap().into_inner();
     assert_eq!(state(&vm), pb::VmState::Paused);
-    let vm = client
-        .resume_vm(pb::VmRef {
-            name: "life".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let vm = client.resume_vm(pb::VmRef { name: "life".into() }).await.unwrap().into_inner();
     assert_eq!(state(&vm), pb::VmState::Running);
     console.run(1, 2).await;
 
     let qemu = pid(&vm);
-    let vm = client
-        .reboot_vm(pb::VmRef {
-            name: "life".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        (state(&vm), pid(&vm)),
-        (pb::VmState::Running, qemu),
-        "a reboot keeps the QEMU process"
-    );
+    let vm = client.reboot_vm(pb::VmRef { name: "life".into() }).await.unwrap().into_inner();
+    assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Running, qemu), "a reboot keeps the QEMU process");
     console.expect_count(READY_LINE, 2, BOOT_TIMEOUT).await;
 
-    let request = pb::StopVmRequest {
-        name: "life".into(),
-        force: false,
-        timeout_seconds: 60,
-    };
+    let request = pb::StopVmRequest { name: "life".into(), force: false, timeout_seconds: 60 };
     let vm = client.stop_vm(request).await.unwrap().into_inner();
     assert_eq!(state(&vm), pb::VmState::Stopped);
-    assert_eq!(
-        vm.runtime.unwrap().last_reason,
-        "the guest powered off",
-        "the power button was answered"
-    );
-    assert!(
-        daemon.qemu_pids().is_empty(),
-        "QEMU is gone after a graceful stop"
-    );
+    assert_eq!(vm.runtime.unwrap().last_reason, "the guest powered off", "the power button was answered");
+    assert!(daemon.qemu_pids().is_empty(), "QEMU is gone after a graceful stop");
 
     let mut spec = vm.spec.unwrap();
     spec.memory_mib = 192;
-    let updated = client
-        .update_vm(pb::UpdateVmRequest {
-            spec: Some(spec.clone()),
-            spec_text: String::new(),
-        })
-        .await;
+    let updated = client.update_vm(pb::UpdateVmRequest { spec: Some(spec.clone()), spec_text: String::new() }).await;
     let updated = updated.unwrap().into_inner().spec.unwrap();
-    assert_eq!(
-        (updated.memory_mib, &updated.uuid, &updated.nics),
-        (192, &spec.uuid, &spec.nics)
-    );
+    assert_eq!((updated.memory_mib, &updated.uuid, &updated.nics), (192, &spec.uuid, &spec.nics));
 
-    client
-        .delete_vm(pb::VmRef {
-            name: "life".into(),
-        })
-        .await
-        .unwrap();
-    let missing = client
-        .get_vm(pb::VmRef {
-            name: "life".into(),
-        })
-        .await
-        .unwrap_err();
+    client.delete_vm(pb::VmRef { name: "life".into() }).await.unwrap();
+    let missing = client.get_vm(pb::VmRef { name: "life".into() }).await.unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     assert!(!daemon.data_dir().join("vms/life").exists());
 
     let mut seen = Vec::new();
-    while let Ok(Ok(Some(event))) =
-        tokio::time::timeout(Duration::from_secs(5), events.message()).await
-    {
+    while let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(5), events.message()).await {
         seen.push((pb::VmState::try_from(event.state).unwrap(), event.reason));
         if seen.last().unwrap().1 == "deleted" {
             break;
@@ -276,17 +162,7 @@ async fn lifecycle_create_boot_pause_resume_reboot_stop_update_delete() {
     use pb::VmState::*;
     assert_eq!(
         states,
-        [
-            Stopped,
-            Starting,
-            Running,
-            Paused,
-            Running,
-            Running,
-            Stopping,
-            Stopped,
-            Unspecified
-        ],
+        [Stopped, Starting, Running, Paused, Running, Running, Stopping, Stopped, Unspecified],
         "events: {seen:?}"
     );
 }
@@ -305,45 +181,23 @@ async fn vms_survive_a_daemon_kill_and_are_reattached() {
     }
 
     daemon.kill9();
-    assert!(
-        pids.iter().all(|pid| pid_alive(*pid as i32)),
-        "QEMU outlives the daemon"
-    );
+    assert!(pids.iter().all(|pid| pid_alive(*pid as i32)), "QEMU outlives the daemon");
     daemon.restart();
     let mut client = connect(daemon.socket()).await.unwrap();
 
-    let vms = client
-        .list_vms(pb::ListVmsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .vms;
+    let vms = client.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner().vms;
     let listed: Vec<(pb::VmState, u32)> = vms.iter().map(|vm| (state(vm), pid(vm))).collect();
-    assert_eq!(
-        listed,
-        [
-            (pb::VmState::Running, pids[0]),
-            (pb::VmState::Running, pids[1])
-        ]
-    );
+    assert_eq!(listed, [(pb::VmState::Running, pids[0]), (pb::VmState::Running, pids[1])]);
     for (i, name) in ["keep1", "keep2"].into_iter().enumerate() {
         let mut console = Console::open(&mut client, name).await;
         console.run(100, i as u32).await;
     }
     for name in ["keep1", "keep2"] {
-        let request = pb::StopVmRequest {
-            name: name.into(),
-            force: false,
-            timeout_seconds: 60,
-        };
+        let request = pb::StopVmRequest { name: name.into(), force: false, timeout_seconds: 60 };
         let vm = client.stop_vm(request).await.unwrap().into_inner();
         assert_eq!(state(&vm), pb::VmState::Stopped);
     }
-    assert!(wait_until(Duration::from_secs(5), || pids
-        .iter()
-        .all(|p| !pid_alive(*p as i32))
-        .then_some(()))
-    .is_some());
+    assert!(wait_until(Duration::from_secs(5), || pids.iter().all(|p| !pid_alive(*p as i32)).then_some(())).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,13 +205,7 @@ async fn a_killed_qemu_makes_the_vm_crashed_and_is_reported() {
     let daemon = daemon();
     let mut client = client(&daemon).await;
     create(&mut client, "victim").await;
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest {
-            vm: "victim".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = client.watch_events(pb::WatchEventsRequest { vm: "victim".into() }).await.unwrap().into_inner();
     let qemu = pid(&start(&mut client, "victim").await) as i32;
 
     qx_test_infra::kill_pid(qemu);
@@ -371,11 +219,7 @@ async fn a_killed_qemu_makes_the_vm_crashed_and_is_reported() {
     })
     .await
     .expect("a crashed event within 10 s");
-    assert!(
-        crashed.reason.contains("unexpectedly"),
-        "{}",
-        crashed.reason
-    );
+    assert!(crashed.reason.contains("unexpectedly"), "{}", crashed.reason);
     let vm = get(&mut client, "victim").await;
     assert_eq!(state(&vm), pb::VmState::Crashed);
     assert_eq!(pid(&vm), 0);
@@ -383,15 +227,8 @@ async fn a_killed_qemu_makes_the_vm_crashed_and_is_reported() {
     // A crashed VM starts again like a stopped one.
     let vm = start(&mut client, "victim").await;
     assert_eq!(state(&vm), pb::VmState::Running);
-    let request = pb::StopVmRequest {
-        name: "victim".into(),
-        force: true,
-        timeout_seconds: 0,
-    };
-    assert_eq!(
-        state(&client.stop_vm(request).await.unwrap().into_inner()),
-        pb::VmState::Stopped
-    );
+    let request = pb::StopVmRequest { name: "victim".into(), force: true, timeout_seconds: 0 };
+    assert_eq!(state(&client.stop_vm(request).await.unwrap().into_inner()), pb::VmState::Stopped);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -400,33 +237,13 @@ async fn two_concurrent_starts_spawn_one_qemu() {
     let mut client = client(&daemon).await;
     let uuid = create(&mut client, "race").await.spec.unwrap().uuid;
     let (mut a, mut b) = (client.clone(), client.clone());
-    let (first, second) = tokio::join!(
-        a.start_vm(pb::VmRef {
-            name: "race".into()
-        }),
-        b.start_vm(pb::VmRef {
-            name: "race".into()
-        })
-    );
-    let outcomes = [
-        first.map(|_| ()).map_err(|s| s.code()),
-        second.map(|_| ()).map_err(|s| s.code()),
-    ];
+    let (first, second) =
+        tokio::join!(a.start_vm(pb::VmRef { name: "race".into() }), b.start_vm(pb::VmRef { name: "race".into() }));
+    let outcomes = [first.map(|_| ()).map_err(|s| s.code()), second.map(|_| ()).map_err(|s| s.code())];
     assert!(outcomes.contains(&Ok(())), "{outcomes:?}");
-    assert!(
-        outcomes.contains(&Err(Code::FailedPrecondition)),
-        "{outcomes:?}"
-    );
-    assert_eq!(
-        qx_test_infra::pids_with_arg(&uuid).len(),
-        1,
-        "exactly one QEMU runs the VM"
-    );
-    let request = pb::StopVmRequest {
-        name: "race".into(),
-        force: true,
-        timeout_seconds: 0,
-    };
+    assert!(outcomes.contains(&Err(Code::FailedPrecondition)), "{outcomes:?}");
+    assert_eq!(qx_test_infra::pids_with_arg(&uuid).len(), 1, "exactly one QEMU runs the VM");
+    let request = pb::StopVmRequest { name: "race".into(), force: true, timeout_seconds: 0 };
     client.stop_vm(request).await.unwrap();
 }
 
@@ -464,140 +281,56 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     let bad_texts = [
         ("name: \"a/b\"\nkernel:\n  kernel: /k\n", "name"),
         (&guest.spec_yaml("zero", "vcpus: 0\n") as &str, "vcpus"),
-        (
-            &guest.spec_yaml("huge", "memory_mib: 99999999999\n"),
-            "memory_mib",
-        ),
+        (&guest.spec_yaml("huge", "memory_mib: 99999999999\n"), "memory_mib"),
         (&guest.spec_yaml("tiny", "memory_mib: 0\n"), "memory_mib"),
         (&guest.spec_yaml("\"ctl\\x01x\"", ""), "name"),
         (&guest.spec_yaml("..", ""), "name"),
-        (
-            &guest.spec_yaml(
-                "nodisk",
-                "disks:\n  - path: /no/such/image.qcow2\n    format: qcow2\n",
-            ),
-            "disks[0].path",
-        ),
+        (&guest.spec_yaml("nodisk", "disks:\n  - path: /no/such/image.qcow2\n    format: qcow2\n"), "disks[0].path"),
         (&guest.spec_yaml("typo", "memroy_mib: 5\n"), "memroy_mib"),
-        (
-            &guest.spec_yaml("badmac", "nics:\n  - mac: 01:02:03:04:05:06\n"),
-            "nics[0].mac",
-        ),
+        (&guest.spec_yaml("badmac", "nics:\n  - mac: 01:02:03:04:05:06\n"), "nics[0].mac"),
         (&guest.spec_yaml("existing", ""), "existing"),
         ("{not yaml", "spec_text"),
     ];
     for (text, field) in bad_texts {
-        let status = client
-            .create_vm(pb::CreateVmRequest {
-                spec: None,
-                spec_text: text.to_owned(),
-            })
-            .await
-            .expect_err(text);
-        let expected = if field == "existing" {
-            Code::AlreadyExists
-        } else {
-            Code::InvalidArgument
-        };
+        let status =
+            client.create_vm(pb::CreateVmRequest { spec: None, spec_text: text.to_owned() }).await.expect_err(text);
+        let expected = if field == "existing" { Code::AlreadyExists } else { Code::InvalidArgument };
         assert_eq!(status.code(), expected, "{text}: {status:?}");
-        assert!(
-            status.message().contains(field),
-            "{field} not named in {:?}",
-            status.message()
-        );
+        assert!(status.message().contains(field), "{field} not named in {:?}", status.message());
     }
 
-    let message_spec = pb::VmSpec {
-        name: "msg".into(),
-        vcpus: 1,
-        memory_mib: 5,
-        ..Default::default()
-    };
-    let status = client
-        .create_vm(pb::CreateVmRequest {
-            spec: Some(message_spec),
-            spec_text: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let message_spec = pb::VmSpec { name: "msg".into(), vcpus: 1, memory_mib: 5, ..Default::default() };
+    let status =
+        client.create_vm(pb::CreateVmRequest { spec: Some(message_spec), spec_text: String::new() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status.message().contains("memory_mib") && status.message().contains("kernel"),
-        "{}",
-        status.message()
-    );
+    assert!(status.message().contains("memory_mib") && status.message().contains("kernel"), "{}", status.message());
 
     let status = client
-        .update_vm(pb::UpdateVmRequest {
-            spec: None,
-            spec_text: guest.spec_yaml("existing", ""),
-        })
+        .update_vm(pb::UpdateVmRequest { spec: None, spec_text: guest.spec_yaml("existing", "") })
         .await
         .unwrap_err();
-    assert_eq!(
-        status.code(),
-        Code::FailedPrecondition,
-        "update while running: {status:?}"
-    );
-    let status = client
-        .delete_vm(pb::VmRef {
-            name: "existing".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(
-        status.code(),
-        Code::FailedPrecondition,
-        "delete while running: {status:?}"
-    );
-    let status = client
-        .start_vm(pb::VmRef {
-            name: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "update while running: {status:?}");
+    let status = client.delete_vm(pb::VmRef { name: "existing".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "delete while running: {status:?}");
+    let status = client.start_vm(pb::VmRef { name: "nope".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
     let qxctl = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_qxctl"))
-            .arg("--socket")
-            .arg(daemon.socket())
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(env!("CARGO_BIN_EXE_qxctl")).arg("--socket").arg(daemon.socket()).args(args).output().unwrap()
     };
-    let output = qxctl(&[
-        "vm",
-        "create",
-        "--name",
-        "bad/name",
-        "--memory",
-        "0",
-        "--kernel",
-        "/no/kernel",
-    ]);
+    let output = qxctl(&["vm", "create", "--name", "bad/name", "--memory", "0", "--kernel", "/no/kernel"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     for field in ["InvalidArgument", "name", "memory_mib", "kernel.kernel"] {
-        assert!(
-            stderr.contains(field),
-            "{field} missing from qxctl's error: {stderr}"
-        );
+        assert!(stderr.contains(field), "{field} missing from qxctl's error: {stderr}");
     }
     let spec_file = daemon.data_dir().parent().unwrap().join("bad.yaml");
     std::fs::write(&spec_file, "name: x\nvcpus: many\n").unwrap();
     let output = qxctl(&["vm", "create", "--file", spec_file.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("vcpus"),
-        "{stderr}"
-    );
+    assert!(!output.status.success() && stderr.contains("vcpus"), "{stderr}");
 
-    assert_eq!(
-        snapshot(&daemon.data_dir()),
-        before,
-        "refused requests changed the data dir"
-    );
+    assert_eq!(snapshot(&daemon.data_dir()), before, "refused requests changed the data dir");
     let vm = get(&mut client, "existing").await;
     assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Running, running));
     let output = Command::new(env!("CARGO_BIN_EXE_qxctl"))
@@ -614,21 +347,11 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
         })
         .unwrap();
     assert!(output.status.success(), "Ctrl-] detaches: {output:?}");
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("Detached"),
-        "{output:?}"
-    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("Detached"), "{output:?}");
 
     let listed = qxctl(&["vm", "list"]);
-    assert!(
-        String::from_utf8_lossy(&listed.stdout).contains("existing"),
-        "the daemon still answers"
-    );
-    let request = pb::StopVmRequest {
-        name: "existing".into(),
-        force: true,
-        timeout_seconds: 0,
-    };
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("existing"), "the daemon still answers");
+    let request = pb::StopVmRequest { name: "existing".into(), force: true, timeout_seconds: 0 };
     client.stop_vm(request).await.unwrap();
 }
 
@@ -636,16 +359,8 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
 async fn node_info_and_qxctl_json() {
     let daemon = daemon();
     let mut client = client(&daemon).await;
-    let info = client
-        .get_node_info(pb::GetNodeInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        info.qemu_version.starts_with("7.") || info.qemu_version.contains('.'),
-        "{}",
-        info.qemu_version
-    );
+    let info = client.get_node_info(pb::GetNodeInfoRequest {}).await.unwrap().into_inner();
+    assert!(info.qemu_version.starts_with("7.") || info.qemu_version.contains('.'), "{}", info.qemu_version);
     assert!(info.cpu_count > 0 && info.memory_total_bytes > 0);
     assert!(["kvm", "tcg"].contains(&info.accelerator.as_str()));
     assert!(!info.accelerator_reason.is_empty());
@@ -656,22 +371,15 @@ async fn node_info_and_qxctl_json() {
         .args(["node", "info"])
         .output()
         .unwrap();
-    let json: serde_json::Value =
-        serde_json::from_slice(&output.stdout).expect("qxctl --json prints JSON");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("qxctl --json prints JSON");
     assert_eq!(json["accelerator"], info.accelerator);
 
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        qx_agent::client::channel(daemon.socket()).await.unwrap(),
-    );
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(qx_agent::client::channel(daemon.socket()).await.unwrap());
     let reply = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "quantix.node.v1.NodeService".into(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: "quantix.node.v1.NodeService".into() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        reply.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 }

@@ -52,20 +52,11 @@ pub fn test_guest() -> &'static TestGuest {
             .stderr(Stdio::inherit())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            output.status.success(),
-            "{} failed: {}",
-            script.display(),
-            output.status
-        );
+        assert!(output.status.success(), "{} failed: {}", script.display(), output.status);
         let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         let cmdline = std::fs::read_to_string(dir.join("cmdline"))
             .unwrap_or_else(|e| panic!("test guest at {} has no cmdline: {e}", dir.display()));
-        TestGuest {
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            cmdline: cmdline.trim().to_owned(),
-        }
+        TestGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), cmdline: cmdline.trim().to_owned() }
     })
 }
 
@@ -87,10 +78,7 @@ pub fn wait_until<T>(timeout: Duration, mut condition: impl FnMut() -> Option<T>
 pub fn pid_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
         .unwrap_or(false)
 }
 
@@ -98,10 +86,7 @@ pub fn pid_alive(pid: i32) -> bool {
 pub fn cmdline_of(pid: i32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|raw| {
-            raw.split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
+            raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
         })
         .unwrap_or_default()
 }
@@ -130,22 +115,22 @@ pub fn pids_with_arg(needle: &str) -> Vec<i32> {
 #[derive(Debug)]
 pub struct Daemon {
     binary: PathBuf,
+    log_filter: String,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
 
 impl Daemon {
     /// Starts `binary` (qx-node) with its data dir and socket in a fresh temp dir, and waits for its socket.
+    /// Logs at debug level, QMP traffic included, for post-mortems.
     pub fn start(binary: &Path) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("qx-test-")
-            .tempdir()
-            .expect("temp dir");
-        let mut daemon = Self {
-            binary: binary.to_owned(),
-            child: None,
-            dir,
-        };
+        Self::start_with_log(binary, "debug")
+    }
+
+    /// Like `start`, with a tracing filter of the caller's choice (benchmarks want `warn`).
+    pub fn start_with_log(binary: &Path, log_filter: &str) -> Self {
+        let dir = tempfile::Builder::new().prefix("qx-test-").tempdir().expect("temp dir");
+        let mut daemon = Self { binary: binary.to_owned(), log_filter: log_filter.to_owned(), child: None, dir };
         daemon.restart();
         daemon
     }
@@ -177,17 +162,13 @@ impl Daemon {
     /// Starts the daemon again on the same data dir and socket (after `kill9`).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon is still running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .expect("daemon log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).expect("daemon log");
         let child = Command::new(&self.binary)
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
             .arg(self.socket())
-            .env("QX_LOG", "debug")
+            .env("QX_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("daemon log"))
             .stderr(log)
@@ -195,17 +176,10 @@ impl Daemon {
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.binary.display()));
         self.child = Some(child);
         let socket = self.socket();
-        let up = wait_until(Duration::from_secs(30), || {
-            std::os::unix::net::UnixStream::connect(&socket)
-                .ok()
-                .map(|_| ())
-        });
+        let up =
+            wait_until(Duration::from_secs(30), || std::os::unix::net::UnixStream::connect(&socket).ok().map(|_| ()));
         if up.is_none() {
-            panic!(
-                "qx-node did not open {} in 30 s; log:\n{}",
-                socket.display(),
-                self.log_text()
-            );
+            panic!("qx-node did not open {} in 30 s; log:\n{}", socket.display(), self.log_text());
         }
     }
 
@@ -218,11 +192,7 @@ impl Daemon {
         let data_dir = self.data_dir().display().to_string();
         pids_with_arg(&data_dir)
             .into_iter()
-            .filter(|pid| {
-                cmdline_of(*pid)
-                    .first()
-                    .is_some_and(|argv0| argv0.contains("qemu"))
-            })
+            .filter(|pid| cmdline_of(*pid).first().is_some_and(|argv0| argv0.contains("qemu")))
             .collect()
     }
 }
@@ -234,11 +204,7 @@ impl Drop for Daemon {
             kill_pid(pid);
         }
         if std::thread::panicking() {
-            eprintln!(
-                "--- qx-node log ({}) ---\n{}",
-                self.log().display(),
-                self.log_text()
-            );
+            eprintln!("--- qx-node log ({}) ---\n{}", self.log().display(), self.log_text());
         }
     }
 }

@@ -43,22 +43,14 @@ pub struct AccelProbe {
 /// PVM (`kvm_pvm`) exposes a `/dev/kvm` that answers the API but cannot run ordinary guest kernels (they hang at
 /// boot), so its presence means TCG.
 pub fn detect(root: &HostRoot) -> AccelProbe {
-    let tcg = |reason: String| AccelProbe {
-        accel: Accel::Tcg,
-        reason,
-    };
+    let tcg = |reason: String| AccelProbe { accel: Accel::Tcg, reason };
     if root.path("/sys/module/kvm_pvm").exists() {
         return tcg("/dev/kvm is PVM (kvm_pvm is loaded), which cannot boot ordinary guest kernels; using TCG".into());
     }
     let dev = root.path("/dev/kvm");
     let file = match OpenOptions::new().read(true).write(true).open(&dev) {
         Ok(file) => file,
-        Err(e) => {
-            return tcg(format!(
-                "{} cannot be opened ({e}); using TCG",
-                dev.display()
-            ))
-        }
+        Err(e) => return tcg(format!("{} cannot be opened ({e}); using TCG", dev.display())),
     };
     // SAFETY: KVM_GET_API_VERSION takes no argument and only reads kernel state; `file` is open for the call.
     let version = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION as _, 0) };
@@ -68,10 +60,7 @@ pub fn detect(root: &HostRoot) -> AccelProbe {
             dev.display()
         ));
     }
-    AccelProbe {
-        accel: Accel::Kvm,
-        reason: format!("{} is usable (KVM API {KVM_API_VERSION})", dev.display()),
-    }
+    AccelProbe { accel: Accel::Kvm, reason: format!("{} is usable (KVM API {KVM_API_VERSION})", dev.display()) }
 }
 
 #[cfg(test)]
@@ -92,11 +81,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let probe = detect(&HostRoot::new(root.path()));
         assert_eq!(probe.accel, Accel::Tcg);
-        assert!(
-            probe.reason.contains("dev/kvm cannot be opened"),
-            "{}",
-            probe.reason
-        );
+        assert!(probe.reason.contains("dev/kvm cannot be opened"), "{}", probe.reason);
     }
 
     #[test]
@@ -106,10 +91,6 @@ mod tests {
         std::fs::write(root.path().join("dev/kvm"), b"").unwrap();
         let probe = detect(&HostRoot::new(root.path()));
         assert_eq!(probe.accel, Accel::Tcg);
-        assert!(
-            probe.reason.contains("KVM_GET_API_VERSION"),
-            "{}",
-            probe.reason
-        );
+        assert!(probe.reason.contains("KVM_GET_API_VERSION"), "{}", probe.reason);
     }
 }

@@ -36,11 +36,7 @@ pub struct Device {
 
 impl Device {
     fn new(driver: &str, id: impl Into<String>) -> Self {
-        Self {
-            driver: driver.to_owned(),
-            id: id.into(),
-            props: Vec::new(),
-        }
+        Self { driver: driver.to_owned(), id: id.into(), props: Vec::new() }
     }
 
     fn prop(mut self, key: &str, value: impl Into<Value>) -> Self {
@@ -99,11 +95,7 @@ impl Hardware {
             }
             next_port += 1;
             let id = format!("rp{next_port}");
-            hw.devices.push(
-                Device::new("pcie-root-port", id.clone())
-                    .prop("bus", "pcie.0")
-                    .prop("chassis", next_port),
-            );
+            hw.devices.push(Device::new("pcie-root-port", id.clone()).prop("bus", "pcie.0").prop("chassis", next_port));
             Some(id)
         };
 
@@ -165,8 +157,7 @@ impl Hardware {
             bus_for(&mut hw);
         }
         if spec.serial {
-            hw.devices
-                .push(Device::new("isa-serial", "serial0").prop("chardev", "serial0"));
+            hw.devices.push(Device::new("isa-serial", "serial0").prop("chardev", "serial0"));
         }
         if spec.vnc_display.is_some() {
             hw.devices.push(Device::new("VGA", "video0"));
@@ -180,15 +171,9 @@ fn netdev_cli(netdev: &Value) -> String {
     let Some(map) = netdev.as_object() else {
         return String::new();
     };
-    let mut out = map
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
+    let mut out = map.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
     for (key, value) in map.iter().filter(|(k, _)| *k != "type") {
-        let value = value
-            .as_str()
-            .map_or_else(|| value.to_string(), keyval_escape);
+        let value = value.as_str().map_or_else(|| value.to_string(), keyval_escape);
         out.push_str(&format!(",{key}={value}"));
     }
     out
@@ -197,14 +182,9 @@ fn netdev_cli(netdev: &Value) -> String {
 /// The full argument list (without the binary) for `spec` under `accel`.
 pub fn qemu_args(spec: &VmSpec, accel: Accel, layout: &LaunchLayout) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::with_capacity(64);
-    let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
-        args.extend(items.iter().map(|i| i.as_ref().to_owned()))
-    };
+    let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| args.extend(items.iter().map(|i| i.as_ref().to_owned()));
 
-    push(&[
-        &"-name",
-        &format!("guest={},debug-threads=on", keyval_escape(&spec.name)),
-    ]);
+    push(&[&"-name", &format!("guest={},debug-threads=on", keyval_escape(&spec.name))]);
     push(&[&"-uuid", &spec.uuid().to_string()]);
     push(&[&"-nodefaults", &"-no-user-config", &"-S"]);
     push(&[&"-machine", &spec.machine]);
@@ -214,25 +194,16 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, layout: &LaunchLayout) -> Vec<OsSt
     }
     push(&[&"-smp", &spec.vcpus.to_string()]);
     push(&[&"-m", &format!("{}M", spec.memory_mib)]);
-    push(&[
-        &"-sandbox",
-        &"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-    ]);
+    push(&[&"-sandbox", &"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     push(&[&"-msg", &"timestamp=on"]);
     match spec.vnc_display {
         Some(display) => push(&[&"-vnc", &format!("127.0.0.1:{display}")]),
         None => push(&[&"-display", &"none"]),
     }
-    push(&[
-        &"-chardev",
-        &format!("socket,id=qmp,fd={},server=on,wait=off", layout.qmp_fd),
-    ]);
+    push(&[&"-chardev", &format!("socket,id=qmp,fd={},server=on,wait=off", layout.qmp_fd)]);
     push(&[&"-mon", &"chardev=qmp,mode=control"]);
     if let Some(fd) = layout.serial_fd {
-        push(&[
-            &"-chardev",
-            &format!("socket,id=serial0,fd={fd},server=on,wait=off"),
-        ]);
+        push(&[&"-chardev", &format!("socket,id=serial0,fd={fd},server=on,wait=off")]);
     }
     push(&[&"-pidfile", &layout.pidfile]);
     if let Some(kernel) = &spec.kernel {
@@ -264,8 +235,7 @@ mod tests {
     use crate::spec::{DiskSpec, KernelBoot, NicSpec};
 
     fn spec() -> VmSpec {
-        let mut spec =
-            VmSpec::from_text("name: web,1\nuuid: 6f1e9a43-3b1a-4c57-9d8c-2f6e4b1a7c10\n").unwrap();
+        let mut spec = VmSpec::from_text("name: web,1\nuuid: 6f1e9a43-3b1a-4c57-9d8c-2f6e4b1a7c10\n").unwrap();
         spec.disks.push(DiskSpec {
             path: "/img/a,b.qcow2".into(),
             format: DiskFormat::Qcow2,
@@ -273,33 +243,20 @@ mod tests {
             cache: CacheMode::None,
             aio: AioMode::IoUring,
         });
-        spec.nics.push(NicSpec {
-            kind: NicKind::User,
-            mac: Some("52:54:00:12:34:56".into()),
-        });
+        spec.nics.push(NicSpec { kind: NicKind::User, mac: Some("52:54:00:12:34:56".into()) });
         spec
     }
 
     fn layout() -> LaunchLayout {
-        LaunchLayout {
-            qmp_fd: 3,
-            serial_fd: Some(4),
-            pidfile: "/run/vm/qemu.pid".into(),
-        }
+        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into() }
     }
 
     fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
-        qemu_args(spec, accel, &layout())
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect()
+        qemu_args(spec, accel, &layout()).into_iter().map(|a| a.into_string().unwrap()).collect()
     }
 
     fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2)
-            .filter(|w| w[0] == flag)
-            .map(|w| w[1].as_str())
-            .collect()
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
     }
 
     #[test]
@@ -309,16 +266,10 @@ mod tests {
             assert!(args.iter().any(|a| a == flag), "{flag} missing");
         }
         assert!(value_after(&args, "-sandbox")[0].starts_with("on,"));
-        assert_eq!(
-            value_after(&args, "-name"),
-            ["guest=web,,1,debug-threads=on"]
-        );
+        assert_eq!(value_after(&args, "-name"), ["guest=web,,1,debug-threads=on"]);
         assert_eq!(value_after(&args, "-accel"), ["tcg"]);
         assert_eq!(value_after(&args, "-pidfile"), ["/run/vm/qemu.pid"]);
-        assert_eq!(
-            value_after(&args, "-chardev")[0],
-            "socket,id=qmp,fd=3,server=on,wait=off"
-        );
+        assert_eq!(value_after(&args, "-chardev")[0], "socket,id=qmp,fd=3,server=on,wait=off");
     }
 
     #[test]
@@ -330,30 +281,18 @@ mod tests {
     #[test]
     fn disks_become_blockdev_nodes_and_devices() {
         let args = args_of(&spec(), Accel::Tcg);
-        let blockdevs: Vec<Value> = value_after(&args, "-blockdev")
-            .iter()
-            .map(|b| serde_json::from_str(b).unwrap())
-            .collect();
-        assert_eq!(
-            blockdevs[0]["filename"], "/img/a,b.qcow2",
-            "JSON needs no comma escaping"
-        );
+        let blockdevs: Vec<Value> =
+            value_after(&args, "-blockdev").iter().map(|b| serde_json::from_str(b).unwrap()).collect();
+        assert_eq!(blockdevs[0]["filename"], "/img/a,b.qcow2", "JSON needs no comma escaping");
         assert_eq!(blockdevs[0]["aio"], "io_uring");
         assert_eq!(blockdevs[0]["cache"]["direct"], true);
         assert_eq!(blockdevs[1]["driver"], "qcow2");
         assert_eq!(blockdevs[1]["file"], "disk0-file");
         let devices = value_after(&args, "-device");
-        assert!(devices.contains(
-            &"virtio-blk-pci,id=virtio-disk0,bus=rp1,drive=disk0,write-cache=on,bootindex=1"
-        ));
-        assert!(
-            devices.contains(&"virtio-net-pci,id=nic0,bus=rp2,netdev=net0,mac=52:54:00:12:34:56")
-        );
+        assert!(devices.contains(&"virtio-blk-pci,id=virtio-disk0,bus=rp1,drive=disk0,write-cache=on,bootindex=1"));
+        assert!(devices.contains(&"virtio-net-pci,id=nic0,bus=rp2,netdev=net0,mac=52:54:00:12:34:56"));
         assert_eq!(value_after(&args, "-netdev"), ["user,id=net0"]);
-        let ports = devices
-            .iter()
-            .filter(|d| d.starts_with("pcie-root-port"))
-            .count();
+        let ports = devices.iter().filter(|d| d.starts_with("pcie-root-port")).count();
         assert_eq!(ports, 2 + SPARE_HOTPLUG_PORTS);
     }
 
@@ -363,29 +302,19 @@ mod tests {
         spec.machine = "pc".into();
         let args = args_of(&spec, Accel::Tcg);
         let devices = value_after(&args, "-device");
-        assert!(
-            devices
-                .iter()
-                .all(|d| !d.contains("bus=") && !d.starts_with("pcie-root-port")),
-            "{devices:?}"
-        );
+        assert!(devices.iter().all(|d| !d.contains("bus=") && !d.starts_with("pcie-root-port")), "{devices:?}");
     }
 
     #[test]
     fn kernel_boot_takes_no_bootindex() {
         let mut spec = spec();
-        spec.kernel = Some(KernelBoot {
-            kernel: "/k".into(),
-            initrd: Some("/i".into()),
-            cmdline: "console=ttyS0".into(),
-        });
+        spec.kernel =
+            Some(KernelBoot { kernel: "/k".into(), initrd: Some("/i".into()), cmdline: "console=ttyS0".into() });
         let args = args_of(&spec, Accel::Tcg);
         assert_eq!(value_after(&args, "-kernel"), ["/k"]);
         assert_eq!(value_after(&args, "-initrd"), ["/i"]);
         assert_eq!(value_after(&args, "-append"), ["console=ttyS0"]);
-        assert!(value_after(&args, "-device")
-            .iter()
-            .all(|d| !d.contains("bootindex")));
+        assert!(value_after(&args, "-device").iter().all(|d| !d.contains("bootindex")));
     }
 
     #[test]

@@ -63,24 +63,16 @@ impl SerialConsole {
     pub async fn attach(socket: &Path, log: &Path) -> Result<Self, ConsoleError> {
         let stream = UnixStream::connect(socket)
             .await
-            .map_err(|source| ConsoleError::Connect {
-                path: socket.to_owned(),
-                source,
-            })?;
+            .map_err(|source| ConsoleError::Connect { path: socket.to_owned(), source })?;
         let (mut reader, writer) = stream.into_split();
         let log = log.to_owned();
         let tail = {
             let log = log.clone();
-            tokio::task::spawn_blocking(move || read_tail(&log, HISTORY_BYTES as u64))
-                .await
-                .unwrap_or_default()
+            tokio::task::spawn_blocking(move || read_tail(&log, HISTORY_BYTES as u64)).await.unwrap_or_default()
         };
         let (live, _) = broadcast::channel(256);
         let shared = Arc::new(Shared {
-            capture: Mutex::new(Capture {
-                history: tail.into(),
-                live: Some(live),
-            }),
+            capture: Mutex::new(Capture { history: tail.into(), live: Some(live) }),
             writer: tokio::sync::Mutex::new(Some(writer)),
         });
         let capture = Arc::clone(&shared);
@@ -105,11 +97,7 @@ impl SerialConsole {
                 }
                 log_file.append(chunk).await;
             }
-            capture
-                .capture
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .live = None;
+            capture.capture.lock().unwrap_or_else(|e| e.into_inner()).live = None;
             capture.writer.lock().await.take();
         });
         Ok(Self { shared })
@@ -117,11 +105,7 @@ impl SerialConsole {
 
     /// Recent output and a receiver for everything after it, with no gap and no overlap between the two.
     pub fn subscribe(&self) -> (Vec<u8>, broadcast::Receiver<Vec<u8>>) {
-        let state = self
-            .shared
-            .capture
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let state = self.shared.capture.lock().unwrap_or_else(|e| e.into_inner());
         let live = match &state.live {
             Some(live) => live.subscribe(),
             None => broadcast::channel(1).1,
@@ -148,11 +132,7 @@ struct LogFile {
 
 impl LogFile {
     async fn open(path: PathBuf) -> Self {
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await;
+        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(&path).await;
         let (file, size) = match file {
             Ok(file) => {
                 let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
@@ -163,12 +143,7 @@ impl LogFile {
                 (None, 0)
             }
         };
-        Self {
-            path,
-            file,
-            size,
-            warned: false,
-        }
+        Self { path, file, size, warned: false }
     }
 
     async fn append(&mut self, data: &[u8]) {
@@ -220,15 +195,9 @@ mod tests {
         assert_eq!(&typed, b"root\n");
 
         drop(guest);
-        assert!(
-            live.recv().await.is_err(),
-            "viewers see the end when QEMU goes away"
-        );
+        assert!(live.recv().await.is_err(), "viewers see the end when QEMU goes away");
         assert_eq!(std::fs::read(&log).unwrap(), b"before restart\nlogin: ");
-        assert!(matches!(
-            console.write(b"x").await,
-            Err(ConsoleError::Closed)
-        ));
+        assert!(matches!(console.write(b"x").await, Err(ConsoleError::Closed)));
     }
 
     #[tokio::test]
@@ -236,9 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("serial.sock");
         let listener = UnixListener::bind(&socket).unwrap();
-        let console = SerialConsole::attach(&socket, &dir.path().join("console.log"))
-            .await
-            .unwrap();
+        let console = SerialConsole::attach(&socket, &dir.path().join("console.log")).await.unwrap();
         let (mut guest, _) = listener.accept().await.unwrap();
         let (_, mut live) = console.subscribe();
         let data = vec![b'x'; HISTORY_BYTES + 1000];

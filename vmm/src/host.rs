@@ -19,10 +19,7 @@ impl HostRoot {
 
     /// `absolute` (e.g. `/sys/module/kvm`) under this root.
     pub fn path(&self, absolute: impl AsRef<Path>) -> PathBuf {
-        let relative = absolute
-            .as_ref()
-            .strip_prefix("/")
-            .unwrap_or(absolute.as_ref());
+        let relative = absolute.as_ref().strip_prefix("/").unwrap_or(absolute.as_ref());
         self.0.join(relative)
     }
 }

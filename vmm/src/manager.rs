@@ -60,12 +60,7 @@ pub enum VmError {
     #[error("VM {0:?} already exists")]
     AlreadyExists(String),
     #[error("VM {name:?} is {state}; {operation} needs it {needs}")]
-    WrongState {
-        name: String,
-        state: VmState,
-        operation: &'static str,
-        needs: &'static str,
-    },
+    WrongState { name: String, state: VmState, operation: &'static str, needs: &'static str },
     #[error("cannot write the files of VM {name:?}")]
     Persist {
         name: String,
@@ -151,11 +146,7 @@ impl Entry {
             name,
             dir,
             op: tokio::sync::Mutex::new(()),
-            status: Mutex::new(Status {
-                spec,
-                record,
-                runtime: None,
-            }),
+            status: Mutex::new(Status { spec, record, runtime: None }),
             state_tx,
             persist: tokio::sync::Mutex::new(()),
         })
@@ -185,31 +176,17 @@ impl Entry {
         }
     }
 
-    fn require(
-        &self,
-        operation: &'static str,
-        needs: &'static str,
-        ok: &[VmState],
-    ) -> Result<VmState, VmError> {
+    fn require(&self, operation: &'static str, needs: &'static str, ok: &[VmState]) -> Result<VmState, VmError> {
         let state = self.state();
         if ok.contains(&state) {
             Ok(state)
         } else {
-            Err(VmError::WrongState {
-                name: self.name.clone(),
-                state,
-                operation,
-                needs,
-            })
+            Err(VmError::WrongState { name: self.name.clone(), state, operation, needs })
         }
     }
 
     fn qmp_error(&self, command: &'static str) -> impl FnOnce(qx_qmp::Error) -> VmError + '_ {
-        move |source| VmError::Qmp {
-            name: self.name.clone(),
-            command,
-            source,
-        }
+        move |source| VmError::Qmp { name: self.name.clone(), command, source }
     }
 
     async fn wait_inactive(&self, timeout: Option<Duration>) -> bool {
@@ -239,30 +216,21 @@ pub struct VmManager {
 
 impl std::fmt::Debug for VmManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmManager")
-            .field("data_dir", &self.inner.config.data_dir)
-            .finish()
+        f.debug_struct("VmManager").field("data_dir", &self.inner.config.data_dir).finish()
     }
 }
 
 fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn qmp_options() -> ConnectOptions {
-    ConnectOptions {
-        connect_timeout: Duration::from_secs(10),
-        command_timeout: Duration::from_secs(30),
-    }
+    ConnectOptions { connect_timeout: Duration::from_secs(10), command_timeout: Duration::from_secs(30) }
 }
 
 /// Runs blocking filesystem work off the runtime threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("blocking filesystem task panicked")
+    tokio::task::spawn_blocking(f).await.expect("blocking filesystem task panicked")
 }
 
 impl VmManager {
@@ -303,23 +271,16 @@ impl VmManager {
         let span = tracing::info_span!("vm", vm = %name);
         async {
             let pid = read_pidfile(&dir.pidfile()).or(record.pid);
-            let process = match pid
-                .map(|pid| QemuProcess::adopt(pid, spec.uuid(), &self.inner.config.host))
-            {
+            let process = match pid.map(|pid| QemuProcess::adopt(pid, spec.uuid(), &self.inner.config.host)) {
                 Some(Ok(Some(process))) => process,
                 Some(Err(e)) => {
                     error!(error = %e, "cannot watch the QEMU of this VM");
-                    self.lost(
-                        &entry,
-                        format!("QEMU could not be watched after the restart: {e}"),
-                    )
-                    .await;
+                    self.lost(&entry, format!("QEMU could not be watched after the restart: {e}")).await;
                     return;
                 }
                 _ => {
                     info!("QEMU exited while qx-node was not running");
-                    self.lost(&entry, "QEMU exited while qx-node was not running".into())
-                        .await;
+                    self.lost(&entry, "QEMU exited while qx-node was not running".into()).await;
                     return;
                 }
             };
@@ -339,15 +300,9 @@ impl VmManager {
         let qmp = QmpClient::connect(entry.dir.qmp_socket(), qmp_options())
             .await
             .map_err(|e| format!("QMP does not answer: {e}"))?;
-        let status = qmp
-            .execute_raw("query-status", None)
-            .await
-            .map_err(|e| format!("query-status failed: {e}"))?;
+        let status = qmp.execute_raw("query-status", None).await.map_err(|e| format!("query-status failed: {e}"))?;
         // An earlier daemon may have died halfway through a reboot, which pauses on guest shutdown.
-        if let Err(e) = qmp
-            .execute_raw("set-action", Some(json!({ "shutdown": "poweroff" })))
-            .await
-        {
+        if let Err(e) = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await {
             warn!(error = %e, "cannot reset the shutdown action");
         }
         let console = if entry.status().spec.serial {
@@ -371,8 +326,7 @@ impl VmManager {
             guest_shutdown: AtomicBool::new(false),
         });
         entry.status().runtime = Some(Arc::clone(&runtime));
-        self.set_state(entry, state, "reattached after a qx-node restart")
-            .await;
+        self.set_state(entry, state, "reattached after a qx-node restart").await;
         self.supervise(Arc::clone(entry), runtime);
         Ok(state)
     }
@@ -398,10 +352,7 @@ impl VmManager {
     }
 
     fn entry(&self, name: &str) -> Result<Arc<Entry>, VmError> {
-        self.vms_read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| VmError::NotFound(name.to_owned()))
+        self.vms_read().get(name).cloned().ok_or_else(|| VmError::NotFound(name.to_owned()))
     }
 
     /// State changes of every VM from now on.
@@ -430,17 +381,10 @@ impl VmManager {
         if self.vms_read().contains_key(&spec.name) {
             return Err(VmError::AlreadyExists(spec.name));
         }
-        if let Some(other) = self
-            .vms_read()
-            .values()
-            .find(|e| e.status().spec.uuid == spec.uuid)
-        {
-            return Err(ValidationErrors::one(
-                "uuid",
-                spec.uuid(),
-                format!("is already used by VM {:?}", other.name),
-            )
-            .into());
+        if let Some(other) = self.vms_read().values().find(|e| e.status().spec.uuid == spec.uuid) {
+            return Err(
+                ValidationErrors::one("uuid", spec.uuid(), format!("is already used by VM {:?}", other.name)).into()
+            );
         }
         let dir = VmDir::new(&self.inner.vms_dir, &spec.name);
         let record = StateRecord::default();
@@ -448,13 +392,9 @@ impl VmManager {
             let (dir, spec, record) = (dir.clone(), spec.clone(), record.clone());
             blocking(move || create_vm_dir(&dir, &spec, &record)).await
         };
-        write.map_err(|source| VmError::Persist {
-            name: spec.name.clone(),
-            source,
-        })?;
+        write.map_err(|source| VmError::Persist { name: spec.name.clone(), source })?;
         let entry = Entry::new(spec.name.clone(), dir, spec.clone(), record);
-        self.vms_write()
-            .insert(spec.name.clone(), Arc::clone(&entry));
+        self.vms_write().insert(spec.name.clone(), Arc::clone(&entry));
         info!(vm = %spec.name, "created");
         self.emit(&entry, Some(VmState::Stopped), None, "created");
         Ok(entry.info())
@@ -468,12 +408,7 @@ impl VmManager {
         let old = entry.status().spec.clone();
         match spec.uuid {
             Some(uuid) if Some(uuid) != old.uuid => {
-                return Err(ValidationErrors::one(
-                    "uuid",
-                    uuid,
-                    "cannot change; it identifies the VM",
-                )
-                .into());
+                return Err(ValidationErrors::one("uuid", uuid, "cannot change; it identifies the VM").into());
             }
             _ => spec.uuid = old.uuid,
         }
@@ -488,10 +423,7 @@ impl VmManager {
         let json = serde_json::to_vec_pretty(&spec).expect("a VmSpec always serializes");
         blocking(move || write_atomic(&path, &json))
             .await
-            .map_err(|source| VmError::Persist {
-                name: entry.name.clone(),
-                source,
-            })?;
+            .map_err(|source| VmError::Persist { name: entry.name.clone(), source })?;
         entry.status().spec = spec;
         info!(vm = %entry.name, "spec updated");
         Ok(entry.info())
@@ -504,20 +436,14 @@ impl VmManager {
         let _op = entry.op.lock().await;
         entry.require("delete", "stopped", &[VmState::Stopped, VmState::Crashed])?;
         let dir = entry.dir.path().to_owned();
-        let graveyard = self
-            .inner
-            .vms_dir
-            .join(format!(".deleted-{name}-{}", entry.status().spec.uuid()));
+        let graveyard = self.inner.vms_dir.join(format!(".deleted-{name}-{}", entry.status().spec.uuid()));
         // Renaming first makes the delete atomic: a crash halfway leaves a hidden directory, never half a VM.
         blocking(move || {
             fs::rename(&dir, &graveyard)?;
             fs::remove_dir_all(&graveyard)
         })
         .await
-        .map_err(|source| VmError::Persist {
-            name: name.to_owned(),
-            source,
-        })?;
+        .map_err(|source| VmError::Persist { name: name.to_owned(), source })?;
         self.vms_write().remove(name);
         info!(vm = %name, "deleted");
         self.emit(&entry, None, Some(entry.state()), "deleted");
@@ -532,8 +458,7 @@ impl VmManager {
         let spec = entry.status().spec.clone();
         let spec = validated(spec).await?;
         let accel = self.resolve_accel(&spec)?;
-        self.set_state(&entry, VmState::Starting, "start requested")
-            .await;
+        self.set_state(&entry, VmState::Starting, "start requested").await;
         match self.launch(&entry, &spec, accel).await {
             Ok(runtime) => {
                 {
@@ -550,8 +475,7 @@ impl VmManager {
             }
             Err(e) => {
                 warn!(vm = %name, error = %e, "start failed");
-                self.set_state(&entry, previous, &format!("start failed: {e}"))
-                    .await;
+                self.set_state(&entry, previous, &format!("start failed: {e}")).await;
                 Err(e)
             }
         }
@@ -572,34 +496,19 @@ impl VmManager {
         }
     }
 
-    async fn launch(
-        &self,
-        entry: &Arc<Entry>,
-        spec: &VmSpec,
-        accel: Accel,
-    ) -> Result<Arc<Runtime>, VmError> {
+    async fn launch(&self, entry: &Arc<Entry>, spec: &VmSpec, accel: Accel) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
         let start_error = |stage: &'static str, log: String| {
             let name = entry.name.clone();
-            move |source: Box<dyn std::error::Error + Send + Sync>| VmError::Start {
-                name,
-                stage,
-                log,
-                source,
-            }
+            move |source: Box<dyn std::error::Error + Send + Sync>| VmError::Start { name, stage, log, source }
         };
         let serial = spec.serial;
         let prepared = {
             let dir = dir.clone();
             blocking(move || prepare_sockets(&dir, serial)).await
         };
-        let (fds, log) =
-            prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
-        let layout = LaunchLayout {
-            qmp_fd: QMP_FD,
-            serial_fd: serial.then_some(SERIAL_FD),
-            pidfile: dir.pidfile(),
-        };
+        let (fds, log) = prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
+        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd: serial.then_some(SERIAL_FD), pidfile: dir.pidfile() };
         let args = qemu_args(spec, accel, &layout);
         debug!(vm = %entry.name, ?args, "spawning QEMU");
         let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
@@ -619,9 +528,7 @@ impl VmManager {
             } else {
                 None
             };
-            qmp.execute_raw("cont", None)
-                .await
-                .map_err(|e| ("resuming vCPUs", e.into()))?;
+            qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
             Ok::<_, (&'static str, Box<dyn std::error::Error + Send + Sync>)>((qmp, console))
         };
         match connected.await {
@@ -638,9 +545,7 @@ impl VmManager {
                 let log_path = dir.qemu_log();
                 let log = blocking(move || {
                     dir.remove_runtime_files();
-                    String::from_utf8_lossy(&read_tail(&log_path, START_LOG_TAIL))
-                        .trim()
-                        .to_owned()
+                    String::from_utf8_lossy(&read_tail(&log_path, START_LOG_TAIL)).trim().to_owned()
                 })
                 .await;
                 Err(start_error(stage, log)(source))
@@ -696,13 +601,8 @@ impl VmManager {
                     Some(true) => VmState::Running,
                     _ => VmState::Paused,
                 };
-                let reason = status
-                    .get("status")
-                    .and_then(|s| s.as_str())
-                    .unwrap_or_default()
-                    .to_owned();
-                self.set_state(entry, state, &format!("QEMU reports {reason}"))
-                    .await;
+                let reason = status.get("status").and_then(|s| s.as_str()).unwrap_or_default().to_owned();
+                self.set_state(entry, state, &format!("QEMU reports {reason}")).await;
             }
             _ => {}
         }
@@ -722,11 +622,7 @@ impl VmManager {
         blocking(move || dir.remove_runtime_files()).await;
         {
             let mut status = entry.status();
-            if status
-                .runtime
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, runtime))
-            {
+            if status.runtime.as_ref().is_some_and(|r| Arc::ptr_eq(r, runtime)) {
                 status.runtime = None;
             }
             status.record.pid = None;
@@ -739,12 +635,7 @@ impl VmManager {
     /// Stops a VM. Valid when running or paused. Graceful: the ACPI power button (skipped when paused, since a
     /// paused guest cannot answer it), `timeout` for the guest to power off, then QMP `quit`, then SIGKILL.
     /// Force: SIGKILL at once; valid in any state with a QEMU, including during a graceful stop.
-    pub async fn stop(
-        &self,
-        name: &str,
-        force: bool,
-        timeout: Option<Duration>,
-    ) -> Result<VmInfo, VmError> {
+    pub async fn stop(&self, name: &str, force: bool, timeout: Option<Duration>) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
         if force {
             let runtime = entry.runtime().ok_or_else(|| VmError::WrongState {
@@ -755,8 +646,7 @@ impl VmManager {
             })?;
             runtime.stop_requested.store(true, Ordering::SeqCst);
             if matches!(entry.state(), VmState::Running | VmState::Paused) {
-                self.set_state(&entry, VmState::Stopping, "force stop requested")
-                    .await;
+                self.set_state(&entry, VmState::Stopping, "force stop requested").await;
             }
             kill(&runtime);
             entry.wait_inactive(None).await;
@@ -764,17 +654,12 @@ impl VmManager {
         }
 
         let _op = entry.op.lock().await;
-        let state = entry.require(
-            "stop",
-            "running or paused",
-            &[VmState::Running, VmState::Paused],
-        )?;
+        let state = entry.require("stop", "running or paused", &[VmState::Running, VmState::Paused])?;
         let Some(runtime) = entry.runtime() else {
             return Ok(entry.info());
         };
         runtime.stop_requested.store(true, Ordering::SeqCst);
-        self.set_state(&entry, VmState::Stopping, "stop requested")
-            .await;
+        self.set_state(&entry, VmState::Stopping, "stop requested").await;
         let timeout = timeout.unwrap_or(self.inner.config.stop_timeout);
         let mut stopped = false;
         if state == VmState::Running {
@@ -787,10 +672,7 @@ impl VmManager {
             }
         }
         if !stopped {
-            let _ = runtime
-                .qmp
-                .execute_raw_timeout("quit", None, QUIT_GRACE)
-                .await;
+            let _ = runtime.qmp.execute_raw_timeout("quit", None, QUIT_GRACE).await;
             stopped = entry.wait_inactive(Some(QUIT_GRACE)).await;
         }
         if !stopped {
@@ -820,43 +702,24 @@ impl VmManager {
             loop {
                 match events.recv().await {
                     Ok(Event::Qemu(event)) if event.name == "SHUTDOWN" => return Some(()),
-                    Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => {
-                        return None
-                    }
+                    Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => return None,
                     _ => {}
                 }
             }
         };
-        let cooperative = matches!(
-            tokio::time::timeout(self.inner.config.stop_timeout, powered_off).await,
-            Ok(Some(()))
-        );
-        let restore = qmp
-            .execute_raw("set-action", Some(json!({ "shutdown": "poweroff" })))
-            .await;
-        qmp.execute_raw("system_reset", None)
-            .await
-            .map_err(entry.qmp_error("system_reset"))?;
+        let cooperative =
+            matches!(tokio::time::timeout(self.inner.config.stop_timeout, powered_off).await, Ok(Some(())));
+        let restore = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await;
+        qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
         if cooperative {
-            qmp.execute_raw("cont", None)
-                .await
-                .map_err(entry.qmp_error("cont"))?;
+            qmp.execute_raw("cont", None).await.map_err(entry.qmp_error("cont"))?;
         }
         // The SHUTDOWN of the reboot must not make a later crash look like a power-off.
         runtime.guest_shutdown.store(false, Ordering::SeqCst);
         restore.map_err(entry.qmp_error("set-action"))?;
-        let reason = if cooperative {
-            "rebooted"
-        } else {
-            "reset: the guest ignored the power button"
-        };
+        let reason = if cooperative { "rebooted" } else { "reset: the guest ignored the power button" };
         info!(vm = %name, reason, "reboot");
-        self.emit(
-            &entry,
-            Some(VmState::Running),
-            Some(VmState::Running),
-            reason,
-        );
+        self.emit(&entry, Some(VmState::Running), Some(VmState::Running), reason);
         Ok(entry.info())
     }
 
@@ -864,33 +727,23 @@ impl VmManager {
     pub async fn reset(&self, name: &str) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
-        let state = entry.require(
-            "reset",
-            "running or paused",
-            &[VmState::Running, VmState::Paused],
-        )?;
+        let state = entry.require("reset", "running or paused", &[VmState::Running, VmState::Paused])?;
         let Some(runtime) = entry.runtime() else {
             return Ok(entry.info());
         };
-        runtime
-            .qmp
-            .execute_raw("system_reset", None)
-            .await
-            .map_err(entry.qmp_error("system_reset"))?;
+        runtime.qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
         self.emit(&entry, Some(state), Some(state), "reset");
         Ok(entry.info())
     }
 
     /// Stops the vCPUs. Valid when running.
     pub async fn pause(&self, name: &str) -> Result<VmInfo, VmError> {
-        self.vcpus(name, "pause", VmState::Running, "stop", VmState::Paused)
-            .await
+        self.vcpus(name, "pause", VmState::Running, "stop", VmState::Paused).await
     }
 
     /// Restarts the vCPUs. Valid when paused.
     pub async fn resume(&self, name: &str) -> Result<VmInfo, VmError> {
-        self.vcpus(name, "resume", VmState::Paused, "cont", VmState::Running)
-            .await
+        self.vcpus(name, "resume", VmState::Paused, "cont", VmState::Running).await
     }
 
     async fn vcpus(
@@ -903,20 +756,12 @@ impl VmManager {
     ) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
-        let needs = if from == VmState::Running {
-            "running"
-        } else {
-            "paused"
-        };
+        let needs = if from == VmState::Running { "running" } else { "paused" };
         entry.require(operation, needs, &[from])?;
         let Some(runtime) = entry.runtime() else {
             return Ok(entry.info());
         };
-        runtime
-            .qmp
-            .execute_raw(command, None)
-            .await
-            .map_err(entry.qmp_error(command))?;
+        runtime.qmp.execute_raw(command, None).await.map_err(entry.qmp_error(command))?;
         self.set_state(&entry, to, &format!("{operation}d")).await;
         Ok(entry.info())
     }
@@ -930,9 +775,7 @@ impl VmManager {
             operation: "console",
             needs: "running or paused",
         })?;
-        runtime.console.clone().ok_or_else(|| VmError::NoConsole {
-            name: name.to_owned(),
-        })
+        runtime.console.clone().ok_or_else(|| VmError::NoConsole { name: name.to_owned() })
     }
 
     /// Records a new state: memory first, then `state.json`, then an event, then the waiters.
@@ -982,9 +825,7 @@ fn kill(runtime: &Runtime) {
 
 /// Validates off the runtime threads (image checks touch the filesystem).
 async fn validated(spec: VmSpec) -> Result<VmSpec, VmError> {
-    blocking(move || spec.validate(&RealFiles).map(|()| spec))
-        .await
-        .map_err(VmError::from)
+    blocking(move || spec.validate(&RealFiles).map(|()| spec)).await.map_err(VmError::from)
 }
 
 fn create_vm_dir(dir: &VmDir, spec: &VmSpec, record: &StateRecord) -> std::io::Result<()> {
@@ -1001,9 +842,14 @@ fn create_vm_dir(dir: &VmDir, spec: &VmSpec, record: &StateRecord) -> std::io::R
 }
 
 /// Binds the QMP and serial sockets QEMU will serve (so they exist before QEMU runs, and connecting needs no
-/// polling), and opens `qemu.log`.
+/// polling), opens `qemu.log`, and rotates `console.log`.
 fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, i32)>, fs::File)> {
     dir.remove_runtime_files();
+    // Each run starts a fresh console log, so console history shows this boot; the last run's stays as `.1`.
+    let console_log = dir.console_log();
+    if console_log.exists() {
+        fs::rename(&console_log, console_log.with_extension("log.1"))?;
+    }
     let bind = |path: &Path| -> std::io::Result<OwnedFd> {
         let listener = UnixListener::bind(path)?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
@@ -1013,11 +859,7 @@ fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, 
     if serial {
         fds.push((bind(&dir.serial_socket())?, SERIAL_FD));
     }
-    let log = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(dir.qemu_log())?;
+    let log = OpenOptions::new().create(true).write(true).truncate(true).open(dir.qemu_log())?;
     Ok((fds, log))
 }
 
@@ -1051,10 +893,7 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
         let record = match fs::read(dir.state()) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 warn!(vm = %name, error = %e, "unreadable state.json; assuming it was running");
-                StateRecord {
-                    state: VmState::Running,
-                    ..StateRecord::default()
-                }
+                StateRecord { state: VmState::Running, ..StateRecord::default() }
             }),
             Err(_) => StateRecord::default(),
         };
@@ -1065,9 +904,7 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
 
 /// Runs futures concurrently and waits for all (reattaching VMs one by one would make restart time grow with
 /// their number).
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) {
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
     for handle in handles {
         let _ = handle.await;

@@ -15,17 +15,11 @@ use crate::state::VmState;
 /// Writes `data` to `path` so that readers see the old file or the new one, never a mix, even across a crash:
 /// a temp file in the same directory, fsync, rename over, fsync the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
         file.write_all(data)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -53,13 +47,7 @@ pub struct StateRecord {
 
 impl Default for StateRecord {
     fn default() -> Self {
-        Self {
-            state: VmState::Stopped,
-            pid: None,
-            started_at_unix: None,
-            accel: None,
-            reason: String::new(),
-        }
+        Self { state: VmState::Stopped, pid: None, started_at_unix: None, accel: None, reason: String::new() }
     }
 }
 
@@ -130,10 +118,7 @@ mod tests {
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, ["state.json"]);
     }
 

@@ -54,9 +54,7 @@ pub struct QemuProcess {
 
 impl std::fmt::Debug for QemuProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QemuProcess")
-            .field("pid", &self.pid)
-            .finish()
+        f.debug_struct("QemuProcess").field("pid", &self.pid).finish()
     }
 }
 
@@ -71,30 +69,16 @@ impl QemuProcess {
     ) -> Result<Self, ProcessError> {
         let mut staged = Vec::with_capacity(fds.len());
         for (fd, target) in fds {
-            let high = rustix::io::fcntl_dupfd_cloexec(&fd, FD_STAGING_FLOOR).map_err(|e| {
-                ProcessError::FdStage {
-                    target,
-                    source: e.into(),
-                }
-            })?;
+            let high = rustix::io::fcntl_dupfd_cloexec(&fd, FD_STAGING_FLOOR)
+                .map_err(|e| ProcessError::FdStage { target, source: e.into() })?;
             staged.push((high, target));
         }
-        let moves: Vec<(RawFd, RawFd)> = staged
-            .iter()
-            .map(|(fd, target)| (fd.as_raw_fd(), *target))
-            .collect();
-        let stderr = log.try_clone().map_err(|e| ProcessError::Spawn {
-            binary: binary.display().to_string(),
-            source: e,
-        })?;
+        let moves: Vec<(RawFd, RawFd)> = staged.iter().map(|(fd, target)| (fd.as_raw_fd(), *target)).collect();
+        let stderr =
+            log.try_clone().map_err(|e| ProcessError::Spawn { binary: binary.display().to_string(), source: e })?;
 
         let mut command = Command::new(binary);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(stderr)
-            .process_group(0);
+        command.args(args).stdin(Stdio::null()).stdout(log).stderr(stderr).process_group(0);
         // SAFETY: the closure runs between fork and exec and only calls dup2, which is async-signal-safe. Staged fds
         // are >= FD_STAGING_FLOOR and targets below it, so no dup2 overwrites a source not yet moved; dup2 clears
         // FD_CLOEXEC on the target, so exactly these fds survive exec.
@@ -108,10 +92,8 @@ impl QemuProcess {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|e| ProcessError::Spawn {
-            binary: binary.display().to_string(),
-            source: e,
-        })?;
+        let child =
+            command.spawn().map_err(|e| ProcessError::Spawn { binary: binary.display().to_string(), source: e })?;
         drop(staged);
         let pid = child.id() as i32;
         // The pid cannot be reused before we reap it, so the pidfd names our child.
@@ -132,21 +114,14 @@ impl QemuProcess {
     }
 
     fn watch(pid: i32) -> Result<Self, ProcessError> {
-        let raw = Pid::from_raw(pid).ok_or(ProcessError::PidfdOpen {
-            pid,
-            source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-        })?;
-        let fd = pidfd_open(raw, PidfdFlags::NONBLOCK).map_err(|e| ProcessError::PidfdOpen {
-            pid,
-            source: e.into(),
-        })?;
+        let raw = Pid::from_raw(pid)
+            .ok_or(ProcessError::PidfdOpen { pid, source: std::io::Error::from(std::io::ErrorKind::InvalidInput) })?;
+        let fd =
+            pidfd_open(raw, PidfdFlags::NONBLOCK).map_err(|e| ProcessError::PidfdOpen { pid, source: e.into() })?;
         // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and names the same pidfd until the
         // AsyncFd is dropped.
         let pidfd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-            .map_err(|e| ProcessError::PidfdWatch {
-            pid,
-            source: e.into_parts().1,
-        })?;
+            .map_err(|e| ProcessError::PidfdWatch { pid, source: e.into_parts().1 })?;
         Ok(Self { pid, pidfd })
     }
 
@@ -193,31 +168,19 @@ pub fn is_qemu_of(host: &HostRoot, pid: i32, uuid: Uuid) -> bool {
         return false;
     };
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let is_qemu = args
-        .first()
-        .is_some_and(|argv0| argv0.windows(4).any(|w| w == b"qemu"));
+    let is_qemu = args.first().is_some_and(|argv0| argv0.windows(4).any(|w| w == b"qemu"));
     let uuid = uuid.to_string();
-    let has_uuid = args
-        .windows(2)
-        .any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes());
+    let has_uuid = args.windows(2).any(|w| w[0] == b"-uuid" && w[1] == uuid.as_bytes());
     let zombie = std::fs::read_to_string(proc_dir.join("stat"))
         .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
         .unwrap_or(true);
     is_qemu && has_uuid && !zombie
 }
 
 /// Reads a QEMU pidfile.
 pub fn read_pidfile(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|pid| *pid > 0)
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|pid| *pid > 0)
 }
 
 #[cfg(test)]
@@ -228,11 +191,7 @@ mod tests {
         let dir = root.join(format!("proc/{pid}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("cmdline"), argv.join("\0") + "\0").unwrap();
-        std::fs::write(
-            dir.join("stat"),
-            format!("{pid} (qemu-system-x86) {state} 1 2 3"),
-        )
-        .unwrap();
+        std::fs::write(dir.join("stat"), format!("{pid} (qemu-system-x86) {state} 1 2 3")).unwrap();
     }
 
     #[test]
@@ -241,29 +200,10 @@ mod tests {
         let host = HostRoot::new(root.path());
         let uuid = Uuid::new_v4();
         let u = uuid.to_string();
-        fake_proc(
-            root.path(),
-            10,
-            &["/usr/bin/qemu-system-x86_64", "-name", "x", "-uuid", &u],
-            "S",
-        );
-        fake_proc(
-            root.path(),
-            11,
-            &[
-                "/usr/bin/qemu-system-x86_64",
-                "-uuid",
-                &Uuid::new_v4().to_string(),
-            ],
-            "S",
-        );
+        fake_proc(root.path(), 10, &["/usr/bin/qemu-system-x86_64", "-name", "x", "-uuid", &u], "S");
+        fake_proc(root.path(), 11, &["/usr/bin/qemu-system-x86_64", "-uuid", &Uuid::new_v4().to_string()], "S");
         fake_proc(root.path(), 12, &["/bin/sleep", "-uuid", &u], "S");
-        fake_proc(
-            root.path(),
-            13,
-            &["/usr/bin/qemu-system-x86_64", "-uuid", &u],
-            "Z",
-        );
+        fake_proc(root.path(), 13, &["/usr/bin/qemu-system-x86_64", "-uuid", &u], "Z");
         assert!(is_qemu_of(&host, 10, uuid));
         assert!(!is_qemu_of(&host, 11, uuid), "another VM's QEMU");
         assert!(!is_qemu_of(&host, 12, uuid), "not QEMU");
@@ -278,8 +218,7 @@ mod tests {
         let (reader, writer) = std::io::pipe().unwrap();
         let script = "echo hello >&3; exit 7".to_owned();
         let args: Vec<OsString> = ["-c", &script].iter().map(OsString::from).collect();
-        let process =
-            QemuProcess::spawn(Path::new("/bin/sh"), &args, vec![(writer.into(), 3)], log).unwrap();
+        let process = QemuProcess::spawn(Path::new("/bin/sh"), &args, vec![(writer.into(), 3)], log).unwrap();
         let status = process.exited().await;
         assert_eq!(status.as_deref(), Some("exited with status 7"));
         let mut out = String::new();
@@ -294,10 +233,7 @@ mod tests {
         let args = vec![OsString::from("60")];
         let process = QemuProcess::spawn(Path::new("/bin/sleep"), &args, Vec::new(), log).unwrap();
         process.kill().unwrap();
-        assert_eq!(
-            process.exited().await.as_deref(),
-            Some("killed by signal 9")
-        );
+        assert_eq!(process.exited().await.as_deref(), Some("killed by signal 9"));
         process.kill().unwrap();
     }
 }

@@ -177,14 +177,7 @@ macro_rules! display_as_serde {
         }
     )*};
 }
-display_as_serde!(
-    AccelChoice,
-    Firmware,
-    DiskFormat,
-    CacheMode,
-    AioMode,
-    NicKind
-);
+display_as_serde!(AccelChoice, Firmware, DiskFormat, CacheMode, AioMode, NicKind);
 
 /// One problem with one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,16 +212,8 @@ impl fmt::Display for ValidationErrors {
 
 impl ValidationErrors {
     /// A single-problem error, for checks made outside `validate` (duplicate names, say).
-    pub fn one(
-        field: impl Into<String>,
-        value: impl fmt::Display,
-        problem: impl Into<String>,
-    ) -> Self {
-        Self(vec![FieldError {
-            field: field.into(),
-            value: value.to_string(),
-            problem: problem.into(),
-        }])
+    pub fn one(field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) -> Self {
+        Self(vec![FieldError { field: field.into(), value: value.to_string(), problem: problem.into() }])
     }
 
     /// The first offending field, for protocols that carry one (gRPC's BadRequest style).
@@ -248,17 +233,8 @@ pub enum SpecParseError {
 struct Problems(Vec<FieldError>);
 
 impl Problems {
-    fn add(
-        &mut self,
-        field: impl Into<String>,
-        value: impl fmt::Display,
-        problem: impl Into<String>,
-    ) {
-        self.0.push(FieldError {
-            field: field.into(),
-            value: value.to_string(),
-            problem: problem.into(),
-        });
+    fn add(&mut self, field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), value: value.to_string(), problem: problem.into() });
     }
 }
 
@@ -302,57 +278,29 @@ impl VmSpec {
             p.add("vcpus", self.vcpus, format!("is outside 1..={MAX_VCPUS}"));
         }
         if self.memory_mib < MIN_MEMORY_MIB {
-            p.add(
-                "memory_mib",
-                self.memory_mib,
-                format!("is below the minimum {MIN_MEMORY_MIB}"),
-            );
+            p.add("memory_mib", self.memory_mib, format!("is below the minimum {MIN_MEMORY_MIB}"));
         } else if self.memory_mib > MAX_MEMORY_MIB {
-            p.add(
-                "memory_mib",
-                self.memory_mib,
-                format!("is above the maximum {MAX_MEMORY_MIB} (4 TiB)"),
-            );
+            p.add("memory_mib", self.memory_mib, format!("is above the maximum {MAX_MEMORY_MIB} (4 TiB)"));
         }
         if !machine_type_ok(&self.machine) {
-            p.add(
-                "machine",
-                &self.machine,
-                "is not a supported machine type (q35, pc, pc-q35-X.Y, pc-i440fx-X.Y)",
-            );
+            p.add("machine", &self.machine, "is not a supported machine type (q35, pc, pc-q35-X.Y, pc-i440fx-X.Y)");
         }
         if let Some(kernel) = &self.kernel {
             self.validate_kernel(kernel, files, &mut p);
         } else if self.disks.is_empty() {
-            p.add(
-                "kernel",
-                "",
-                "is required when there are no disks: there is nothing to boot",
-            );
+            p.add("kernel", "", "is required when there are no disks: there is nothing to boot");
         }
         self.validate_disks(files, &mut p);
         self.validate_nics(&mut p);
         if let Some(display) = self.vnc_display {
             if display > MAX_VNC_DISPLAY {
-                p.add(
-                    "vnc_display",
-                    display,
-                    format!("is above {MAX_VNC_DISPLAY}"),
-                );
+                p.add("vnc_display", display, format!("is above {MAX_VNC_DISPLAY}"));
             }
         }
         for (key, value) in &self.labels {
-            if key.is_empty()
-                || key.len() > 63
-                || !key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
+            if key.is_empty() || key.len() > 63 || !key.chars().all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c))
             {
-                p.add(
-                    format!("labels.{key}"),
-                    key,
-                    "is not a valid label key (1-63 of [A-Za-z0-9._-/])",
-                );
+                p.add(format!("labels.{key}"), key, "is not a valid label key (1-63 of [A-Za-z0-9._-/])");
             }
             if value.len() > 255 || value.chars().any(char::is_control) {
                 p.add(
@@ -385,36 +333,22 @@ impl VmSpec {
                 format!("is longer than {MAX_CMDLINE_LEN} bytes"),
             );
         } else if kernel.cmdline.chars().any(char::is_control) {
-            p.add(
-                "kernel.cmdline",
-                &kernel.cmdline,
-                "contains control characters",
-            );
+            p.add("kernel.cmdline", &kernel.cmdline, "contains control characters");
         }
     }
 
     fn validate_disks(&self, files: &dyn HostFiles, p: &mut Problems) {
         if self.disks.len() > MAX_DISKS {
-            p.add(
-                "disks",
-                self.disks.len(),
-                format!("is more than {MAX_DISKS} disks"),
-            );
+            p.add("disks", self.disks.len(), format!("is more than {MAX_DISKS} disks"));
         }
         let mut seen = HashSet::new();
         for (i, disk) in self.disks.iter().enumerate() {
             if let Err(problem) = check_host_path(&disk.path, files) {
                 p.add(format!("disks[{i}].path"), disk.path.display(), problem);
             } else if !seen.insert(&disk.path) {
-                p.add(
-                    format!("disks[{i}].path"),
-                    disk.path.display(),
-                    "is already used by another disk of this VM",
-                );
+                p.add(format!("disks[{i}].path"), disk.path.display(), "is already used by another disk of this VM");
             }
-            if disk.aio == AioMode::Native
-                && !matches!(disk.cache, CacheMode::None | CacheMode::Directsync)
-            {
+            if disk.aio == AioMode::Native && !matches!(disk.cache, CacheMode::None | CacheMode::Directsync) {
                 p.add(
                     format!("disks[{i}].aio"),
                     disk.aio,
@@ -426,11 +360,7 @@ impl VmSpec {
 
     fn validate_nics(&self, p: &mut Problems) {
         if self.nics.len() > MAX_NICS {
-            p.add(
-                "nics",
-                self.nics.len(),
-                format!("is more than {MAX_NICS} NICs"),
-            );
+            p.add("nics", self.nics.len(), format!("is more than {MAX_NICS} NICs"));
         }
         let mut seen = HashSet::new();
         for (i, nic) in self.nics.iter().enumerate() {
@@ -438,11 +368,7 @@ impl VmSpec {
             match parse_mac(mac) {
                 Err(problem) => p.add(format!("nics[{i}].mac"), mac, problem),
                 Ok(bytes) if !seen.insert(bytes) => {
-                    p.add(
-                        format!("nics[{i}].mac"),
-                        mac,
-                        "is already used by another NIC of this VM",
-                    );
+                    p.add(format!("nics[{i}].mac"), mac, "is already used by another NIC of this VM");
                 }
                 Ok(_) => {}
             }
@@ -469,12 +395,7 @@ fn check_host_path(path: &Path, files: &dyn HostFiles) -> Result<(), String> {
     if !path.is_absolute() {
         return Err("is not an absolute path".to_owned());
     }
-    if path
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .any(|b| b.is_ascii_control())
-    {
+    if path.as_os_str().as_encoded_bytes().iter().any(|b| b.is_ascii_control()) {
         return Err("contains control characters".to_owned());
     }
     files.check_image(path)
@@ -497,10 +418,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if name.starts_with(['.', '-']) {
         return Err("starts with '.' or '-'".to_owned());
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
         return Err("may only contain letters, digits, '.', '_' and '-'".to_owned());
     }
     Ok(())
@@ -508,9 +426,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
 
 fn machine_type_ok(machine: &str) -> bool {
     let versioned = |prefix: &str| {
-        machine
-            .strip_prefix(prefix)
-            .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        machine.strip_prefix(prefix).is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'))
     };
     matches!(machine, "q35" | "pc") || versioned("pc-q35-") || versioned("pc-i440fx-")
 }
@@ -526,8 +442,7 @@ pub fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
         if part.len() != 2 {
             return Err("is not a MAC address (aa:bb:cc:dd:ee:ff)".to_owned());
         }
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| "is not a MAC address (aa:bb:cc:dd:ee:ff)".to_owned())?;
+        *byte = u8::from_str_radix(part, 16).map_err(|_| "is not a MAC address (aa:bb:cc:dd:ee:ff)".to_owned())?;
     }
     if bytes[0] & 1 == 1 {
         return Err("is a multicast address".to_owned());
@@ -561,12 +476,7 @@ mod tests {
     }
 
     fn files() -> FakeFiles {
-        FakeFiles(vec![
-            "/img/a.raw",
-            "/img/b.qcow2",
-            "/boot/vmlinuz",
-            "/boot/initrd",
-        ])
+        FakeFiles(vec!["/img/a.raw", "/img/b.qcow2", "/boot/vmlinuz", "/boot/initrd"])
     }
 
     fn minimal() -> VmSpec {
@@ -587,23 +497,16 @@ mod tests {
 
     #[test]
     fn json_specs_parse_too() {
-        let spec = VmSpec::from_text(
-            r#"{"name":"a","kernel":{"kernel":"/boot/vmlinuz"},"memory_mib":128}"#,
-        )
-        .unwrap();
+        let spec = VmSpec::from_text(r#"{"name":"a","kernel":{"kernel":"/boot/vmlinuz"},"memory_mib":128}"#).unwrap();
         assert_eq!(spec.memory_mib, 128);
         spec.validate(&files()).unwrap();
     }
 
     #[test]
     fn unknown_fields_are_refused_with_their_name() {
-        let err = VmSpec::from_text("name: a\nmemroy_mib: 5\n")
-            .unwrap_err()
-            .to_string();
+        let err = VmSpec::from_text("name: a\nmemroy_mib: 5\n").unwrap_err().to_string();
         assert!(err.contains("memroy_mib"), "{err}");
-        let err = VmSpec::from_text("name: a\ndisks:\n - path: /x\n   formt: raw\n")
-            .unwrap_err()
-            .to_string();
+        let err = VmSpec::from_text("name: a\ndisks:\n - path: /x\n   formt: raw\n").unwrap_err().to_string();
         assert!(err.contains("formt"), "{err}");
     }
 
@@ -614,50 +517,20 @@ mod tests {
         spec.vcpus = 0;
         spec.memory_mib = 0;
         spec.machine = "virt".into();
-        spec.disks.push(DiskSpec {
-            path: "/img/missing.raw".into(),
-            ..spec.disks[0].clone()
-        });
+        spec.disks.push(DiskSpec { path: "/img/missing.raw".into(), ..spec.disks[0].clone() });
         spec.disks.push(spec.disks[0].clone());
-        spec.nics.push(NicSpec {
-            kind: NicKind::User,
-            mac: Some("01:00:00:00:00:01".into()),
-        });
+        spec.nics.push(NicSpec { kind: NicKind::User, mac: Some("01:00:00:00:00:01".into()) });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(
-            fields,
-            [
-                "name",
-                "vcpus",
-                "memory_mib",
-                "machine",
-                "disks[1].path",
-                "disks[2].path",
-                "nics[0].mac"
-            ]
-        );
+        assert_eq!(fields, ["name", "vcpus", "memory_mib", "machine", "disks[1].path", "disks[2].path", "nics[0].mac"]);
         let text = errors.to_string();
-        assert!(
-            text.contains("memory_mib: \"0\" is below the minimum 16"),
-            "{text}"
-        );
+        assert!(text.contains("memory_mib: \"0\" is below the minimum 16"), "{text}");
         assert!(text.contains("/img/missing.raw\" does not exist"), "{text}");
     }
 
     #[test]
     fn names_are_restricted() {
-        for bad in [
-            "",
-            "a/b",
-            "..",
-            "a..b",
-            ".hidden",
-            "-x",
-            "tab\there",
-            "sp ace",
-            &"x".repeat(64),
-        ] {
+        for bad in ["", "a/b", "..", "a..b", ".hidden", "-x", "tab\there", "sp ace", &"x".repeat(64)] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["a", "web-01", "db_2.prod"] {
@@ -678,19 +551,13 @@ mod tests {
         let mut spec = minimal();
         spec.disks[0].aio = AioMode::Native;
         spec.disks[0].cache = CacheMode::Writeback;
-        assert_eq!(
-            spec.validate(&files()).unwrap_err().first_field(),
-            "disks[0].aio"
-        );
+        assert_eq!(spec.validate(&files()).unwrap_err().first_field(), "disks[0].aio");
     }
 
     #[test]
     fn generated_fields_are_stable_and_valid() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec {
-            kind: NicKind::User,
-            mac: None,
-        });
+        spec.nics.push(NicSpec { kind: NicKind::User, mac: None });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
         spec.fill_generated();
@@ -706,13 +573,7 @@ mod tests {
         spec.memory_mib = u64::MAX;
         spec.vcpus = 10_000;
         spec.vnc_display = Some(5000);
-        let fields: Vec<String> = spec
-            .validate(&files())
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.field)
-            .collect();
+        let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["vcpus", "memory_mib", "vnc_display"]);
     }
 }

@@ -25,10 +25,7 @@ pub enum VmState {
 impl VmState {
     /// Whether a QEMU process belongs to this state.
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
-        )
+        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
     }
 }
 

@@ -81,10 +81,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let config = args.into_config()?;
     // Two workers: VM operations are I/O-bound waits on QEMU, and a small daemon is part of the product.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(run(config))
 }
 
@@ -93,10 +90,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listener = server::bind_unix(&config.listen.unix).await?;
     let node = Arc::new(Node::open(config).await.context("cannot start the node")?);
     let shutdown = async {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return std::future::pending().await;
         };
         tokio::select! {

@@ -164,21 +164,13 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut node = connect(&cli.socket).await.with_context(|| {
-        format!(
-            "cannot reach qx-node at {} (is it running?)",
-            cli.socket.display()
-        )
-    })?;
+    let mut node = connect(&cli.socket)
+        .await
+        .with_context(|| format!("cannot reach qx-node at {} (is it running?)", cli.socket.display()))?;
     let json = cli.json;
     match cli.command {
-        Command::Node {
-            command: NodeCommand::Info,
-        } => {
-            let info = node
-                .get_node_info(pb::GetNodeInfoRequest {})
-                .await?
-                .into_inner();
+        Command::Node { command: NodeCommand::Info } => {
+            let info = node.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
             print_node(&info, json);
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
@@ -187,11 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn vm(
-    node: &mut NodeServiceClient<Channel>,
-    command: VmCommand,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: bool) -> anyhow::Result<()> {
     let name_ref = |name: String| pb::VmRef { name };
     let vm = match command {
         VmCommand::List => {
@@ -212,23 +200,11 @@ async fn vm(
         }
         VmCommand::Update { file } => {
             let spec_text = read_spec(&file)?;
-            node.update_vm(pb::UpdateVmRequest {
-                spec: None,
-                spec_text,
-            })
-            .await?
+            node.update_vm(pb::UpdateVmRequest { spec: None, spec_text }).await?
         }
         VmCommand::Start { name } => node.start_vm(name_ref(name)).await?,
-        VmCommand::Stop {
-            name,
-            force,
-            timeout,
-        } => {
-            let request = pb::StopVmRequest {
-                name,
-                force,
-                timeout_seconds: timeout.unwrap_or(0),
-            };
+        VmCommand::Stop { name, force, timeout } => {
+            let request = pb::StopVmRequest { name, force, timeout_seconds: timeout.unwrap_or(0) };
             node.stop_vm(request).await?
         }
         VmCommand::Reboot { name } => node.reboot_vm(name_ref(name)).await?,
@@ -251,24 +227,17 @@ async fn vm(
 }
 
 fn read_spec(file: &PathBuf) -> anyhow::Result<String> {
-    std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read spec file {}", file.display()))
+    std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))
 }
 
 fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     if let Some(file) = &args.file {
-        return Ok(pb::CreateVmRequest {
-            spec: None,
-            spec_text: read_spec(file)?,
-        });
+        return Ok(pb::CreateVmRequest { spec: None, spec_text: read_spec(file)? });
     }
     let mut disks = Vec::new();
     for (i, text) in args.disk.iter().enumerate() {
         let mut parts = text.split(',');
-        let mut disk = pb::Disk {
-            path: parts.next().unwrap_or_default().to_owned(),
-            ..Default::default()
-        };
+        let mut disk = pb::Disk { path: parts.next().unwrap_or_default().to_owned(), ..Default::default() };
         for option in parts {
             match option.split_once('=') {
                 Some(("format", "raw")) => disk.format = pb::DiskFormat::Raw as i32,
@@ -284,10 +253,7 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     let mut nics = Vec::new();
     for text in &args.nic {
         let mut parts = text.split(',');
-        let mut nic = pb::Nic {
-            kind: parts.next().unwrap_or_default().to_owned(),
-            mac: String::new(),
-        };
+        let mut nic = pb::Nic { kind: parts.next().unwrap_or_default().to_owned(), mac: String::new() };
         for option in parts {
             match option.split_once('=') {
                 Some(("mac", mac)) => nic.mac = mac.to_owned(),
@@ -298,9 +264,7 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     }
     let mut labels = std::collections::HashMap::new();
     for label in &args.label {
-        let (key, value) = label
-            .split_once('=')
-            .with_context(|| format!("--label {label:?} is not KEY=VALUE"))?;
+        let (key, value) = label.split_once('=').with_context(|| format!("--label {label:?} is not KEY=VALUE"))?;
         labels.insert(key.to_owned(), value.to_owned());
     }
     let spec = pb::VmSpec {
@@ -313,10 +277,7 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         firmware: String::new(),
         kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
             kernel: kernel.display().to_string(),
-            initrd: args
-                .initrd
-                .map(|i| i.display().to_string())
-                .unwrap_or_default(),
+            initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
             cmdline: args.cmdline.unwrap_or_default(),
         }),
         disks,
@@ -325,31 +286,18 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         vnc_display: args.vnc,
         labels,
     };
-    Ok(pb::CreateVmRequest {
-        spec: Some(spec),
-        spec_text: String::new(),
-    })
+    Ok(pb::CreateVmRequest { spec: Some(spec), spec_text: String::new() })
 }
 
-async fn events(
-    node: &mut NodeServiceClient<Channel>,
-    vm: String,
-    json: bool,
-) -> anyhow::Result<()> {
-    let mut stream = node
-        .watch_events(pb::WatchEventsRequest { vm })
-        .await?
-        .into_inner();
+async fn events(node: &mut NodeServiceClient<Channel>, vm: String, json: bool) -> anyhow::Result<()> {
+    let mut stream = node.watch_events(pb::WatchEventsRequest { vm }).await?.into_inner();
     while let Some(event) = stream.message().await? {
         if json {
             println!("{}", event_json(&event));
         } else {
             let state = state_name(event.state);
             let previous = state_name(event.previous);
-            println!(
-                "{:>13}  {:<16} {previous} -> {state}  {}",
-                event.at_unix_ms, event.vm, event.reason
-            );
+            println!("{:>13}  {:<16} {previous} -> {state}  {}", event.at_unix_ms, event.vm, event.reason);
         }
     }
     Ok(())
@@ -371,36 +319,18 @@ impl RawMode {
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        let _ = rustix::termios::tcsetattr(
-            rustix::stdio::stdin(),
-            rustix::termios::OptionalActions::Now,
-            &self.0,
-        );
+        let _ = rustix::termios::tcsetattr(rustix::stdio::stdin(), rustix::termios::OptionalActions::Now, &self.0);
     }
 }
 
-async fn console(
-    node: &mut NodeServiceClient<Channel>,
-    vm: String,
-    dump: bool,
-) -> anyhow::Result<()> {
+async fn console(node: &mut NodeServiceClient<Channel>, vm: String, dump: bool) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ConsoleInput>(16);
-    tx.send(pb::ConsoleInput {
-        vm: vm.clone(),
-        history: true,
-        data: Vec::new(),
-    })
-    .await?;
-    let mut output = node
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    tx.send(pb::ConsoleInput { vm: vm.clone(), history: true, data: Vec::new() }).await?;
+    let mut output = node.console(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     let mut stdout = std::io::stdout();
     if dump {
         // History arrives at once; stop when the node has nothing more to say.
-        while let Ok(Some(Ok(chunk))) =
-            tokio::time::timeout(Duration::from_millis(500), output.next()).await
-        {
+        while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_millis(500), output.next()).await {
             stdout.write_all(&chunk.data)?;
         }
         stdout.flush()?;
@@ -424,13 +354,7 @@ async fn console(
                 None => (&buf[..n], false),
             };
             if !data.is_empty()
-                && tx
-                    .send(pb::ConsoleInput {
-                        data: data.to_vec(),
-                        ..Default::default()
-                    })
-                    .await
-                    .is_err()
+                && tx.send(pb::ConsoleInput { data: data.to_vec(), ..Default::default() }).await.is_err()
             {
                 return Input::Ended;
             }
@@ -439,8 +363,7 @@ async fn console(
             }
         }
     });
-    let mut print =
-        |chunk: pb::ConsoleOutput| stdout.write_all(&chunk.data).and_then(|()| stdout.flush());
+    let mut print = |chunk: pb::ConsoleOutput| stdout.write_all(&chunk.data).and_then(|()| stdout.flush());
     let input = tokio::select! {
         input = input => input.unwrap_or(Input::Ended),
         _ = async {
@@ -455,9 +378,7 @@ async fn console(
         Input::Detached => eprintln!("\r\nDetached from {vm}.\r"),
         // Piped input ran out: show what the guest answers until it falls quiet.
         Input::Ended => {
-            while let Ok(Some(Ok(chunk))) =
-                tokio::time::timeout(Duration::from_secs(1), output.next()).await
-            {
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(1), output.next()).await {
                 print(chunk)?;
             }
         }
@@ -525,23 +446,12 @@ fn print_list(vms: &[pb::Vm], json: bool) {
         println!("{}", Value::Array(vms.iter().map(vm_json).collect()));
         return;
     }
-    println!(
-        "{:<20} {:<9} {:>5} {:>8} {:>8} {:<5}",
-        "NAME", "STATE", "VCPUS", "MEMORY", "PID", "ACCEL"
-    );
+    println!("{:<20} {:<9} {:>5} {:>8} {:>8} {:<5}", "NAME", "STATE", "VCPUS", "MEMORY", "PID", "ACCEL");
     for vm in vms {
         let spec = vm.spec.clone().unwrap_or_default();
         let runtime = vm.runtime.clone().unwrap_or_default();
-        let pid = if runtime.pid == 0 {
-            "-".to_owned()
-        } else {
-            runtime.pid.to_string()
-        };
-        let accel = if runtime.accelerator.is_empty() {
-            "-".to_owned()
-        } else {
-            runtime.accelerator
-        };
+        let pid = if runtime.pid == 0 { "-".to_owned() } else { runtime.pid.to_string() };
+        let accel = if runtime.accelerator.is_empty() { "-".to_owned() } else { runtime.accelerator };
         println!(
             "{:<20} {:<9} {:>5} {:>6}Mi {:>8} {:<5}",
             spec.name,
@@ -582,19 +492,9 @@ fn print_vm(vm: &pb::Vm, json: bool) {
         rows.push(("cmdline", kernel.cmdline));
     }
     for (i, disk) in spec.disks.iter().enumerate() {
-        let format = if disk.format == pb::DiskFormat::Qcow2 as i32 {
-            "qcow2"
-        } else {
-            "raw"
-        };
+        let format = if disk.format == pb::DiskFormat::Qcow2 as i32 { "qcow2" } else { "raw" };
         let mode = if disk.read_only { "ro" } else { "rw" };
-        rows.push((
-            "disk",
-            format!(
-                "#{i} {} ({format}, {mode}, cache={}, aio={})",
-                disk.path, disk.cache, disk.aio
-            ),
-        ));
+        rows.push(("disk", format!("#{i} {} ({format}, {mode}, cache={}, aio={})", disk.path, disk.cache, disk.aio)));
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         rows.push(("nic", format!("#{i} {} {}", nic.kind, nic.mac)));
@@ -626,10 +526,7 @@ fn print_node(info: &pb::NodeInfo, json: bool) {
         ("qemu_version", info.qemu_version.clone()),
         ("accelerator", info.accelerator.clone()),
         ("accelerator_reason", info.accelerator_reason.clone()),
-        (
-            "vms",
-            format!("{} running / {} total", info.vms_running, info.vms_total),
-        ),
+        ("vms", format!("{} running / {} total", info.vms_running, info.vms_total)),
         ("data_dir", info.data_dir.clone()),
     ];
     if json {

@@ -1,0 +1,258 @@
+//! VM start latency: raw QEMU (the floor) against qx-node, interleaved so machine noise hits both alike, plus
+//! qx-node's resident memory (idle and with 20 VMs), 16 concurrent starts, and binary sizes.
+//!
+//! `cargo bench` builds qx-node in release and runs this. `QX_BENCH_RUNS` sets the number of interleaved runs
+//! (default 10). Results are printed and written to `target/bench-results/vm_start.json`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use qx_benches::{ratio, Summary};
+use qx_proto::node::v1 as pb;
+use qx_proto::node::v1::node_service_client::NodeServiceClient;
+use qx_qmp::{ConnectOptions, QmpClient};
+use qx_test_infra::{test_guest, Daemon, READY_MARKER};
+use qx_vmm::cmdline::{qemu_args, LaunchLayout};
+use qx_vmm::process::QemuProcess;
+use qx_vmm::{Accel, VmSpec};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+type Client = NodeServiceClient<Channel>;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One start: request → vCPUs running, and request → the guest's ready marker on the serial console.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    control: Duration,
+    ready: Duration,
+}
+
+fn spec(name: &str) -> VmSpec {
+    let mut spec = VmSpec::from_text(&test_guest().spec_yaml(name, "nics:\n  - kind: user\n")).expect("bench spec");
+    spec.accelerator = qx_vmm::spec::AccelChoice::Tcg;
+    spec.fill_generated();
+    spec
+}
+
+/// The floor: the argument list qx-node would use, spawned here, QMP negotiated, `cont`.
+async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let started = Instant::now();
+    let qmp_socket = dir.join("qmp.sock");
+    let serial_socket = dir.join("serial.sock");
+    let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
+    let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
+    let layout = LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid") };
+    let args = qemu_args(spec, Accel::Tcg, &layout);
+    let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
+    let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4)];
+    let process = QemuProcess::spawn(Path::new("qemu-system-x86_64"), &args, fds, log).unwrap();
+    let qmp = QmpClient::connect(&qmp_socket, ConnectOptions::default()).await.unwrap();
+    let mut serial = tokio::net::UnixStream::connect(&serial_socket).await.unwrap();
+    qmp.execute_raw("cont", None).await.unwrap();
+    let control = started.elapsed();
+
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(READY_TIMEOUT, async {
+        while !String::from_utf8_lossy(&seen).contains(READY_MARKER) {
+            let n = serial.read(&mut buf).await.unwrap();
+            assert!(n > 0, "raw QEMU closed its serial console before the ready marker");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("raw QEMU guest ready");
+    let ready = started.elapsed();
+    process.kill().unwrap();
+    process.exited().await;
+    Sample { control, ready }
+}
+
+/// StartVm over gRPC against the running daemon; the console stream (with history) shows the marker.
+async fn qx_start(client: &mut Client, name: &str) -> Sample {
+    let started = Instant::now();
+    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm");
+    let control = started.elapsed();
+    wait_ready(client, name).await;
+    let ready = started.elapsed();
+    stop(client, name).await;
+    Sample { control, ready }
+}
+
+async fn wait_ready(client: &mut Client, name: &str) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::ConsoleInput { vm: name.into(), history: true, data: Vec::new() }).await.unwrap();
+    let mut output = client.console(ReceiverStream::new(rx)).await.expect("Console").into_inner();
+    let mut seen = String::new();
+    tokio::time::timeout(READY_TIMEOUT, async {
+        while !seen.contains(READY_MARKER) {
+            let chunk = output.message().await.unwrap().expect("console ended before the ready marker");
+            seen.push_str(&String::from_utf8_lossy(&chunk.data));
+        }
+    })
+    .await
+    .expect("qx-node guest ready");
+}
+
+async fn stop(client: &mut Client, name: &str) {
+    let request = pb::StopVmRequest { name: name.into(), force: true, timeout_seconds: 0 };
+    client.stop_vm(request).await.expect("StopVm");
+}
+
+async fn create(client: &mut Client, name: &str, memory_mib: u64) {
+    let mut spec = spec(name);
+    spec.memory_mib = memory_mib;
+    let spec_text = serde_json::to_string(&spec).unwrap();
+    client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+fn file_size(path: &Path) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.len())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:8.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn print_row(label: &str, s: &Summary) {
+    println!("  {label:<24} median {}  min {}  max {}", ms(s.median), ms(s.min), ms(s.max));
+}
+
+/// target/release, where `cargo bench` put qx-node next to this bench's `deps/` directory.
+fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench executable path");
+    exe.parent().and_then(Path::parent).expect("target/release").to_owned()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` and test discovery: nothing to list.
+    }
+    let runs: usize = std::env::var("QX_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let release = release_dir();
+    let qx_node = release.join("qx-node");
+    assert!(qx_node.exists(), "{} is missing: run `cargo bench` at the workspace root", qx_node.display());
+    test_guest();
+
+    let daemon = Daemon::start_with_log(&qx_node, "warn");
+    let daemon_pid = daemon.pid().unwrap();
+    let mut client = qx_agent::client::connect(daemon.socket()).await.unwrap();
+    let idle_rss = rss_kib(daemon_pid);
+    create(&mut client, "bench", 256).await;
+    let raw_dir = daemon.data_dir().parent().unwrap().join("raw");
+    let raw_spec = spec("raw");
+
+    println!("VM start, {runs} interleaved runs each (TCG, 1 vCPU, 256 MiB, test guest):");
+    // One untimed round of each warms the page cache for QEMU, its ROMs and the guest kernel alike.
+    raw_start(&raw_dir, &raw_spec).await;
+    qx_start(&mut client, "bench").await;
+    let (mut raw, mut qx) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        raw.push(raw_start(&raw_dir, &raw_spec).await);
+        qx.push(qx_start(&mut client, "bench").await);
+    }
+    let summary =
+        |samples: &[Sample], pick: fn(&Sample) -> Duration| Summary::of(&samples.iter().map(pick).collect::<Vec<_>>());
+    let raw_control = summary(&raw, |s| s.control);
+    let qx_control = summary(&qx, |s| s.control);
+    let raw_ready = summary(&raw, |s| s.ready);
+    let qx_ready = summary(&qx, |s| s.ready);
+    println!(" request -> vCPUs running");
+    print_row("raw QEMU", &raw_control);
+    print_row("qx-node StartVm", &qx_control);
+    println!("  qx-node / raw            {:.2}x", ratio(qx_control.median, raw_control.median));
+    println!(" request -> guest ready marker");
+    print_row("raw QEMU", &raw_ready);
+    print_row("qx-node StartVm", &qx_ready);
+    println!("  qx-node / raw            {:.3}x", ratio(qx_ready.median, raw_ready.median));
+    println!(" libvirt: not measured (not installed by this project yet)");
+
+    // 16 VMs started at once: each StartVm's own latency.
+    const CONCURRENT: usize = 16;
+    for i in 0..CONCURRENT {
+        create(&mut client, &format!("c{i}"), 128).await;
+    }
+    let starts = (0..CONCURRENT).map(|i| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("concurrent StartVm");
+            started.elapsed()
+        })
+    });
+    let mut concurrent = Vec::new();
+    for start in starts.collect::<Vec<_>>() {
+        concurrent.push(start.await.unwrap());
+    }
+    let concurrent = Summary::of(&concurrent);
+    println!(" {CONCURRENT} concurrent StartVm (request -> running, each)");
+    print_row("qx-node", &concurrent);
+    println!(
+        "  p99 {}  = {:.2}x a single start's median",
+        ms(concurrent.p99),
+        ratio(concurrent.p99, qx_control.median)
+    );
+
+    // Memory with 20 VMs running: the 16 above and 4 more.
+    for i in CONCURRENT..20 {
+        create(&mut client, &format!("c{i}"), 128).await;
+        client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("StartVm");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let busy_rss = rss_kib(daemon_pid);
+    for i in 0..20 {
+        stop(&mut client, &format!("c{i}")).await;
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(" qx-node resident memory");
+    println!("  idle                     {:8.1} MiB", mib(idle_rss));
+    println!("  20 VMs running           {:8.1} MiB", mib(busy_rss));
+
+    let sizes: Vec<(&str, Option<u64>)> = vec![
+        ("qx-node", file_size(&qx_node)),
+        ("qxctl", file_size(&release.join("qxctl"))),
+        ("libvirtd (installed)", file_size(Path::new("/usr/sbin/libvirtd"))),
+    ];
+    println!(" binary size");
+    for (name, size) in &sizes {
+        match size {
+            Some(bytes) => println!("  {name:<24} {:8.1} MiB", *bytes as f64 / (1 << 20) as f64),
+            None => println!("  {name:<24} not present"),
+        }
+    }
+
+    let results = json!({
+        "runs": runs,
+        "raw_qemu": { "control": raw_control.to_json(), "ready": raw_ready.to_json() },
+        "qx_node": { "control": qx_control.to_json(), "ready": qx_ready.to_json() },
+        "ratio_control_qx_over_raw": ratio(qx_control.median, raw_control.median),
+        "ratio_ready_qx_over_raw": ratio(qx_ready.median, raw_ready.median),
+        "libvirt": null,
+        "concurrent_16": concurrent.to_json(),
+        "ratio_concurrent_p99_over_single": ratio(concurrent.p99, qx_control.median),
+        "qx_node_rss_mib": { "idle": mib(idle_rss), "vms_20": mib(busy_rss) },
+        "binary_bytes": sizes.iter().map(|(n, s)| ((*n).to_owned(), json!(s))).collect::<serde_json::Map<_, _>>(),
+    });
+    let out = release.parent().unwrap().join("bench-results");
+    std::fs::create_dir_all(&out).unwrap();
+    let path = out.join("vm_start.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
+    println!("results: {}", path.display());
+}
