@@ -55,10 +55,7 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            command_timeout: Duration::from_secs(30),
-        }
+        Self { connect_timeout: Duration::from_secs(5), command_timeout: Duration::from_secs(30) }
     }
 }
 
@@ -96,8 +93,7 @@ impl Drop for Inner {
         // The reader task holds only `Shared`, never `Inner`, so this runs; aborting it drops the read half. The
         // writer task ends by itself when `writes` is dropped with `Inner`.
         self.reader.abort();
-        self.shared
-            .shutdown("the QMP client was dropped".to_owned());
+        self.shared.shutdown("the QMP client was dropped".to_owned());
     }
 }
 
@@ -129,11 +125,7 @@ impl QmpClient {
         Self::handshake(stream, opts, deadline).await
     }
 
-    async fn handshake(
-        stream: UnixStream,
-        opts: ConnectOptions,
-        deadline: Instant,
-    ) -> Result<Self, Error> {
+    async fn handshake(stream: UnixStream, opts: ConnectOptions, deadline: Instant) -> Result<Self, Error> {
         let (read, write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let greeting = read_greeting(&mut reader, opts.connect_timeout, deadline).await?;
@@ -148,22 +140,12 @@ impl QmpClient {
         let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
         let (writes, queue) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_loop(write, queue, shared.clone()));
-        let client = QmpClient {
-            inner: Arc::new(Inner {
-                shared,
-                writes,
-                reader,
-                next_id: AtomicU64::new(0),
-                greeting,
-                opts,
-            }),
-        };
+        let client =
+            QmpClient { inner: Arc::new(Inner { shared, writes, reader, next_id: AtomicU64::new(0), greeting, opts }) };
         client
             .execute_raw("qmp_capabilities", None)
             .await
-            .map_err(|source| Error::Negotiate {
-                source: Box::new(source),
-            })?;
+            .map_err(|source| Error::Negotiate { source: Box::new(source) })?;
         Ok(client)
     }
 
@@ -176,13 +158,8 @@ impl QmpClient {
     /// `command_timeout` for it.
     ///
     /// This is the path for replies whose shape the typed `qapi-qmp` definitions get wrong for the QEMU at hand.
-    pub async fn execute_raw(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-    ) -> Result<Value, Error> {
-        self.execute_raw_timeout(command, arguments, self.inner.opts.command_timeout)
-            .await
+    pub async fn execute_raw(&self, command: &str, arguments: Option<Value>) -> Result<Value, Error> {
+        self.execute_raw_timeout(command, arguments, self.inner.opts.command_timeout).await
     }
 
     /// Like [`execute_raw`](Self::execute_raw) with its own timeout, e.g. for a long `blockdev-*` job.
@@ -202,20 +179,15 @@ impl QmpClient {
     /// `qapi-qmp` 0.15 follows QEMU 9.1's schema, so on older QEMU a reply can fail to decode
     /// ([`Error::Decode`]) even though the command succeeded; use [`execute_raw`](Self::execute_raw) for those.
     pub async fn execute<C: qapi_spec::Command>(&self, command: C) -> Result<C::Ok, Error> {
-        let arguments = serde_json::to_value(&command).map_err(|source| Error::Encode {
-            command: C::NAME.to_owned(),
-            source,
-        })?;
+        let arguments =
+            serde_json::to_value(&command).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
         let arguments = match arguments {
             Value::Null => None,
             Value::Object(map) if map.is_empty() => None,
             arguments => Some(arguments),
         };
         let reply = self.execute_raw(C::NAME, arguments).await?;
-        serde_json::from_value(reply).map_err(|source| Error::Decode {
-            command: C::NAME.to_owned(),
-            source,
-        })
+        serde_json::from_value(reply).map_err(|source| Error::Decode { command: C::NAME.to_owned(), source })
     }
 
     /// Runs `command` with `fd` passed by `SCM_RIGHTS` in the same `sendmsg` as the command's first bytes, which is
@@ -229,31 +201,20 @@ impl QmpClient {
     ) -> Result<Value, Error> {
         // The writer task may send after this future is gone (it always finishes a command it started), so it gets
         // a descriptor of its own rather than a borrow the caller could close underneath it.
-        let fd = fd.try_clone_to_owned().map_err(|source| Error::FdPass {
-            command: command.to_owned(),
-            source,
-        })?;
-        self.exchange(
-            command,
-            arguments,
-            Some(fd),
-            self.inner.opts.command_timeout,
-        )
-        .await
+        let fd = fd.try_clone_to_owned().map_err(|source| Error::FdPass { command: command.to_owned(), source })?;
+        self.exchange(command, arguments, Some(fd), self.inner.opts.command_timeout).await
     }
 
     /// `getfd`: hands `fd` to QEMU under `fdname`, for later commands that take an fd name (`netdev_add` with
     /// `fd=...`, `add_client`, ...).
     pub async fn getfd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
-        self.execute_with_fd("getfd", Some(json!({ "fdname": fdname })), fd)
-            .await?;
+        self.execute_with_fd("getfd", Some(json!({ "fdname": fdname })), fd).await?;
         Ok(())
     }
 
     /// `closefd`: closes the descriptor QEMU holds under `fdname`.
     pub async fn closefd(&self, fdname: &str) -> Result<(), Error> {
-        self.execute_raw("closefd", Some(json!({ "fdname": fdname })))
-            .await?;
+        self.execute_raw("closefd", Some(json!({ "fdname": fdname }))).await?;
         Ok(())
     }
 
@@ -272,9 +233,7 @@ impl QmpClient {
         if let Some(opaque) = opaque {
             arguments.insert("opaque".to_owned(), opaque.into());
         }
-        let reply = self
-            .execute_with_fd("add-fd", Some(Value::Object(arguments)), fd)
-            .await?;
+        let reply = self.execute_with_fd("add-fd", Some(Value::Object(arguments)), fd).await?;
 
         #[derive(serde::Deserialize)]
         struct Reply {
@@ -283,10 +242,7 @@ impl QmpClient {
             fd: i64,
         }
         let Reply { fdset_id, fd } =
-            serde_json::from_value(reply).map_err(|source| Error::Decode {
-                command: "add-fd".to_owned(),
-                source,
-            })?;
+            serde_json::from_value(reply).map_err(|source| Error::Decode { command: "add-fd".to_owned(), source })?;
         Ok(AddFdInfo { fdset_id, fd })
     }
 
@@ -317,59 +273,30 @@ impl QmpClient {
         fd: Option<OwnedFd>,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        let closed = || Error::Closed {
-            command: command.to_owned(),
-        };
+        let closed = || Error::Closed { command: command.to_owned() };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes =
-            protocol::encode_command(command, arguments.as_ref(), id).map_err(|source| {
-                Error::Encode {
-                    command: command.to_owned(),
-                    source,
-                }
-            })?;
+        let bytes = protocol::encode_command(command, arguments.as_ref(), id)
+            .map_err(|source| Error::Encode { command: command.to_owned(), source })?;
         let shared = &self.inner.shared;
         let reply = shared.register(id, command).ok_or_else(closed)?;
         // Removes the pending entry however this future ends: timeout, error, or the caller dropping it.
         let _pending = PendingGuard { shared, id };
 
         let (done_tx, done_rx) = oneshot::channel();
-        let request = WriteRequest {
-            command: command.to_owned(),
-            id,
-            bytes,
-            fd,
-            done: done_tx,
-        };
+        let request = WriteRequest { command: command.to_owned(), id, bytes, fd, done: done_tx };
         let exchange = async {
-            self.inner
-                .writes
-                .send(request)
-                .await
-                .map_err(|_| closed())?;
+            self.inner.writes.send(request).await.map_err(|_| closed())?;
             match done_rx.await {
                 Ok(Ok(())) => {}
-                Ok(Err(WriteError::Io(source))) => {
-                    return Err(Error::Send {
-                        command: command.to_owned(),
-                        source,
-                    })
-                }
+                Ok(Err(WriteError::Io(source))) => return Err(Error::Send { command: command.to_owned(), source }),
                 Ok(Err(WriteError::FdPass(source))) => {
-                    return Err(Error::FdPass {
-                        command: command.to_owned(),
-                        source,
-                    })
+                    return Err(Error::FdPass { command: command.to_owned(), source })
                 }
                 Ok(Err(WriteError::Closed)) | Err(_) => return Err(closed()),
             }
             match reply.await {
                 Ok(Ok(value)) => Ok(value),
-                Ok(Err(ErrorReply { class, desc })) => Err(Error::Command {
-                    command: command.to_owned(),
-                    class,
-                    desc,
-                }),
+                Ok(Err(ErrorReply { class, desc })) => Err(Error::Command { command: command.to_owned(), class, desc }),
                 Err(_) => Err(closed()),
             }
         };
@@ -377,10 +304,7 @@ impl QmpClient {
             Ok(result) => result,
             Err(_) => {
                 debug!(command, id, ?timeout, "QMP command timed out");
-                Err(Error::Timeout {
-                    command: command.to_owned(),
-                    timeout,
-                })
+                Err(Error::Timeout { command: command.to_owned(), timeout })
             }
         }
     }
@@ -397,21 +321,12 @@ async fn connect_with_retry(path: &Path, deadline: Instant) -> Result<UnixStream
         let error = match tokio::time::timeout_at(deadline, UnixStream::connect(path)).await {
             Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(error)) => error,
-            Err(_) => io::Error::new(
-                io::ErrorKind::TimedOut,
-                "connect did not complete before the timeout",
-            ),
+            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect did not complete before the timeout"),
         };
-        let retryable = matches!(
-            error.kind(),
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-        );
+        let retryable = matches!(error.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused);
         let now = Instant::now();
         if !retryable || now >= deadline {
-            return Err(Error::Connect {
-                path: path.to_owned(),
-                source: error,
-            });
+            return Err(Error::Connect { path: path.to_owned(), source: error });
         }
         tokio::time::sleep_until(deadline.min(now + backoff)).await;
         backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
@@ -424,29 +339,15 @@ async fn read_greeting(
     deadline: Instant,
 ) -> Result<Greeting, Error> {
     let mut line = Vec::new();
-    let read = tokio::time::timeout_at(
-        deadline,
-        protocol::read_line(reader, &mut line, MAX_MESSAGE_LEN),
-    )
-    .await;
+    let read = tokio::time::timeout_at(deadline, protocol::read_line(reader, &mut line, MAX_MESSAGE_LEN)).await;
     match read {
-        Err(_) => Err(Error::Greeting {
-            reason: format!("none received within {timeout:?}"),
-            source: None,
-        }),
-        Ok(Err(source)) => Err(Error::Greeting {
-            reason: "reading it failed".to_owned(),
-            source: Some(source),
-        }),
-        Ok(Ok(false)) => Err(Error::Greeting {
-            reason: "the socket closed before it arrived".to_owned(),
-            source: None,
-        }),
+        Err(_) => Err(Error::Greeting { reason: format!("none received within {timeout:?}"), source: None }),
+        Ok(Err(source)) => Err(Error::Greeting { reason: "reading it failed".to_owned(), source: Some(source) }),
+        Ok(Ok(false)) => {
+            Err(Error::Greeting { reason: "the socket closed before it arrived".to_owned(), source: None })
+        }
         Ok(Ok(true)) => protocol::parse_greeting(&line).map_err(|source| Error::Greeting {
-            reason: format!(
-                "not a QMP greeting: {}",
-                protocol::excerpt(&line, LOG_EXCERPT)
-            ),
+            reason: format!("not a QMP greeting: {}", protocol::excerpt(&line, LOG_EXCERPT)),
             source: Some(source.into()),
         }),
     }
@@ -498,13 +399,7 @@ impl Shared {
             return None;
         }
         let (reply, receiver) = oneshot::channel();
-        state.pending.insert(
-            id,
-            Pending {
-                command: command.into(),
-                reply,
-            },
-        );
+        state.pending.insert(id, Pending { command: command.into(), reply });
         Some(receiver)
     }
 
@@ -516,10 +411,7 @@ impl Shared {
     fn complete(&self, id: u64, reply: Reply) {
         let pending = self.lock().pending.remove(&id);
         match pending {
-            Some(Pending {
-                command,
-                reply: sender,
-            }) => {
+            Some(Pending { command, reply: sender }) => {
                 match &reply {
                     Ok(_) => debug!(command = &*command, id, "QMP reply received"),
                     Err(error) => {
@@ -529,10 +421,7 @@ impl Shared {
                 // The caller may have just given up; then nobody wants the reply.
                 let _ = sender.send(reply);
             }
-            None => debug!(
-                id,
-                "QMP reply for a command no longer waiting (timed out or cancelled); dropped"
-            ),
+            None => debug!(id, "QMP reply for a command no longer waiting (timed out or cancelled); dropped"),
         }
     }
 
@@ -570,10 +459,7 @@ impl Shared {
             (std::mem::take(&mut state.pending), state.events.take())
         };
         if !pending.is_empty() {
-            debug!(
-                count = pending.len(),
-                "failing QMP commands still waiting, the connection closed"
-            );
+            debug!(count = pending.len(), "failing QMP commands still waiting, the connection closed");
         }
         drop(pending);
         if let Some(events) = events {
@@ -653,11 +539,7 @@ enum WriteError {
     Closed,
 }
 
-async fn write_loop(
-    mut half: OwnedWriteHalf,
-    mut queue: mpsc::Receiver<WriteRequest>,
-    shared: Arc<Shared>,
-) {
+async fn write_loop(mut half: OwnedWriteHalf, mut queue: mpsc::Receiver<WriteRequest>, shared: Arc<Shared>) {
     let mut closed = shared.closed_tx.subscribe();
     loop {
         // Once closed, this task ends and drops the write half; with the reader gone too, that closes the socket
@@ -690,9 +572,7 @@ async fn write_loop(
                 };
                 if matches!(
                     error.kind(),
-                    io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::NotConnected
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
                 ) {
                     // The peer is gone. The reader closes the connection when it reaches end of file, after
                     // delivering whatever QEMU sent before going (e.g. the reply to `quit`).
@@ -717,15 +597,10 @@ async fn write_loop(
     }
 }
 
-async fn write_command(
-    half: &mut OwnedWriteHalf,
-    request: &WriteRequest,
-) -> Result<(), WriteError> {
+async fn write_command(half: &mut OwnedWriteHalf, request: &WriteRequest) -> Result<(), WriteError> {
     let mut bytes = &request.bytes[..];
     if let Some(fd) = &request.fd {
-        let sent = fdpass::send_with_fd(half.as_ref(), bytes, fd.as_fd())
-            .await
-            .map_err(WriteError::FdPass)?;
+        let sent = fdpass::send_with_fd(half.as_ref(), bytes, fd.as_fd()).await.map_err(WriteError::FdPass)?;
         bytes = &bytes[sent..];
     }
     half.write_all(bytes).await.map_err(WriteError::Io)
@@ -742,10 +617,7 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(5);
 
     fn opts() -> ConnectOptions {
-        ConnectOptions {
-            connect_timeout: Duration::from_secs(2),
-            command_timeout: Duration::from_secs(5),
-        }
+        ConnectOptions { connect_timeout: Duration::from_secs(2), command_timeout: Duration::from_secs(5) }
     }
 
     /// The QEMU end of the socket, scripted by each test.
@@ -757,10 +629,7 @@ mod tests {
     impl FakeQemu {
         fn new(stream: UnixStream) -> Self {
             let (read, write) = stream.into_split();
-            Self {
-                read: BufReader::new(read),
-                write,
-            }
+            Self { read: BufReader::new(read), write }
         }
 
         async fn send_line(&mut self, line: &str) {
@@ -775,10 +644,7 @@ mod tests {
         /// The next command the client sent, as JSON.
         async fn recv(&mut self) -> Value {
             let mut line = String::new();
-            let n = tokio::time::timeout(WAIT, self.read.read_line(&mut line))
-                .await
-                .expect("no command")
-                .unwrap();
+            let n = tokio::time::timeout(WAIT, self.read.read_line(&mut line)).await.expect("no command").unwrap();
             assert!(n > 0, "client closed the socket");
             assert!(line.ends_with('\n'));
             serde_json::from_str(&line).unwrap()
@@ -814,18 +680,12 @@ mod tests {
     async fn connected() -> (QmpClient, FakeQemu) {
         let (client, server) = UnixStream::pair().unwrap();
         let mut qemu = FakeQemu::new(server);
-        let (client, ()) = tokio::join!(
-            QmpClient::from_stream(client, opts()),
-            qemu.greet_and_negotiate()
-        );
+        let (client, ()) = tokio::join!(QmpClient::from_stream(client, opts()), qemu.greet_and_negotiate());
         (client.unwrap(), qemu)
     }
 
     async fn next_event(events: &mut broadcast::Receiver<Event>) -> Event {
-        tokio::time::timeout(WAIT, events.recv())
-            .await
-            .expect("no event")
-            .unwrap()
+        tokio::time::timeout(WAIT, events.recv()).await.expect("no event").unwrap()
     }
 
     #[tokio::test]
@@ -856,8 +716,7 @@ mod tests {
         let server = async {
             qemu.send_line(GREETING).await;
             let id = qemu.expect("qmp_capabilities").await;
-            qemu.send(json!({"error": {"class": "GenericError", "desc": "nope"}, "id": id}))
-                .await;
+            qemu.send(json!({"error": {"class": "GenericError", "desc": "nope"}, "id": id})).await;
         };
         let (result, ()) = tokio::join!(QmpClient::from_stream(client, opts()), server);
         let err = result.unwrap_err();
@@ -867,49 +726,27 @@ mod tests {
 
     #[tokio::test]
     async fn bad_greetings_are_errors() {
-        for line in [
-            "not json",
-            r#"{"return": {}}"#,
-            r#"{"QMP": {"version": {}}}"#,
-        ] {
+        for line in ["not json", r#"{"return": {}}"#, r#"{"QMP": {"version": {}}}"#] {
             let (client, server) = UnixStream::pair().unwrap();
             let mut qemu = FakeQemu::new(server);
             qemu.send_line(line).await;
             let err = QmpClient::from_stream(client, opts()).await.unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    Error::Greeting {
-                        source: Some(_),
-                        ..
-                    }
-                ),
-                "{line}: {err:?}"
-            );
+            assert!(matches!(err, Error::Greeting { source: Some(_), .. }), "{line}: {err:?}");
         }
 
         let (client, server) = UnixStream::pair().unwrap();
         drop(server);
         let err = QmpClient::from_stream(client, opts()).await.unwrap_err();
-        assert!(
-            matches!(err, Error::Greeting { source: None, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::Greeting { source: None, .. }), "{err:?}");
     }
 
     #[tokio::test]
     async fn missing_greeting_times_out() {
         let (client, _server) = UnixStream::pair().unwrap();
-        let opts = ConnectOptions {
-            connect_timeout: Duration::from_millis(100),
-            ..opts()
-        };
+        let opts = ConnectOptions { connect_timeout: Duration::from_millis(100), ..opts() };
         let started = std::time::Instant::now();
         let err = QmpClient::from_stream(client, opts).await.unwrap_err();
-        assert!(
-            matches!(err, Error::Greeting { source: None, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::Greeting { source: None, .. }), "{err:?}");
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 
@@ -922,15 +759,11 @@ mod tests {
             assert_ne!(first["id"], second["id"]);
             // Answer in reverse order, each with its command's name in the reply.
             for message in [second, first] {
-                qemu.reply(message["id"].clone(), json!({"for": message["execute"]}))
-                    .await;
+                qemu.reply(message["id"].clone(), json!({"for": message["execute"]})).await;
             }
         };
-        let (a, b, ()) = tokio::join!(
-            client.execute_raw("query-status", None),
-            client.execute_raw("query-version", None),
-            server
-        );
+        let (a, b, ()) =
+            tokio::join!(client.execute_raw("query-status", None), client.execute_raw("query-version", None), server);
         assert_eq!(a.unwrap(), json!({"for": "query-status"}));
         assert_eq!(b.unwrap(), json!({"for": "query-version"}));
         assert_eq!(client.pending_len(), 0);
@@ -944,10 +777,8 @@ mod tests {
             assert_eq!(message["arguments"], json!({"device": "virtio-disk0"}));
             qemu.reply(message["id"].clone(), json!({})).await;
         };
-        let (result, ()) = tokio::join!(
-            client.execute_raw("device_del", Some(json!({"device": "virtio-disk0"}))),
-            server
-        );
+        let (result, ()) =
+            tokio::join!(client.execute_raw("device_del", Some(json!({"device": "virtio-disk0"}))), server);
         assert_eq!(result.unwrap(), json!({}));
     }
 
@@ -963,11 +794,7 @@ mod tests {
         };
         let (result, ()) = tokio::join!(client.execute_raw("nope", None), server);
         match result.unwrap_err() {
-            Error::Command {
-                command,
-                class,
-                desc,
-            } => {
+            Error::Command { command, class, desc } => {
                 assert_eq!(command, "nope");
                 assert_eq!(class, "CommandNotFound");
                 assert_eq!(desc, "The command nope has not been found");
@@ -984,11 +811,7 @@ mod tests {
             let message = qemu.recv().await;
             assert_eq!(message["execute"], "query-status");
             assert!(message.get("arguments").is_none(), "{message}");
-            qemu.reply(
-                message["id"].clone(),
-                json!({"status": "paused", "singlestep": false, "running": false}),
-            )
-            .await;
+            qemu.reply(message["id"].clone(), json!({"status": "paused", "singlestep": false, "running": false})).await;
         };
         let (status, ()) = tokio::join!(client.execute(qapi_qmp::query_status {}), server);
         let status = status.unwrap();
@@ -1012,8 +835,7 @@ mod tests {
         let (client, mut qemu) = connected().await;
         let mut a = client.subscribe();
         let mut b = client.subscribe();
-        qemu.send(json!({"timestamp": {"seconds": 10, "microseconds": 20}, "event": "STOP"}))
-            .await;
+        qemu.send(json!({"timestamp": {"seconds": 10, "microseconds": 20}, "event": "STOP"})).await;
         qemu.send(json!({
             "timestamp": {"seconds": 11, "microseconds": 21},
             "event": "SHUTDOWN",
@@ -1024,16 +846,9 @@ mod tests {
             let stop = next_event(events).await;
             assert_eq!(
                 stop,
-                Event::Qemu(QmpEvent {
-                    name: "STOP".into(),
-                    data: Value::Null,
-                    seconds: 10,
-                    microseconds: 20
-                })
+                Event::Qemu(QmpEvent { name: "STOP".into(), data: Value::Null, seconds: 10, microseconds: 20 })
             );
-            let Event::Qemu(shutdown) = next_event(events).await else {
-                panic!("not an event")
-            };
+            let Event::Qemu(shutdown) = next_event(events).await else { panic!("not an event") };
             assert_eq!(shutdown.name, "SHUTDOWN");
             assert_eq!(shutdown.data["reason"], "guest-shutdown");
         }
@@ -1045,15 +860,12 @@ mod tests {
         let mut events = client.subscribe();
         let server = async {
             let id = qemu.expect("stop").await;
-            qemu.send(json!({"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}))
-                .await;
+            qemu.send(json!({"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"})).await;
             qemu.reply(id, json!({})).await;
         };
         let (result, ()) = tokio::join!(client.execute_raw("stop", None), server);
         result.unwrap();
-        let Event::Qemu(event) = next_event(&mut events).await else {
-            panic!("not an event")
-        };
+        let Event::Qemu(event) = next_event(&mut events).await else { panic!("not an event") };
         assert_eq!(event.name, "STOP");
     }
 
@@ -1070,26 +882,18 @@ mod tests {
             Error::Closed { command } => assert_eq!(command, "query-status"),
             err => panic!("{err:?}"),
         }
-        let Event::Closed { reason } = next_event(&mut events).await else {
-            panic!("expected Closed")
-        };
+        let Event::Closed { reason } = next_event(&mut events).await else { panic!("expected Closed") };
         assert!(reason.contains("closed"), "{reason}");
         // Exactly once, then the channel ends.
         let end = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
-        assert!(
-            matches!(end, Err(broadcast::error::RecvError::Closed)),
-            "{end:?}"
-        );
+        assert!(matches!(end, Err(broadcast::error::RecvError::Closed)), "{end:?}");
 
         assert!(client.is_closed());
         tokio::time::timeout(WAIT, client.closed()).await.unwrap();
         assert_eq!(client.pending_len(), 0);
 
         // Later commands fail at once, and late subscribers still learn that it closed.
-        let err = tokio::time::timeout(WAIT, client.execute_raw("query-status", None))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let err = tokio::time::timeout(WAIT, client.execute_raw("query-status", None)).await.unwrap().unwrap_err();
         assert!(matches!(err, Error::Closed { .. }), "{err:?}");
         let mut late = client.subscribe();
         assert!(matches!(next_event(&mut late).await, Event::Closed { .. }));
@@ -1151,14 +955,11 @@ mod tests {
             qemu.send_line("{\"return\": \u{fffd}\u{fffd}").await;
             qemu.write.write_all(b"\xff\xfe\r\n").await.unwrap();
             qemu.reply(id, json!({"status": "running"})).await;
-            qemu.send(json!({"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 0}}))
-                .await;
+            qemu.send(json!({"event": "RESUME", "timestamp": {"seconds": 1, "microseconds": 0}})).await;
         };
         let (result, ()) = tokio::join!(client.execute_raw("query-status", None), server);
         assert_eq!(result.unwrap(), json!({"status": "running"}));
-        let Event::Qemu(event) = next_event(&mut events).await else {
-            panic!("not an event")
-        };
+        let Event::Qemu(event) = next_event(&mut events).await else { panic!("not an event") };
         assert_eq!(event.name, "RESUME");
         assert!(!client.is_closed());
     }
@@ -1176,9 +977,7 @@ mod tests {
             }
             qemu
         });
-        tokio::time::timeout(Duration::from_secs(30), client.closed())
-            .await
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), client.closed()).await.unwrap();
         // The socket itself is closed, not only marked so: the writer stops with an error instead of blocking.
         let _qemu = tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
     }
@@ -1187,10 +986,8 @@ mod tests {
     async fn timeout_removes_the_pending_command_and_ignores_the_late_reply() {
         let (client, mut qemu) = connected().await;
         let late = Duration::from_millis(50);
-        let (result, id) = tokio::join!(
-            client.execute_raw_timeout("query-status", None, late),
-            qemu.expect("query-status")
-        );
+        let (result, id) =
+            tokio::join!(client.execute_raw_timeout("query-status", None, late), qemu.expect("query-status"));
         match result.unwrap_err() {
             Error::Timeout { command, timeout } => {
                 assert_eq!((command.as_str(), timeout), ("query-status", late))
@@ -1211,18 +1008,12 @@ mod tests {
     #[tokio::test]
     async fn cancelled_command_is_still_written_whole() {
         let (client, mut qemu) = connected().await;
-        let command = client.execute_raw(
-            "query-status",
-            Some(json!({"padding": "x".repeat(100_000)})),
-        );
+        let command = client.execute_raw("query-status", Some(json!({"padding": "x".repeat(100_000)})));
         // Poll once so the command is queued, then drop it.
         let _ = tokio::time::timeout(Duration::from_millis(1), command).await;
         assert_eq!(client.pending_len(), 0);
         let message = qemu.recv().await;
-        assert_eq!(
-            message["arguments"]["padding"].as_str().map(str::len),
-            Some(100_000)
-        );
+        assert_eq!(message["arguments"]["padding"].as_str().map(str::len), Some(100_000));
 
         let server = async {
             let id = qemu.expect("query-version").await;
@@ -1238,21 +1029,14 @@ mod tests {
         let server_std = server.into_std().unwrap();
         let server = UnixStream::from_std(server_std.try_clone().unwrap()).unwrap();
         let mut qemu = FakeQemu::new(UnixStream::from_std(server_std).unwrap());
-        let (client, ()) = tokio::join!(
-            QmpClient::from_stream(client, opts()),
-            qemu.greet_and_negotiate()
-        );
+        let (client, ()) = tokio::join!(QmpClient::from_stream(client, opts()), qemu.greet_and_negotiate());
         let client = client.unwrap();
 
         let (pipe_read, _pipe_write) = rustix::pipe::pipe().unwrap();
         let fake = async {
             let mut buf = vec![0u8; 4096];
             let (n, fds) = fdpass::recv_with_fds(&server, &mut buf).await.unwrap();
-            assert_eq!(
-                fds.len(),
-                1,
-                "the fd must arrive with the command's first bytes"
-            );
+            assert_eq!(fds.len(), 1, "the fd must arrive with the command's first bytes");
             let line = &buf[..n];
             assert!(line.ends_with(b"\n"), "whole command in one message here");
             let message: Value = serde_json::from_slice(line).unwrap();
@@ -1275,10 +1059,7 @@ mod tests {
         let server_std = server.into_std().unwrap();
         let server = UnixStream::from_std(server_std.try_clone().unwrap()).unwrap();
         let mut qemu = FakeQemu::new(UnixStream::from_std(server_std).unwrap());
-        let (client, ()) = tokio::join!(
-            QmpClient::from_stream(client, opts()),
-            qemu.greet_and_negotiate()
-        );
+        let (client, ()) = tokio::join!(QmpClient::from_stream(client, opts()), qemu.greet_and_negotiate());
         let client = client.unwrap();
 
         let (pipe_read, _pipe_write) = rustix::pipe::pipe().unwrap();
@@ -1288,24 +1069,11 @@ mod tests {
             assert_eq!(fds.len(), 1);
             let message: Value = serde_json::from_slice(&buf[..n]).unwrap();
             assert_eq!(message["execute"], "add-fd");
-            assert_eq!(
-                message["arguments"],
-                json!({"fdset-id": 3, "opaque": "disk0"})
-            );
-            qemu.reply(message["id"].clone(), json!({"fdset-id": 3, "fd": 27}))
-                .await;
+            assert_eq!(message["arguments"], json!({"fdset-id": 3, "opaque": "disk0"}));
+            qemu.reply(message["id"].clone(), json!({"fdset-id": 3, "fd": 27})).await;
         };
-        let (result, ()) = tokio::join!(
-            client.add_fd(Some(3), Some("disk0"), pipe_read.as_fd()),
-            fake
-        );
-        assert_eq!(
-            result.unwrap(),
-            AddFdInfo {
-                fdset_id: 3,
-                fd: 27
-            }
-        );
+        let (result, ()) = tokio::join!(client.add_fd(Some(3), Some("disk0"), pipe_read.as_fd()), fake);
+        assert_eq!(result.unwrap(), AddFdInfo { fdset_id: 3, fd: 27 });
     }
 
     #[tokio::test]
@@ -1317,10 +1085,7 @@ mod tests {
         assert!(!clone.is_closed());
         drop(clone);
         qemu.expect_eof().await;
-        assert!(matches!(
-            next_event(&mut events).await,
-            Event::Closed { .. }
-        ));
+        assert!(matches!(next_event(&mut events).await, Event::Closed { .. }));
     }
 
     #[tokio::test]
@@ -1347,10 +1112,7 @@ mod tests {
     async fn connect_gives_up_after_the_timeout() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("never.sock");
-        let opts = ConnectOptions {
-            connect_timeout: Duration::from_millis(200),
-            ..opts()
-        };
+        let opts = ConnectOptions { connect_timeout: Duration::from_millis(200), ..opts() };
         let started = std::time::Instant::now();
         let err = QmpClient::connect(&path, opts).await.unwrap_err();
         let elapsed = started.elapsed();
@@ -1361,10 +1123,7 @@ mod tests {
             }
             err => panic!("{err:?}"),
         }
-        assert!(
-            elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2),
-            "{elapsed:?}"
-        );
+        assert!(elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(2), "{elapsed:?}");
     }
 
     #[tokio::test]
@@ -1380,10 +1139,7 @@ mod tests {
     #[test]
     fn default_options() {
         let opts = ConnectOptions::default();
-        assert_eq!(
-            (opts.connect_timeout, opts.command_timeout),
-            (Duration::from_secs(5), Duration::from_secs(30))
-        );
+        assert_eq!((opts.connect_timeout, opts.command_timeout), (Duration::from_secs(5), Duration::from_secs(30)));
     }
 
     #[test]

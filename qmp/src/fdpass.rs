@@ -18,11 +18,7 @@ use tokio::net::UnixStream;
 
 /// Sends a prefix of `bytes` (at least one byte) with `fd` attached, waiting for the socket to be writable.
 /// Returns how many bytes went out; the caller writes the rest.
-pub(crate) async fn send_with_fd(
-    stream: &UnixStream,
-    bytes: &[u8],
-    fd: BorrowedFd<'_>,
-) -> io::Result<usize> {
+pub(crate) async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
     if bytes.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -35,17 +31,10 @@ pub(crate) async fn send_with_fd(
             let mut control = SendAncillaryBuffer::new(&mut space);
             let fds = [fd];
             if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-                return Err(io::Error::other(
-                    "SCM_RIGHTS control message does not fit its buffer",
-                ));
+                return Err(io::Error::other("SCM_RIGHTS control message does not fit its buffer"));
             }
             // NOSIGNAL: a peer that went away must be an EPIPE error here, not a SIGPIPE for the whole daemon.
-            let sent = rustix::net::sendmsg(
-                stream,
-                &[IoSlice::new(bytes)],
-                &mut control,
-                SendFlags::NOSIGNAL,
-            )?;
+            let sent = rustix::net::sendmsg(stream, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
             Ok(sent)
         })
         .await
@@ -53,10 +42,7 @@ pub(crate) async fn send_with_fd(
 
 /// Receives bytes and any descriptors that came with them, as QEMU does.
 #[cfg(test)]
-pub(crate) async fn recv_with_fds(
-    stream: &UnixStream,
-    buf: &mut [u8],
-) -> io::Result<(usize, Vec<OwnedFd>)> {
+pub(crate) async fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     stream
         .async_io(Interest::READABLE, || {
             let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
@@ -87,9 +73,7 @@ mod tests {
     async fn fd_arrives_with_the_first_byte() {
         let (a, b) = UnixStream::pair().unwrap();
         let (pipe_read, _pipe_write) = rustix::pipe::pipe().unwrap();
-        let sent = send_with_fd(&a, b"hello\n", pipe_read.as_fd())
-            .await
-            .unwrap();
+        let sent = send_with_fd(&a, b"hello\n", pipe_read.as_fd()).await.unwrap();
         assert_eq!(sent, 6);
 
         let mut buf = [0u8; 64];

@@ -59,10 +59,7 @@ pub(crate) struct ErrorReply {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Message {
     /// A reply; `id` is whatever QEMU echoed (this client always sends an unsigned integer).
-    Reply {
-        id: Option<Value>,
-        result: Result<Value, ErrorReply>,
-    },
+    Reply { id: Option<Value>, result: Result<Value, ErrorReply> },
     /// An asynchronous event.
     Event(QmpEvent),
 }
@@ -114,10 +111,7 @@ struct RawTriple {
 /// Parses the first line QEMU sends: `{"QMP": {"version": {"qemu": {..}, "package": ..}, "capabilities": [..]}}`.
 pub(crate) fn parse_greeting(line: &[u8]) -> Result<Greeting, serde_json::Error> {
     let raw: RawGreeting = serde_json::from_slice(line)?;
-    let RawGreetingBody {
-        version,
-        capabilities,
-    } = raw.qmp;
+    let RawGreetingBody { version, capabilities } = raw.qmp;
     Ok(Greeting {
         major: version.qemu.major,
         minor: version.qemu.minor,
@@ -136,16 +130,8 @@ struct Execute<'a> {
 }
 
 /// Encodes one command as a newline-terminated JSON line.
-pub(crate) fn encode_command(
-    command: &str,
-    arguments: Option<&Value>,
-    id: u64,
-) -> Result<Vec<u8>, serde_json::Error> {
-    let mut bytes = serde_json::to_vec(&Execute {
-        execute: command,
-        arguments,
-        id,
-    })?;
+pub(crate) fn encode_command(command: &str, arguments: Option<&Value>, id: u64) -> Result<Vec<u8>, serde_json::Error> {
+    let mut bytes = serde_json::to_vec(&Execute { execute: command, arguments, id })?;
     bytes.push(b'\n');
     Ok(bytes)
 }
@@ -157,31 +143,20 @@ pub(crate) fn parse_message(line: &[u8]) -> Result<Message, ParseError> {
         return Err(ParseError::NotObject);
     };
     if let Some(value) = map.remove("return") {
-        return Ok(Message::Reply {
-            id: map.remove("id"),
-            result: Ok(value),
-        });
+        return Ok(Message::Reply { id: map.remove("id"), result: Ok(value) });
     }
     if let Some(error) = map.remove("error") {
         let Value::Object(error) = error else {
             return Err(ParseError::ErrorNotObject);
         };
-        return Ok(Message::Reply {
-            id: map.remove("id"),
-            result: Err(error_reply(error)),
-        });
+        return Ok(Message::Reply { id: map.remove("id"), result: Err(error_reply(error)) });
     }
     if let Some(name) = map.remove("event") {
         let Value::String(name) = name else {
             return Err(ParseError::EventNotString);
         };
         let timestamp = map.get("timestamp");
-        let field = |key: &str| {
-            timestamp
-                .and_then(|t| t.get(key))
-                .and_then(Value::as_i64)
-                .unwrap_or(0)
-        };
+        let field = |key: &str| timestamp.and_then(|t| t.get(key)).and_then(Value::as_i64).unwrap_or(0);
         return Ok(Message::Event(QmpEvent {
             seconds: field("seconds"),
             microseconds: field("microseconds"),
@@ -192,9 +167,7 @@ pub(crate) fn parse_message(line: &[u8]) -> Result<Message, ParseError> {
     if map.contains_key("QMP") {
         return Err(ParseError::UnexpectedGreeting);
     }
-    Err(ParseError::Unknown {
-        members: map.keys().cloned().collect(),
-    })
+    Err(ParseError::Unknown { members: map.keys().cloned().collect() })
 }
 
 /// A malformed error object still fails its command, rather than leaving it to time out.
@@ -221,10 +194,7 @@ where
         let available = reader.fill_buf().await?;
         if available.is_empty() {
             if !buf.is_empty() {
-                tracing::warn!(
-                    bytes = buf.len(),
-                    "QMP socket closed in the middle of a message; dropping it"
-                );
+                tracing::warn!(bytes = buf.len(), "QMP socket closed in the middle of a message; dropping it");
             }
             return Ok(false);
         }
@@ -233,10 +203,7 @@ where
             None => (available.len(), false),
         };
         if buf.len() + used > max {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("QMP message longer than {max} bytes"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("QMP message longer than {max} bytes")));
         }
         buf.extend_from_slice(&available[..used]);
         reader.consume(used);
@@ -280,10 +247,8 @@ mod tests {
 
     #[test]
     fn greeting_without_package_or_capabilities_parses() {
-        let greeting = parse_greeting(
-            br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 9}}}}"#,
-        )
-        .unwrap();
+        let greeting =
+            parse_greeting(br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 9}}}}"#).unwrap();
         assert_eq!((greeting.major, greeting.package.as_str()), (9, ""));
         assert!(greeting.capabilities.is_empty());
     }
@@ -301,10 +266,7 @@ mod tests {
         assert_eq!(bytes.last(), Some(&b'\n'));
         assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1);
         let value: Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(
-            value,
-            json!({"execute": "getfd", "arguments": {"fdname": "tap0"}, "id": 7})
-        );
+        assert_eq!(value, json!({"execute": "getfd", "arguments": {"fdname": "tap0"}, "id": 7}));
 
         let bytes = encode_command("query-status", None, 8).unwrap();
         let value: Value = serde_json::from_slice(&bytes).unwrap();
@@ -313,25 +275,14 @@ mod tests {
 
     #[test]
     fn argument_strings_with_newlines_stay_on_one_line() {
-        let bytes = encode_command(
-            "human-monitor-command",
-            Some(&json!({"command-line": "a\nb"})),
-            1,
-        )
-        .unwrap();
+        let bytes = encode_command("human-monitor-command", Some(&json!({"command-line": "a\nb"})), 1).unwrap();
         assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 
     #[test]
     fn return_parses() {
         let message = parse_message(b"{\"return\": {\"running\": true}, \"id\": 3}\r\n").unwrap();
-        assert_eq!(
-            message,
-            Message::Reply {
-                id: Some(json!(3)),
-                result: Ok(json!({"running": true}))
-            }
-        );
+        assert_eq!(message, Message::Reply { id: Some(json!(3)), result: Ok(json!({"running": true})) });
     }
 
     #[test]
@@ -359,10 +310,7 @@ mod tests {
             message,
             Message::Reply {
                 id: Some(json!(4)),
-                result: Err(ErrorReply {
-                    class: String::new(),
-                    desc: String::new()
-                })
+                result: Err(ErrorReply { class: String::new(), desc: String::new() })
             }
         );
     }
@@ -387,15 +335,11 @@ mod tests {
     #[test]
     fn event_without_data_has_null_data() {
         let Message::Event(event) =
-            parse_message(br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#)
-                .unwrap()
+            parse_message(br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#).unwrap()
         else {
             panic!("not an event");
         };
-        assert_eq!(
-            (event.name.as_str(), event.data, event.seconds),
-            ("STOP", Value::Null, 1)
-        );
+        assert_eq!((event.name.as_str(), event.data, event.seconds), ("STOP", Value::Null, 1));
     }
 
     #[test]

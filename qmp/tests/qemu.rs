@@ -23,22 +23,11 @@ struct Qemu {
 
 impl Qemu {
     fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("qx-qmp-test-")
-            .tempdir()
-            .expect("temp dir");
+        let dir = tempfile::Builder::new().prefix("qx-qmp-test-").tempdir().expect("temp dir");
         let log = std::fs::File::create(dir.path().join("qemu.log")).expect("QEMU log file");
         let socket = dir.path().join("qmp.sock");
         let child = Command::new(QEMU)
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-qmp",
-            ])
+            .args(["-machine", "none", "-nodefaults", "-no-user-config", "-display", "none", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -62,17 +51,10 @@ impl Qemu {
     }
 
     async fn connect(&self) -> QmpClient {
-        let opts = ConnectOptions {
-            connect_timeout: WAIT,
-            command_timeout: WAIT,
-        };
+        let opts = ConnectOptions { connect_timeout: WAIT, command_timeout: WAIT };
         match QmpClient::connect(self.socket(), opts).await {
             Ok(client) => client,
-            Err(e) => panic!(
-                "QMP connect failed: {e} ({:?}); QEMU log:\n{}",
-                e,
-                self.log()
-            ),
+            Err(e) => panic!("QMP connect failed: {e} ({:?}); QEMU log:\n{}", e, self.log()),
         }
     }
 
@@ -87,10 +69,7 @@ impl Qemu {
             if let Some(status) = self.child.try_wait().expect("try_wait on QEMU") {
                 return status;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "QEMU did not exit within {WAIT:?}"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "QEMU did not exit within {WAIT:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -108,11 +87,7 @@ impl Drop for Qemu {
 }
 
 async fn next_qemu_event(events: &mut broadcast::Receiver<Event>) -> qx_qmp::QmpEvent {
-    match tokio::time::timeout(WAIT, events.recv())
-        .await
-        .expect("no event in time")
-        .expect("event channel")
-    {
+    match tokio::time::timeout(WAIT, events.recv()).await.expect("no event in time").expect("event channel") {
         Event::Qemu(event) => event,
         Event::Closed { reason } => panic!("connection closed: {reason}"),
     }
@@ -120,11 +95,7 @@ async fn next_qemu_event(events: &mut broadcast::Receiver<Event>) -> qx_qmp::Qmp
 
 async fn next_closed(events: &mut broadcast::Receiver<Event>) -> String {
     loop {
-        match tokio::time::timeout(WAIT, events.recv())
-            .await
-            .expect("no Closed in time")
-            .expect("event channel")
-        {
+        match tokio::time::timeout(WAIT, events.recv()).await.expect("no Closed in time").expect("event channel") {
             Event::Closed { reason } => return reason,
             Event::Qemu(_) => continue,
         }
@@ -141,10 +112,7 @@ async fn greeting_and_query_status() {
     let qmp = qemu.connect().await;
     let greeting = qmp.greeting();
     assert_eq!(greeting.major, 7, "{greeting:?}");
-    assert!(
-        greeting.capabilities.iter().any(|c| c == "oob"),
-        "{greeting:?}"
-    );
+    assert!(greeting.capabilities.iter().any(|c| c == "oob"), "{greeting:?}");
 
     let status = qmp.execute_raw("query-status", None).await.unwrap();
     assert_eq!(status["status"], "running", "{status}");
@@ -171,20 +139,13 @@ async fn query_machines_needs_the_raw_path_on_7_2() {
     let qmp = qemu.connect().await;
 
     let machines = qmp.execute_raw("query-machines", None).await.unwrap();
-    let names: Vec<&str> = machines
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|m| m["name"].as_str())
-        .collect();
+    let names: Vec<&str> = machines.as_array().unwrap().iter().filter_map(|m| m["name"].as_str()).collect();
     assert!(names.contains(&"none"), "{names:?}");
     assert!(names.iter().any(|n| n.starts_with("pc-q35-")), "{names:?}");
 
     // qapi-qmp 0.15 follows QEMU 9.1, whose MachineInfo has a required `acpi` member that 7.2 lacks. This is why
     // the raw path exists; if it starts decoding, the typed path became usable for it.
-    let typed = qmp
-        .execute(qapi_qmp::query_machines { compat_props: None })
-        .await;
+    let typed = qmp.execute(qapi_qmp::query_machines { compat_props: None }).await;
     assert!(matches!(typed, Err(Error::Decode { .. })), "{typed:?}");
     // A decode failure leaves the connection usable.
     qmp.execute_raw("query-status", None).await.unwrap();
@@ -201,17 +162,11 @@ async fn stop_and_cont_emit_events() {
     let stop = next_qemu_event(&mut events).await;
     assert_eq!(stop.name, "STOP");
     assert!(stop.seconds > 0, "{stop:?}");
-    assert_eq!(
-        qmp.execute_raw("query-status", None).await.unwrap()["status"],
-        "paused"
-    );
+    assert_eq!(qmp.execute_raw("query-status", None).await.unwrap()["status"], "paused");
 
     qmp.execute_raw("cont", None).await.unwrap();
     assert_eq!(next_qemu_event(&mut events).await.name, "RESUME");
-    assert_eq!(
-        qmp.execute_raw("query-status", None).await.unwrap()["status"],
-        "running"
-    );
+    assert_eq!(qmp.execute_raw("query-status", None).await.unwrap()["status"], "running");
 
     assert_eq!(next_qemu_event(&mut second).await.name, "STOP");
     assert_eq!(next_qemu_event(&mut second).await.name, "RESUME");
@@ -222,21 +177,14 @@ async fn unknown_command_is_command_not_found() {
     let qemu = Qemu::start();
     let qmp = qemu.connect().await;
     match qmp.execute_raw("no-such-command", None).await.unwrap_err() {
-        Error::Command {
-            command,
-            class,
-            desc,
-        } => {
+        Error::Command { command, class, desc } => {
             assert_eq!(command, "no-such-command");
             assert_eq!(class, "CommandNotFound");
             assert!(desc.contains("no-such-command"), "{desc}");
         }
         err => panic!("{err:?}"),
     }
-    let err = qmp
-        .execute_raw("query-status", Some(json!({"bogus": 1})))
-        .await
-        .unwrap_err();
+    let err = qmp.execute_raw("query-status", Some(json!({"bogus": 1}))).await.unwrap_err();
     assert_eq!(err.class(), Some("GenericError"), "{err:?}");
     assert!(!qmp.is_closed());
 }
@@ -250,24 +198,16 @@ async fn concurrent_commands() {
             let qmp = qmp.clone();
             tokio::spawn(async move {
                 if i % 2 == 0 {
-                    qmp.execute_raw("query-status", None)
-                        .await
-                        .map(|v| v["status"].clone())
+                    qmp.execute_raw("query-status", None).await.map(|v| v["status"].clone())
                 } else {
-                    qmp.execute_raw("query-version", None)
-                        .await
-                        .map(|v| v["qemu"]["major"].clone())
+                    qmp.execute_raw("query-version", None).await.map(|v| v["qemu"]["major"].clone())
                 }
             })
         })
         .collect();
     for (i, task) in tasks.into_iter().enumerate() {
         let value = task.await.unwrap().unwrap();
-        let expected = if i % 2 == 0 {
-            json!("running")
-        } else {
-            json!(7)
-        };
+        let expected = if i % 2 == 0 { json!("running") } else { json!(7) };
         assert_eq!(value, expected, "task {i}");
     }
 }
@@ -285,10 +225,7 @@ async fn getfd_then_closefd() {
     assert_eq!(err.class(), Some("GenericError"), "{err:?}");
 
     // Without a descriptor attached, getfd fails: the fd has to ride on the command itself.
-    let err = qmp
-        .execute_raw("getfd", Some(json!({"fdname": "nothing"})))
-        .await
-        .unwrap_err();
+    let err = qmp.execute_raw("getfd", Some(json!({"fdname": "nothing"}))).await.unwrap_err();
     assert_eq!(err.class(), Some("GenericError"), "{err:?}");
 }
 
@@ -299,10 +236,7 @@ async fn add_fd_shows_in_query_fdsets() {
     let (read, write) = pipe();
 
     let first = qmp.add_fd(None, Some("disk0"), read.as_fd()).await.unwrap();
-    let second = qmp
-        .add_fd(Some(first.fdset_id), None, write.as_fd())
-        .await
-        .unwrap();
+    let second = qmp.add_fd(Some(first.fdset_id), None, write.as_fd()).await.unwrap();
     assert_eq!(second.fdset_id, first.fdset_id);
     assert_ne!(second.fd, first.fd);
 
@@ -314,16 +248,11 @@ async fn add_fd_shows_in_query_fdsets() {
         .find(|s| s["fdset-id"] == first.fdset_id)
         .unwrap_or_else(|| panic!("fdset {} missing from {fdsets}", first.fdset_id));
     let fds: Vec<&Value> = fdset["fds"].as_array().unwrap().iter().collect();
-    let entry = fds
-        .iter()
-        .find(|f| f["fd"] == first.fd)
-        .unwrap_or_else(|| panic!("{fdset}"));
+    let entry = fds.iter().find(|f| f["fd"] == first.fd).unwrap_or_else(|| panic!("{fdset}"));
     assert_eq!(entry["opaque"], "disk0");
     assert!(fds.iter().any(|f| f["fd"] == second.fd), "{fdset}");
 
-    qmp.execute_raw("remove-fd", Some(json!({"fdset-id": first.fdset_id})))
-        .await
-        .unwrap();
+    qmp.execute_raw("remove-fd", Some(json!({"fdset-id": first.fdset_id}))).await.unwrap();
 }
 
 #[tokio::test]
@@ -335,15 +264,10 @@ async fn quit_closes_the_connection() {
     qmp.execute_raw("quit", None).await.unwrap();
     let reason = next_closed(&mut events).await;
     assert!(!reason.is_empty());
-    tokio::time::timeout(WAIT, qmp.closed())
-        .await
-        .expect("closed() did not resolve");
+    tokio::time::timeout(WAIT, qmp.closed()).await.expect("closed() did not resolve");
     assert!(qmp.is_closed());
 
-    let err = tokio::time::timeout(WAIT, qmp.execute_raw("query-status", None))
-        .await
-        .unwrap()
-        .unwrap_err();
+    let err = tokio::time::timeout(WAIT, qmp.execute_raw("query-status", None)).await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Closed { .. }), "{err:?}");
     assert!(qemu.wait_exit().await.success());
 }
@@ -364,10 +288,7 @@ async fn killed_qemu_fails_the_waiting_command() {
     assert!(!waiting.is_finished(), "a stopped QEMU answered");
     rustix::process::kill_process(qemu.pid(), rustix::process::Signal::KILL).unwrap();
 
-    let result = tokio::time::timeout(WAIT, waiting)
-        .await
-        .expect("pending command hung")
-        .unwrap();
+    let result = tokio::time::timeout(WAIT, waiting).await.expect("pending command hung").unwrap();
     match result {
         Err(Error::Closed { command }) => assert_eq!(command, "query-status"),
         other => panic!("{other:?}"),
@@ -385,8 +306,5 @@ async fn reconnect_after_dropping_the_client() {
     // QEMU serves one QMP client at a time: a second connection only gets its greeting once the first is closed,
     // so this passes only if dropping the client really closed the socket.
     let qmp = qemu.connect().await;
-    assert_eq!(
-        qmp.execute_raw("query-status", None).await.unwrap()["status"],
-        "running"
-    );
+    assert_eq!(qmp.execute_raw("query-status", None).await.unwrap()["status"], "running");
 }
