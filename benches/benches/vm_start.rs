@@ -20,6 +20,8 @@ use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+mod libvirt;
+
 type Client = NodeServiceClient<Channel>;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -126,6 +128,16 @@ fn file_size(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.len())
 }
 
+fn libvirt_size() -> Option<u64> {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu");
+    let parts = [
+        PathBuf::from("/usr/sbin/libvirtd"),
+        lib.join("libvirt.so.0"),
+        lib.join("libvirt/connection-driver/libvirt_driver_qemu.so"),
+    ];
+    parts.iter().map(|p| std::fs::canonicalize(p).ok().and_then(|p| file_size(&p))).sum()
+}
+
 fn ms(d: Duration) -> String {
     format!("{:8.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -134,7 +146,19 @@ fn print_row(label: &str, s: &Summary) {
     println!("  {label:<24} median {}  min {}  max {}", ms(s.median), ms(s.min), ms(s.max));
 }
 
-/// target/release, where `cargo bench` put qx-node next to this bench's `deps/` directory.
+/// `cargo bench` builds bench targets, not other packages' binaries: build the qx-node being measured, in the
+/// same profile, so a stale binary is never measured.
+fn build_daemon() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "qx-agent", "--bins"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo build qx-node");
+    assert!(status.success(), "building qx-node failed");
+}
+
+/// target/release, where cargo puts qx-node next to this bench's `deps/` directory.
 fn release_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("bench executable path");
     exe.parent().and_then(Path::parent).expect("target/release").to_owned()
@@ -147,8 +171,8 @@ async fn main() {
     }
     let runs: usize = std::env::var("QX_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let release = release_dir();
+    build_daemon();
     let qx_node = release.join("qx-node");
-    assert!(qx_node.exists(), "{} is missing: run `cargo bench` at the workspace root", qx_node.display());
     test_guest();
 
     let daemon = Daemon::start_with_log(&qx_node, "warn");
@@ -159,30 +183,62 @@ async fn main() {
     let raw_dir = daemon.data_dir().parent().unwrap().join("raw");
     let raw_spec = spec("raw");
 
+    let mut libvirt = match libvirt::unavailable() {
+        None => Some(libvirt::Libvirt::start().await),
+        Some(why) => {
+            println!("libvirt: not measured: {why}");
+            None
+        }
+    };
+    let libvirtd_idle_rss = libvirt.as_ref().map(|l| rss_kib(l.libvirtd_pid()));
+
     println!("VM start, {runs} interleaved runs each (TCG, 1 vCPU, 256 MiB, test guest):");
-    // One untimed round of each warms the page cache for QEMU, its ROMs and the guest kernel alike.
+    // One untimed round of each warms the page cache for QEMU, its ROMs and the guest kernel alike (and lets
+    // libvirtd probe QEMU's capabilities, which it does on first use).
     raw_start(&raw_dir, &raw_spec).await;
     qx_start(&mut client, "bench").await;
-    let (mut raw, mut qx) = (Vec::new(), Vec::new());
+    if let Some(libvirt) = libvirt.as_mut() {
+        libvirt.start_vm().await;
+    }
+    let (mut raw, mut qx, mut lv) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         raw.push(raw_start(&raw_dir, &raw_spec).await);
         qx.push(qx_start(&mut client, "bench").await);
+        if let Some(libvirt) = libvirt.as_mut() {
+            lv.push(libvirt.start_vm().await);
+        }
     }
+    let libvirtd_rss = libvirt.as_ref().map(|l| (libvirtd_idle_rss.unwrap_or(0), rss_kib(l.libvirtd_pid())));
+    drop(libvirt);
     let summary =
         |samples: &[Sample], pick: fn(&Sample) -> Duration| Summary::of(&samples.iter().map(pick).collect::<Vec<_>>());
     let raw_control = summary(&raw, |s| s.control);
     let qx_control = summary(&qx, |s| s.control);
     let raw_ready = summary(&raw, |s| s.ready);
     let qx_ready = summary(&qx, |s| s.ready);
+    let lv_control = summary(&lv, |s| s.control);
+    let lv_ready = summary(&lv, |s| s.ready);
+    let measured_libvirt = !lv.is_empty();
     println!(" request -> vCPUs running");
     print_row("raw QEMU", &raw_control);
     print_row("qx-node StartVm", &qx_control);
+    if measured_libvirt {
+        print_row("libvirt createXML", &lv_control);
+    }
     println!("  qx-node / raw            {:.2}x", ratio(qx_control.median, raw_control.median));
+    if measured_libvirt {
+        println!("  qx-node / libvirt        {:.3}x", ratio(qx_control.median, lv_control.median));
+    }
     println!(" request -> guest ready marker");
     print_row("raw QEMU", &raw_ready);
     print_row("qx-node StartVm", &qx_ready);
+    if measured_libvirt {
+        print_row("libvirt createXML", &lv_ready);
+    }
     println!("  qx-node / raw            {:.3}x", ratio(qx_ready.median, raw_ready.median));
-    println!(" libvirt: not measured (not installed by this project yet)");
+    if measured_libvirt {
+        println!("  qx-node / libvirt        {:.3}x", ratio(qx_ready.median, lv_ready.median));
+    }
 
     // 16 VMs started at once: each StartVm's own latency.
     const CONCURRENT: usize = 16;
@@ -224,11 +280,17 @@ async fn main() {
     println!(" qx-node resident memory");
     println!("  idle                     {:8.1} MiB", mib(idle_rss));
     println!("  20 VMs running           {:8.1} MiB", mib(busy_rss));
+    if let Some((idle, after)) = libvirtd_rss {
+        println!(" libvirtd resident memory");
+        println!("  idle                     {:8.1} MiB", mib(idle));
+        println!("  after {:>2} start/stops     {:8.1} MiB", runs + 1, mib(after));
+    }
 
     let sizes: Vec<(&str, Option<u64>)> = vec![
         ("qx-node", file_size(&qx_node)),
         ("qxctl", file_size(&release.join("qxctl"))),
-        ("libvirtd (installed)", file_size(Path::new("/usr/sbin/libvirtd"))),
+        // libvirtd is a thin binary over libvirt.so and its QEMU driver: count what it loads.
+        ("libvirtd + libvirt.so + qemu driver", libvirt_size()),
     ];
     println!(" binary size");
     for (name, size) in &sizes {
@@ -244,7 +306,13 @@ async fn main() {
         "qx_node": { "control": qx_control.to_json(), "ready": qx_ready.to_json() },
         "ratio_control_qx_over_raw": ratio(qx_control.median, raw_control.median),
         "ratio_ready_qx_over_raw": ratio(qx_ready.median, raw_ready.median),
-        "libvirt": null,
+        "libvirt": measured_libvirt.then(|| json!({
+            "control": lv_control.to_json(),
+            "ready": lv_ready.to_json(),
+            "rss_mib": libvirtd_rss.map(|(idle, after)| json!({ "idle": mib(idle), "after_runs": mib(after) })),
+        })),
+        "ratio_control_qx_over_libvirt": measured_libvirt.then(|| ratio(qx_control.median, lv_control.median)),
+        "ratio_ready_qx_over_libvirt": measured_libvirt.then(|| ratio(qx_ready.median, lv_ready.median)),
         "concurrent_16": concurrent.to_json(),
         "ratio_concurrent_p99_over_single": ratio(concurrent.p99, qx_control.median),
         "qx_node_rss_mib": { "idle": mib(idle_rss), "vms_20": mib(busy_rss) },
