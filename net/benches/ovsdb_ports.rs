@@ -12,6 +12,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::OvsEndpoint;
+
 use std::time::{Duration, Instant};
 
 use qx_net::ovsdb::{Client, ClientOptions, Condition, MonitorRequest, Mutation, Operation, Value};

@@ -12,7 +12,7 @@ use qx_net::ovsdb::{
 };
 use serde_json::json;
 
-use common::{run, skip_without_ovs, Ovs};
+use common::{run, skip_without_ovs, Ovs, OvsEndpoint};
 
 const DB: &str = "Open_vSwitch";
 const WAIT: Duration = Duration::from_secs(10);

@@ -14,7 +14,7 @@ use qx_net::vswitch::{
 };
 use uuid::Uuid;
 
-use common::{run, skip_without_ovs, Ovs};
+use common::{run, skip_without_ovs, Ovs, OvsEndpoint};
 
 const WAIT: Duration = Duration::from_secs(20);
 

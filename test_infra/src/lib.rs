@@ -8,6 +8,8 @@
 //! println!("boot {} with {}", guest.kernel.display(), guest.cmdline);
 //! ```
 
+pub mod ovs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;

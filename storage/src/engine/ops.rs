@@ -1,0 +1,720 @@
+//! The operations, as they run on an engine thread: plain blocking code around one io_uring that keeps
+//! `queue_depth` blocks in flight.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+use rustix::fs::{FallocateFlags, SeekFrom};
+use sha2::{Digest as _, Sha256};
+
+use super::control::JobCtl;
+use super::ring::{is_zero, AlignedBuf, Completion, Ring, DIRECT_ALIGN};
+use super::{
+    CopyOptions, CopyReport, Digest, EngineConfig, EngineError, ImportOptions, Preallocation, ResizeOptions, ZeroReport,
+};
+use crate::atomic::{rename_noreplace, sync_parent, temp_path_for, TempFile};
+
+/// Progress is published at most once per this many bytes, so that a fast copy does not spend its time waking
+/// watchers.
+const REPORT_STEP: u64 = 16 << 20;
+
+/// An engine thread's state: its ring and the buffers its operations reuse.
+pub(crate) struct Worker {
+    pub ring: Ring,
+    pub config: EngineConfig,
+    bufs: Vec<AlignedBuf>,
+}
+
+impl Worker {
+    pub fn new(config: EngineConfig) -> io::Result<Self> {
+        let ring = Ring::new((config.queue_depth as u32).saturating_mul(2))?;
+        Ok(Self { ring, config, bufs: Vec::new() })
+    }
+
+    /// The operation's buffers, allocated on first use and kept for the next operation.
+    fn take_bufs(&mut self) -> Vec<AlignedBuf> {
+        if self.bufs.len() != self.config.queue_depth {
+            self.bufs = (0..self.config.queue_depth).map(|_| AlignedBuf::new(self.config.block_size)).collect();
+        }
+        std::mem::take(&mut self.bufs)
+    }
+}
+
+fn align_up(v: u64) -> u64 {
+    v.div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64
+}
+
+fn align_down(v: u64) -> u64 {
+    v / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64
+}
+
+/// Opens with O_DIRECT when asked and the filesystem allows it (tmpfs, for one, refuses with EINVAL).
+fn open_with(opts: &mut OpenOptions, path: &Path, direct: bool) -> io::Result<(File, bool)> {
+    if direct {
+        match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(path = %path.display(), "O_DIRECT refused, using buffered I/O");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    opts.open(path).map(|f| (f, false))
+}
+
+/// Opens a regular file for reading and returns it with its size.
+fn open_source(path: &Path, direct: bool) -> Result<(File, u64, bool), EngineError> {
+    let (file, direct) = open_with(OpenOptions::new().read(true), path, direct)
+        .map_err(|source| EngineError::Open { path: path.to_owned(), source })?;
+    let meta = file.metadata().map_err(|source| EngineError::Stat { path: path.to_owned(), source })?;
+    if !meta.file_type().is_file() {
+        let kind = if meta.is_dir() {
+            "directory"
+        } else if meta.file_type().is_block_device() {
+            "block device"
+        } else {
+            "special file"
+        };
+        return Err(EngineError::NotRegular { path: path.to_owned(), kind });
+    }
+    Ok((file, meta.len(), direct))
+}
+
+fn refuse_existing(path: &Path) -> Result<(), EngineError> {
+    if path.symlink_metadata().is_ok() {
+        return Err(EngineError::Exists { path: path.to_owned() });
+    }
+    Ok(())
+}
+
+/// A new temporary file beside `target` (removed again unless the operation succeeds).
+fn create_temp(target: &Path, direct: bool) -> Result<(TempFile, File, bool), EngineError> {
+    let tmp = temp_path_for(target).map_err(|source| EngineError::Temp { path: target.to_owned(), source })?;
+    let (file, direct) = open_with(OpenOptions::new().write(true).create_new(true).mode(0o600), &tmp, direct)
+        .map_err(|source| EngineError::Create { path: tmp.clone(), source })?;
+    Ok((TempFile::new(tmp), file, direct))
+}
+
+/// Fsyncs the temporary file, renames it to `target` (refusing to replace anything) and fsyncs the directory.
+fn commit(ring: &mut Ring, mut tmp: TempFile, file: File, target: &Path, sync: bool) -> Result<(), EngineError> {
+    if sync {
+        ring.fsync(file.as_raw_fd()).map_err(|source| EngineError::Sync { path: tmp.path().to_owned(), source })?;
+    }
+    drop(file);
+    rename_noreplace(tmp.path(), target).map_err(|source| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            EngineError::Exists { path: target.to_owned() }
+        } else {
+            EngineError::Rename { from: tmp.path().to_owned(), to: target.to_owned(), source }
+        }
+    })?;
+    tmp.disarm();
+    if sync {
+        sync_parent(target).map_err(|source| EngineError::SyncDir { path: target.to_owned(), source })?;
+    }
+    Ok(())
+}
+
+fn set_len(file: &File, path: &Path, size: u64) -> Result<(), EngineError> {
+    file.set_len(size).map_err(|source| EngineError::Truncate { path: path.to_owned(), size, source })
+}
+
+/// Walks the data extents of a file (SEEK_DATA/SEEK_HOLE) and cuts them into blocks.
+struct Chunks<'a> {
+    file: &'a File,
+    path: &'a Path,
+    size: u64,
+    block: u64,
+    direct: bool,
+    pos: u64,
+    extent_end: u64,
+    /// Bytes inside data extents, for the report.
+    data_bytes: u64,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(file: &'a File, path: &'a Path, size: u64, block: usize, direct: bool) -> Self {
+        Self { file, path, size, block: block as u64, direct, pos: 0, extent_end: 0, data_bytes: 0 }
+    }
+
+    /// Where the next block starts (or the size once every block was handed out).
+    fn position(&self) -> u64 {
+        self.pos.min(self.size)
+    }
+
+    fn next(&mut self) -> Result<Option<(u64, u64)>, EngineError> {
+        // Loops only when an aligned extent lies wholly inside blocks already handed out (filesystems with blocks
+        // smaller than the O_DIRECT alignment); SEEK_DATA from `pos` then moves past it.
+        while self.pos >= self.extent_end {
+            if self.pos >= self.size {
+                return Ok(None);
+            }
+            let seek_err = |offset, source: rustix::io::Errno| EngineError::Seek {
+                path: self.path.to_owned(),
+                offset,
+                source: source.into(),
+            };
+            let start = match rustix::fs::seek(self.file.as_fd(), SeekFrom::Data(self.pos)) {
+                Ok(s) => s,
+                Err(rustix::io::Errno::NXIO) => {
+                    self.pos = self.size;
+                    return Ok(None);
+                }
+                // No extent map here: treat the rest as data (zero detection still keeps holes).
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => self.pos,
+                Err(e) => return Err(seek_err(self.pos, e)),
+            };
+            if start >= self.size {
+                self.pos = self.size;
+                return Ok(None);
+            }
+            let end = match rustix::fs::seek(self.file.as_fd(), SeekFrom::Hole(start)) {
+                Ok(e) => e.min(self.size),
+                Err(rustix::io::Errno::NXIO | rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => self.size,
+                Err(e) => return Err(seek_err(start, e)),
+            };
+            let (start, end) = if self.direct { (align_down(start), align_up(end)) } else { (start, end) };
+            self.pos = start.max(self.pos);
+            self.extent_end = end.max(self.pos);
+            self.data_bytes += end.min(self.size).saturating_sub(self.pos);
+        }
+        let len = self.block.min(self.extent_end - self.pos);
+        let off = self.pos;
+        self.pos += len;
+        Ok(Some((off, len)))
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    busy: bool,
+    seq: u64,
+    offset: u64,
+    /// Bytes of the file in this block (the block may be longer at the end of an O_DIRECT file).
+    want: u64,
+    /// Bytes requested per read (`want` rounded up to the O_DIRECT alignment when direct).
+    req: u64,
+    got: u64,
+    read_done: bool,
+    writing: bool,
+    put: u64,
+    write_done: bool,
+    hashed: bool,
+}
+
+const OP_READ: u64 = 0;
+const OP_WRITE: u64 = 1;
+
+fn user_data(op: u64, slot: usize) -> u64 {
+    (op << 32) | slot as u64
+}
+
+pub(crate) struct TransferOut {
+    pub data_bytes: u64,
+    pub written_bytes: u64,
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// Where a transfer writes: the file, its path for errors, and whether it was opened O_DIRECT.
+pub(crate) struct Sink<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+    pub direct: bool,
+}
+
+/// The copy pipeline: reads the data extents of `src` block by block, `queue_depth` blocks in flight, writes each
+/// block that is not all zeros to the same offset of `dst`, and feeds the whole content (holes as zeros) to
+/// SHA-256 in order when `hash` is set. `dst` must already be `size` bytes long (holes everywhere).
+struct Transfer<'r> {
+    ring: &'r mut Ring,
+    src_fd: RawFd,
+    slots: Vec<Slot>,
+    bufs: Vec<AlignedBuf>,
+}
+
+impl Drop for Transfer<'_> {
+    fn drop(&mut self) {
+        // The kernel may still be writing into our buffers: wait for it before they are freed.
+        self.ring.drain();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn transfer(
+    worker: &mut Worker,
+    job: &JobCtl,
+    operation: &'static str,
+    src: (&File, &Path, bool),
+    size: u64,
+    dst: Option<Sink<'_>>,
+    hash: bool,
+) -> Result<TransferOut, EngineError> {
+    let detect_zeros = worker.config.detect_zeros;
+    let block = worker.config.block_size;
+    let bufs = worker.take_bufs();
+    let (src_file, src_path, src_direct) = src;
+    let dst_direct = dst.as_ref().is_some_and(|d| d.direct);
+    let mut t = Transfer {
+        ring: &mut worker.ring,
+        src_fd: src_file.as_raw_fd(),
+        slots: (0..bufs.len()).map(|_| Slot::default()).collect(),
+        bufs,
+    };
+    let result = t.run(
+        job,
+        operation,
+        src_file,
+        src_path,
+        src_direct || dst_direct,
+        size,
+        dst.as_ref(),
+        hash,
+        detect_zeros,
+        block,
+    );
+    t.ring.drain();
+    worker.bufs = std::mem::take(&mut t.bufs);
+    drop(t);
+    result
+}
+
+impl Transfer<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        job: &JobCtl,
+        operation: &'static str,
+        src: &File,
+        src_path: &Path,
+        aligned: bool,
+        size: u64,
+        dst: Option<&Sink<'_>>,
+        hash: bool,
+        detect_zeros: bool,
+        block: usize,
+    ) -> Result<TransferOut, EngineError> {
+        let started = Instant::now();
+        let mut chunks = Chunks::new(src, src_path, size, block, aligned);
+        let mut hasher = hash.then(Sha256::new);
+        let mut hashed_upto = 0u64;
+        let mut next_hash_seq = 0u64;
+        let mut next_seq = 0u64;
+        let mut written = 0u64;
+        let mut reported = 0u64;
+        let mut exhausted = false;
+        let mut completions = Vec::with_capacity(self.slots.len() * 2);
+        job.report(0, size);
+
+        loop {
+            if job.cancelled() {
+                return Err(EngineError::Cancelled { operation, path: src_path.to_owned() });
+            }
+            // Keep every free buffer busy reading the next block.
+            while !exhausted {
+                let Some(i) = self.slots.iter().position(|s| !s.busy) else { break };
+                let Some((offset, len)) = chunks.next()? else {
+                    exhausted = true;
+                    break;
+                };
+                let want = len.min(size - offset);
+                let req = if aligned { align_up(want) } else { want };
+                self.slots[i] = Slot {
+                    busy: true,
+                    seq: next_seq,
+                    offset,
+                    want,
+                    req,
+                    write_done: dst.is_none(),
+                    hashed: hasher.is_none(),
+                    ..Slot::default()
+                };
+                next_seq += 1;
+                self.submit_read(i)?;
+            }
+
+            // Hash completed blocks in file order, holes before them as zeros.
+            if let Some(h) = hasher.as_mut() {
+                while let Some(i) = self.slots.iter().position(|s| s.busy && s.seq == next_hash_seq && s.read_done) {
+                    let s = &self.slots[i];
+                    hash_zeros(h, s.offset - hashed_upto);
+                    h.update(&self.bufs[i].as_slice()[..s.want as usize]);
+                    hashed_upto = s.offset + s.want;
+                    next_hash_seq += 1;
+                    self.slots[i].hashed = true;
+                    self.release_if_done(i);
+                }
+            }
+
+            let low_water =
+                self.slots.iter().filter(|s| s.busy).map(|s| s.offset).min().unwrap_or_else(|| chunks.position());
+            if low_water >= reported + REPORT_STEP {
+                job.report(low_water, size);
+                reported = low_water;
+            }
+
+            if self.ring.in_flight() == 0 {
+                if exhausted && self.slots.iter().all(|s| !s.busy) {
+                    break;
+                }
+                // Nothing to wait for: the hashing above freed buffers that the top of the loop refills.
+                continue;
+            }
+            completions.clear();
+            self.ring.wait(&mut completions).map_err(|source| EngineError::Ring { source })?;
+            for c in completions.iter().copied() {
+                self.complete(c, src_path, dst, detect_zeros, &mut written)?;
+            }
+        }
+
+        let sha256 = hasher.map(|mut h| {
+            hash_zeros(&mut h, size - hashed_upto);
+            h.finalize().into()
+        });
+        job.report(size, size);
+        tracing::debug!(
+            operation,
+            path = %src_path.display(),
+            size,
+            data = chunks.data_bytes,
+            written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "transfer done"
+        );
+        Ok(TransferOut { data_bytes: chunks.data_bytes, written_bytes: written, sha256 })
+    }
+
+    /// Reads the rest of block `i` (all of it the first time; the remainder after a short read).
+    fn submit_read(&mut self, i: usize) -> Result<(), EngineError> {
+        let s = &self.slots[i];
+        let buf = self.bufs[i].as_mut_ptr();
+        // SAFETY: got < req <= buffer length, so the range written by the kernel lies inside buffer i.
+        let ptr = unsafe { buf.add(s.got as usize) };
+        let entry = opcode::Read::new(types::Fd(self.src_fd), ptr, (s.req - s.got) as u32)
+            .offset(s.offset + s.got)
+            .build()
+            .user_data(user_data(OP_READ, i));
+        // SAFETY: buffer i belongs to slot i, which stays busy (nobody else touches the buffer) until this read's
+        // completion is reaped; Transfer's Drop drains the ring before the buffers can be freed.
+        unsafe { self.ring.push(&entry) }.map_err(|source| EngineError::Ring { source })
+    }
+
+    fn submit_write(&mut self, dst: &Sink<'_>, i: usize) -> Result<(), EngineError> {
+        let s = &self.slots[i];
+        let len = if dst.direct { align_up(s.want) } else { s.want };
+        // SAFETY: put < len <= buffer length (want <= block size, and the buffer is a whole number of
+        // DIRECT_ALIGN blocks), so the pointer stays inside buffer i.
+        let ptr = unsafe { self.bufs[i].as_ptr().add(s.put as usize) };
+        let entry = opcode::Write::new(types::Fd(dst.file.as_raw_fd()), ptr, (len - s.put) as u32)
+            .offset(s.offset + s.put)
+            .build()
+            .user_data(user_data(OP_WRITE, i));
+        self.slots[i].writing = true;
+        // SAFETY: as for reads: the slot stays busy and its buffer unmodified until the write's completion is
+        // reaped, and Drop drains the ring first.
+        unsafe { self.ring.push(&entry) }.map_err(|source| EngineError::Ring { source })
+    }
+
+    fn release_if_done(&mut self, i: usize) {
+        let s = &self.slots[i];
+        if s.read_done && s.write_done && !s.writing && s.hashed {
+            self.slots[i].busy = false;
+        }
+    }
+
+    fn complete(
+        &mut self,
+        c: Completion,
+        src_path: &Path,
+        dst: Option<&Sink<'_>>,
+        detect_zeros: bool,
+        written: &mut u64,
+    ) -> Result<(), EngineError> {
+        let i = (c.user_data & 0xffff_ffff) as usize;
+        match c.user_data >> 32 {
+            OP_READ => {
+                let s = &self.slots[i];
+                let n = c.bytes().map_err(|source| EngineError::Read {
+                    path: src_path.to_owned(),
+                    offset: s.offset + s.got,
+                    source,
+                })? as u64;
+                if n == 0 {
+                    return Err(EngineError::ShortRead { path: src_path.to_owned(), offset: s.offset + s.got });
+                }
+                self.slots[i].got += n;
+                let s = &self.slots[i];
+                if s.got < s.want {
+                    return self.submit_read(i);
+                }
+                let want = s.want as usize;
+                self.slots[i].read_done = true;
+                if let Some(dst) = dst {
+                    let zero = detect_zeros && is_zero(&self.bufs[i].as_slice()[..want]);
+                    if zero {
+                        self.slots[i].write_done = true;
+                    } else {
+                        self.submit_write(dst, i)?;
+                    }
+                }
+                self.release_if_done(i);
+            }
+            _ => {
+                let dst = dst.expect("write completion without a destination");
+                let s = &self.slots[i];
+                let n = c.bytes().map_err(|source| EngineError::Write {
+                    path: dst.path.to_owned(),
+                    offset: s.offset + s.put,
+                    source,
+                })? as u64;
+                if n == 0 {
+                    return Err(EngineError::Write {
+                        path: dst.path.to_owned(),
+                        offset: s.offset + s.put,
+                        source: io::Error::from(io::ErrorKind::WriteZero),
+                    });
+                }
+                let len = if dst.direct { align_up(s.want) } else { s.want };
+                self.slots[i].put += n;
+                self.slots[i].writing = false;
+                if self.slots[i].put < len {
+                    return self.submit_write(dst, i);
+                }
+                *written += self.slots[i].want;
+                self.slots[i].write_done = true;
+                self.release_if_done(i);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn hash_zeros(h: &mut Sha256, mut n: u64) {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..k]);
+        n -= k as u64;
+    }
+}
+
+/// Copies `src` to a new file `dst` (see [`super::Engine::copy`]); also the body of import, which adds the size and
+/// checksum checks.
+pub(crate) fn copy(
+    worker: &mut Worker,
+    job: &JobCtl,
+    src: &Path,
+    dst: &Path,
+    opts: &CopyOptions,
+    expect: Option<&ImportOptions>,
+) -> Result<CopyReport, EngineError> {
+    let operation = if expect.is_some() { "import" } else { "copy" };
+    let started = Instant::now();
+    let direct = worker.config.direct;
+    let (src_file, size, src_direct) = open_source(src, direct)?;
+    if let Some(expected) = expect.and_then(|e| e.size) {
+        if expected != size {
+            return Err(EngineError::SizeMismatch { path: src.to_owned(), expected, actual: size });
+        }
+    }
+    refuse_existing(dst)?;
+    let (tmp, file, dst_direct) = create_temp(dst, direct)?;
+    let tmp_path = tmp.path().to_owned();
+    set_len(&file, &tmp_path, size)?;
+    let want_hash = expect.is_some_and(|e| e.sha256.is_some()) || opts.sha256;
+    let out = transfer(
+        worker,
+        job,
+        operation,
+        (&src_file, src, src_direct),
+        size,
+        Some(Sink { file: &file, path: &tmp_path, direct: dst_direct }),
+        want_hash,
+    )?;
+    // O_DIRECT writes whole blocks, which may have run past an unaligned end; growing makes the rest a hole.
+    let final_size = opts.grow_to.map_or(size, |g| g.max(size));
+    if dst_direct || final_size != size {
+        set_len(&file, &tmp_path, final_size)?;
+    }
+    let sha256 = out.sha256.map(Digest);
+    if let (Some(expected), Some(actual)) = (expect.and_then(|e| e.sha256), sha256) {
+        if expected != actual {
+            return Err(EngineError::ChecksumMismatch { path: src.to_owned(), expected, actual });
+        }
+    }
+    if job.cancelled() {
+        return Err(EngineError::Cancelled { operation, path: src.to_owned() });
+    }
+    commit(&mut worker.ring, tmp, file, dst, opts.sync)?;
+    Ok(CopyReport {
+        size: final_size,
+        data_bytes: out.data_bytes,
+        written_bytes: out.written_bytes,
+        sha256,
+        elapsed: started.elapsed(),
+    })
+}
+
+pub(crate) fn sha256(worker: &mut Worker, job: &JobCtl, path: &Path) -> Result<Digest, EngineError> {
+    let (file, size, direct) = open_source(path, worker.config.direct)?;
+    let out = transfer(worker, job, "sha256", (&file, path, direct), size, None, true)?;
+    Ok(Digest(out.sha256.expect("hash requested")))
+}
+
+pub(crate) fn create_raw(
+    worker: &mut Worker,
+    job: &JobCtl,
+    path: &Path,
+    size: u64,
+    prealloc: Preallocation,
+) -> Result<(), EngineError> {
+    refuse_existing(path)?;
+    let (tmp, file, _) = create_temp(path, false)?;
+    let tmp_path = tmp.path().to_owned();
+    job.report(0, size);
+    set_len(&file, &tmp_path, size)?;
+    if prealloc == Preallocation::Full && size > 0 {
+        worker.ring.fallocate(file.as_raw_fd(), 0, 0, size).map_err(|source| EngineError::Allocate {
+            path: tmp_path.clone(),
+            offset: 0,
+            len: size,
+            source,
+        })?;
+    }
+    if job.cancelled() {
+        return Err(EngineError::Cancelled { operation: "create", path: path.to_owned() });
+    }
+    commit(&mut worker.ring, tmp, file, path, true)?;
+    job.report(size, size);
+    Ok(())
+}
+
+pub(crate) fn resize(
+    worker: &mut Worker,
+    path: &Path,
+    new_size: u64,
+    opts: &ResizeOptions,
+) -> Result<u64, EngineError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|source| EngineError::Open { path: path.to_owned(), source })?;
+    let current = file.metadata().map_err(|source| EngineError::Stat { path: path.to_owned(), source })?.len();
+    if new_size < current && !opts.allow_shrink {
+        return Err(EngineError::ShrinkRefused { path: path.to_owned(), current, requested: new_size });
+    }
+    set_len(&file, path, new_size)?;
+    if opts.preallocation == Preallocation::Full && new_size > current {
+        worker.ring.fallocate(file.as_raw_fd(), 0, current, new_size - current).map_err(|source| {
+            EngineError::Allocate { path: path.to_owned(), offset: current, len: new_size - current, source }
+        })?;
+    }
+    worker.ring.fsync(file.as_raw_fd()).map_err(|source| EngineError::Sync { path: path.to_owned(), source })?;
+    Ok(current)
+}
+
+/// Makes every byte of `path` read as zero, freeing its blocks where the filesystem can punch holes and writing
+/// zeros where it cannot.
+pub(crate) fn zero(worker: &mut Worker, job: &JobCtl, path: &Path) -> Result<ZeroReport, EngineError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|source| EngineError::Open { path: path.to_owned(), source })?;
+    let size = file.metadata().map_err(|source| EngineError::Stat { path: path.to_owned(), source })?.len();
+    job.report(0, size);
+    let mode = (FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE).bits() as i32;
+    let punched = match worker.ring.fallocate(file.as_raw_fd(), mode, 0, size) {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+        Err(source) => return Err(EngineError::Allocate { path: path.to_owned(), offset: 0, len: size, source }),
+    };
+    if !punched {
+        write_zeros(worker, job, &file, path, size)?;
+    }
+    worker.ring.fsync(file.as_raw_fd()).map_err(|source| EngineError::Sync { path: path.to_owned(), source })?;
+    job.report(size, size);
+    Ok(ZeroReport { size, punched })
+}
+
+/// Writes zeros over `[0, size)`, `queue_depth` blocks in flight, all from one zeroed buffer.
+fn write_zeros(worker: &mut Worker, job: &JobCtl, file: &File, path: &Path, size: u64) -> Result<(), EngineError> {
+    struct Drain<'a>(&'a mut Ring);
+    impl Drop for Drain<'_> {
+        fn drop(&mut self) {
+            self.0.drain();
+        }
+    }
+    let block = worker.config.block_size as u64;
+    let depth = worker.config.queue_depth;
+    let zeros = AlignedBuf::new(block as usize);
+    let ring = Drain(&mut worker.ring);
+    let mut next = 0u64;
+    let mut completions = Vec::new();
+    // Offsets of the writes in flight, to name the one that failed.
+    let mut pending = std::collections::HashMap::new();
+    let mut id = 0u64;
+    loop {
+        if job.cancelled() {
+            return Err(EngineError::Cancelled { operation: "zero", path: path.to_owned() });
+        }
+        while ring.0.in_flight() < depth && next < size {
+            let len = block.min(size - next);
+            let entry = opcode::Write::new(types::Fd(file.as_raw_fd()), zeros.as_ptr(), len as u32)
+                .offset(next)
+                .build()
+                .user_data(id);
+            // SAFETY: `zeros` is only read by the kernel and outlives every write: the Drain guard, declared after
+            // it, drains the ring before `zeros` is dropped.
+            unsafe { ring.0.push(&entry) }.map_err(|source| EngineError::Ring { source })?;
+            pending.insert(id, (next, len));
+            id += 1;
+            next += len;
+        }
+        if ring.0.in_flight() == 0 {
+            return Ok(());
+        }
+        completions.clear();
+        ring.0.wait(&mut completions).map_err(|source| EngineError::Ring { source })?;
+        for c in &completions {
+            let (offset, len) = pending.remove(&c.user_data).expect("known write");
+            let n = c.bytes().map_err(|source| EngineError::Write { path: path.to_owned(), offset, source })?;
+            if (n as u64) < len {
+                // Rare; finish this range synchronously rather than track partial zero writes.
+                use std::os::unix::fs::FileExt;
+                let rest = (len - n as u64) as usize;
+                file.write_all_at(&zeros.as_slice()[..rest], offset + n as u64).map_err(|source| {
+                    EngineError::Write { path: path.to_owned(), offset: offset + n as u64, source }
+                })?;
+            }
+        }
+        let done = next - pending.values().map(|(_, l)| l).sum::<u64>();
+        job.report(done, size);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::control::{Cancel, JobCtl};
+    use crate::OpControl;
+
+    #[test]
+    fn write_zeros_covers_unaligned_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![0xa5u8; 300_001]).unwrap();
+        let cfg = EngineConfig { queue_depth: 3, block_size: 64 << 10, ..EngineConfig::default() };
+        let mut worker = Worker::new(cfg).unwrap();
+        let job = JobCtl { ctl: OpControl::new(), dropped: Cancel::new() };
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        write_zeros(&mut worker, &job, &file, &path, 300_001).unwrap();
+        let back = std::fs::read(&path).unwrap();
+        assert_eq!(back.len(), 300_001);
+        assert!(back.iter().all(|&b| b == 0));
+        assert_eq!(job.ctl.progress().done, 300_001);
+    }
+}

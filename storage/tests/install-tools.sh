@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the qx-storage integration tests use, when missing: qemu-img/qemu-io (qemu-utils),
+# fsck.fat (dosfstools), mdir/mtype (mtools), blkid (util-linux), chattr (e2fsprogs). Needs root when it installs.
+set -euo pipefail
+
+need=()
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v qemu-io >/dev/null || need+=(qemu-utils)
+command -v fsck.fat >/dev/null || [ -x /sbin/fsck.fat ] || need+=(dosfstools)
+command -v mdir >/dev/null || need+=(mtools)
+command -v blkid >/dev/null || [ -x /sbin/blkid ] || need+=(util-linux)
+command -v chattr >/dev/null || need+=(e2fsprogs)
+[ ${#need[@]} -eq 0 ] && exit 0
+
+mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+echo "install-tools: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get -o DPkg::Lock::Timeout=300 update -qq >&2
+apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need[@]}" >&2
