@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use qx_net::vswitch::DatapathType;
 use qx_vmm::spec::{AccelChoice, FieldError};
 use qx_vmm::ValidationErrors;
 use serde::Deserialize;
@@ -26,6 +27,24 @@ pub struct NodeConfig {
     pub stop_timeout_seconds: u64,
     /// Stands for `/` when reading `/proc`, `/sys` and `/dev`; only tests change it. Default: `/`.
     pub host_root: PathBuf,
+    pub ovs: OvsConfig,
+}
+
+/// Where Open vSwitch is. qx-node connects on first use, so it starts (and runs VMs without networks) when OVS
+/// is down; network operations then say so.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OvsConfig {
+    /// ovsdb-server's unix socket. Default: `/run/openvswitch/db.sock`.
+    pub socket: PathBuf,
+    /// `system` (the kernel datapath, on hosts) or `netdev` (userspace). Default: `system`.
+    pub datapath_type: DatapathType,
+}
+
+impl Default for OvsConfig {
+    fn default() -> Self {
+        Self { socket: PathBuf::from("/run/openvswitch/db.sock"), datapath_type: DatapathType::System }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -53,6 +72,7 @@ impl Default for NodeConfig {
             accelerator: AccelChoice::Auto,
             stop_timeout_seconds: 60,
             host_root: PathBuf::from("/"),
+            ovs: OvsConfig::default(),
         }
     }
 }
@@ -98,9 +118,13 @@ impl NodeConfig {
         if self.node_name.is_empty() || self.node_name.len() > 253 || self.node_name.chars().any(char::is_control) {
             problem("node_name", self.node_name.clone(), "must be 1-253 characters without control characters");
         }
-        for (field, path) in
-            [("data_dir", &self.data_dir), ("listen.unix", &self.listen.unix), ("host_root", &self.host_root)]
-        {
+        let paths = [
+            ("data_dir", &self.data_dir),
+            ("listen.unix", &self.listen.unix),
+            ("host_root", &self.host_root),
+            ("ovs.socket", &self.ovs.socket),
+        ];
+        for (field, path) in paths {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
             }

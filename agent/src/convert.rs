@@ -9,6 +9,7 @@ use qx_vmm::spec::{
 };
 use qx_vmm::{ValidationErrors, VmEvent, VmInfo, VmSpec, VmState};
 
+use crate::network::{NetworkSpec, NicStatus};
 use crate::node::NodeInfo;
 
 /// Collects conversion problems so that every bad field is reported at once.
@@ -96,7 +97,12 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         .iter()
         .enumerate()
         .map(|(i, nic)| NicSpec {
-            kind: p.choice(format!("nics[{i}].kind"), &nic.kind, |v| (v == "user").then_some(NicKind::User)),
+            kind: p.choice(format!("nics[{i}].kind"), &nic.kind, |v| match v {
+                "user" => Some(NicKind::User),
+                "network" => Some(NicKind::Network),
+                _ => None,
+            }),
+            network: (!nic.network.is_empty()).then(|| nic.network.clone()),
             mac: (!nic.mac.is_empty()).then(|| nic.mac.clone()),
         })
         .collect();
@@ -156,11 +162,43 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         nics: spec
             .nics
             .iter()
-            .map(|n| pb::Nic { kind: n.kind.to_string(), mac: n.mac.clone().unwrap_or_default() })
+            .map(|n| pb::Nic {
+                kind: n.kind.to_string(),
+                mac: n.mac.clone().unwrap_or_default(),
+                network: n.network.clone().unwrap_or_default(),
+            })
             .collect(),
         serial: Some(spec.serial),
         vnc_display: spec.vnc_display,
         labels: spec.labels.clone().into_iter().collect(),
+    }
+}
+
+pub fn network_to_pb(network: &NetworkSpec) -> pb::Network {
+    pb::Network {
+        name: network.name.clone(),
+        bridge: network.bridge.clone(),
+        vlan: network.vlan.unwrap_or(0).into(),
+        mtu: network.mtu.unwrap_or(0),
+    }
+}
+
+/// Zero means "none" on the wire; values that do not fit are passed on for validation to refuse.
+pub fn network_from_pb(network: pb::Network) -> NetworkSpec {
+    NetworkSpec {
+        name: network.name,
+        bridge: network.bridge,
+        vlan: (network.vlan != 0).then(|| u16::try_from(network.vlan).unwrap_or(u16::MAX)),
+        mtu: (network.mtu != 0).then_some(network.mtu),
+    }
+}
+
+pub fn nic_status_to_pb(nic: &NicStatus) -> pb::NicStatus {
+    pb::NicStatus {
+        index: nic.index as u32,
+        network: nic.network.clone(),
+        tap: nic.tap.clone(),
+        ofport: nic.ofport.unwrap_or(0),
     }
 }
 
@@ -184,6 +222,7 @@ pub fn vm_to_pb(vm: &VmInfo) -> pb::Vm {
             started_at_unix: vm.started_at_unix.unwrap_or(0),
             accelerator: vm.accel.map(|a| a.to_string()).unwrap_or_default(),
             last_reason: vm.reason.clone(),
+            nics: Vec::new(),
         }),
     }
 }

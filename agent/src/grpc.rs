@@ -14,7 +14,10 @@ use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use crate::convert::{event_to_pb, node_info_to_pb, spec_from_request, vm_to_pb};
+use crate::convert::{
+    event_to_pb, network_from_pb, network_to_pb, nic_status_to_pb, node_info_to_pb, spec_from_request, vm_to_pb,
+};
+use crate::network::NetworkError;
 use crate::node::Node;
 
 type ServiceStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -40,6 +43,19 @@ pub fn status(error: VmError) -> Status {
         VmError::AlreadyExists(_) => Status::already_exists(message),
         VmError::WrongState { .. } | VmError::NoConsole { .. } => Status::failed_precondition(message),
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
+    }
+}
+
+/// Network errors to gRPC status codes.
+pub fn network_status(error: NetworkError) -> Status {
+    let message = error_chain(&error);
+    match error {
+        NetworkError::Invalid(_) => Status::invalid_argument(message),
+        NetworkError::NotFound(_) => Status::not_found(message),
+        NetworkError::AlreadyExists(_) => Status::already_exists(message),
+        NetworkError::InUse { .. } => Status::failed_precondition(message),
+        NetworkError::Unreachable { .. } => Status::unavailable(message),
+        NetworkError::Switch { .. } | NetworkError::Persist { .. } => Status::internal(message),
     }
 }
 
@@ -74,7 +90,10 @@ impl NodeService for NodeApi {
     }
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        vm_reply(self.node.vms().get(&request.into_inner().name))
+        let (vm, nics) = self.node.vm(&request.into_inner().name).await.map_err(status)?;
+        let mut reply = vm_to_pb(&vm);
+        reply.runtime.get_or_insert_default().nics = nics.iter().map(nic_status_to_pb).collect();
+        Ok(Response::new(reply))
     }
 
     async fn list_vms(&self, _: Request<pb::ListVmsRequest>) -> Result<Response<pb::ListVmsResponse>, Status> {
@@ -126,6 +145,31 @@ impl NodeService for NodeApi {
     async fn resume_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
         vm_reply(self.node.vms().resume(&name).instrument(info_span!("ResumeVm", vm = %name)).await)
+    }
+
+    async fn create_network(&self, request: Request<pb::Network>) -> Result<Response<pb::Network>, Status> {
+        let spec = network_from_pb(request.into_inner());
+        let span = info_span!("CreateNetwork", network = %spec.name);
+        let created = self.node.create_network(spec).instrument(span).await.map_err(network_status)?;
+        Ok(Response::new(network_to_pb(&created)))
+    }
+
+    async fn list_networks(
+        &self,
+        _: Request<pb::ListNetworksRequest>,
+    ) -> Result<Response<pb::ListNetworksResponse>, Status> {
+        let networks = self.node.networks().list().iter().map(network_to_pb).collect();
+        Ok(Response::new(pb::ListNetworksResponse { networks }))
+    }
+
+    async fn delete_network(
+        &self,
+        request: Request<pb::NetworkRef>,
+    ) -> Result<Response<pb::DeleteNetworkResponse>, Status> {
+        let name = request.into_inner().name;
+        let span = info_span!("DeleteNetwork", network = %name);
+        self.node.delete_network(&name).instrument(span).await.map_err(network_status)?;
+        Ok(Response::new(pb::DeleteNetworkResponse {}))
     }
 
     type WatchEventsStream = ServiceStream<pb::VmEvent>;

@@ -18,5 +18,6 @@ pub mod client;
 pub mod config;
 mod convert;
 pub mod grpc;
+pub mod network;
 pub mod node;
 pub mod server;

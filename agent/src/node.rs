@@ -1,5 +1,6 @@
 //! `Node`: the one domain type the front ends (gRPC, and through it qxctl and qx-console) call.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use qx_vmm::spec::AccelChoice;
@@ -7,6 +8,7 @@ use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmManager, VmSta
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
+use crate::network::{NetworkError, NetworkSpec, Networks, NicStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -42,6 +44,7 @@ pub struct NodeInfo {
 pub struct Node {
     config: NodeConfig,
     qemu_version: String,
+    networks: Arc<Networks>,
     vms: VmManager,
 }
 
@@ -52,16 +55,23 @@ impl Node {
         let host = HostRoot::new(&config.host_root);
         let accel = choose_accel(config.accelerator, accel::detect(&host));
         info!(accelerator = %accel.accel, reason = %accel.reason, qemu = %qemu_version, "host checked");
-        let vms = VmManager::open(ManagerConfig {
-            data_dir: config.data_dir.clone(),
-            qemu_binary: config.qemu_binary.clone(),
-            host,
-            accel,
-            stop_timeout: Duration::from_secs(config.stop_timeout_seconds),
-        })
+        let networks = Networks::open(&config.data_dir, config.ovs.clone())
+            .map(Arc::new)
+            .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
+        let backend: Arc<dyn qx_vmm::NetworkBackend> = Arc::clone(&networks) as _;
+        let vms = VmManager::open(
+            ManagerConfig {
+                data_dir: config.data_dir.clone(),
+                qemu_binary: config.qemu_binary.clone(),
+                host,
+                accel,
+                stop_timeout: Duration::from_secs(config.stop_timeout_seconds),
+            },
+            Some(backend),
+        )
         .await
         .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        Ok(Self { config, qemu_version, vms })
+        Ok(Self { config, qemu_version, networks, vms })
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -71,6 +81,34 @@ impl Node {
     /// VM lifecycle operations; see `VmManager` for the states in which each is valid.
     pub fn vms(&self) -> &VmManager {
         &self.vms
+    }
+
+    pub fn networks(&self) -> &Networks {
+        &self.networks
+    }
+
+    /// Creates a network (and its bridge, when missing).
+    pub async fn create_network(&self, spec: NetworkSpec) -> Result<NetworkSpec, NetworkError> {
+        self.networks.create(spec).await
+    }
+
+    /// Deletes a network no VM names.
+    pub async fn delete_network(&self, name: &str) -> Result<(), NetworkError> {
+        let users = self
+            .vms
+            .list()
+            .into_iter()
+            .filter(|vm| vm.spec.nics.iter().any(|nic| nic.network.as_deref() == Some(name)))
+            .map(|vm| vm.spec.name)
+            .collect();
+        self.networks.delete(name, users).await
+    }
+
+    /// A VM with its network NICs' switch ports.
+    pub async fn vm(&self, name: &str) -> Result<(qx_vmm::VmInfo, Vec<NicStatus>), qx_vmm::VmError> {
+        let vm = self.vms.get(name)?;
+        let nics = self.networks.nic_status(&vm.spec).await;
+        Ok((vm, nics))
     }
 
     pub async fn info(&self) -> NodeInfo {

@@ -5,99 +5,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+mod common;
+
+use common::*;
 use qx_agent::client::connect;
 use qx_proto::node::v1 as pb;
-use qx_proto::node::v1::node_service_client::NodeServiceClient;
-use qx_test_infra::{pid_alive, test_guest, wait_until, Daemon, READY_LINE};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use qx_test_infra::{pid_alive, test_guest, wait_until, READY_LINE};
 use tonic::Code;
-
-/// Several TCG guests boot at once on two cores during the test run; one alone takes about 5 s.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-type Client = NodeServiceClient<Channel>;
-
-fn daemon() -> Daemon {
-    test_guest();
-    Daemon::start(Path::new(env!("CARGO_BIN_EXE_qx-node")))
-}
-
-async fn client(daemon: &Daemon) -> Client {
-    connect(daemon.socket()).await.expect("connect to qx-node")
-}
-
-async fn create(client: &mut Client, name: &str) -> pb::Vm {
-    let spec_text = test_guest().spec_yaml(name, "nics:\n  - kind: user\n");
-    client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm").into_inner()
-}
-
-async fn start(client: &mut Client, name: &str) -> pb::Vm {
-    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm").into_inner()
-}
-
-fn state(vm: &pb::Vm) -> pb::VmState {
-    pb::VmState::try_from(vm.state).unwrap_or_default()
-}
-
-fn pid(vm: &pb::Vm) -> u32 {
-    vm.runtime.as_ref().map_or(0, |r| r.pid)
-}
-
-async fn get(client: &mut Client, name: &str) -> pb::Vm {
-    client.get_vm(pb::VmRef { name: name.into() }).await.expect("GetVm").into_inner()
-}
-
-/// A console session: output accumulates in `seen`.
-struct Console {
-    input: mpsc::Sender<pb::ConsoleInput>,
-    output: tonic::Streaming<pb::ConsoleOutput>,
-    seen: String,
-}
-
-impl Console {
-    async fn open(client: &mut Client, name: &str) -> Self {
-        let (input, rx) = mpsc::channel(8);
-        input.send(pb::ConsoleInput { vm: name.into(), history: true, data: Vec::new() }).await.unwrap();
-        let output = client.console(ReceiverStream::new(rx)).await.expect("Console").into_inner();
-        Self { input, output, seen: String::new() }
-    }
-
-    /// Waits until the output since the session opened contains `needle`.
-    async fn expect(&mut self, needle: &str, timeout: Duration) {
-        self.expect_count(needle, 1, timeout).await;
-    }
-
-    /// Waits until `needle` has appeared `count` times since the session opened.
-    async fn expect_count(&mut self, needle: &str, count: usize, timeout: Duration) {
-        let found = tokio::time::timeout(timeout, async {
-            while self.seen.matches(needle).count() < count {
-                match self.output.message().await {
-                    Ok(Some(chunk)) => self.seen.push_str(&String::from_utf8_lossy(&chunk.data)),
-                    _ => return false,
-                }
-            }
-            true
-        })
-        .await;
-        assert!(matches!(found, Ok(true)), "console never showed {needle:?} {count} times; it showed:\n{}", self.seen);
-    }
-
-    /// Types a shell command and waits for its answer; `$((..))` keeps the echo of the command itself from
-    /// matching.
-    async fn run(&mut self, a: u32, b: u32) {
-        let command = format!("echo qx-answer-$(({a}+{b}))\n");
-        self.input.send(pb::ConsoleInput { data: command.into_bytes(), ..Default::default() }).await.unwrap();
-        self.expect(&format!("qx-answer-{}", a + b), Duration::from_secs(30)).await;
-    }
-}
-
-async fn boot(client: &mut Client, name: &str) -> Console {
-    let mut console = Console::open(client, name).await;
-    console.expect(READY_LINE, BOOT_TIMEOUT).await;
-    console
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_create_boot_pause_resume_reboot_stop_update_delete() {

@@ -118,6 +118,7 @@ pub fn pids_with_arg(needle: &str) -> Vec<i32> {
 pub struct Daemon {
     binary: PathBuf,
     log_filter: String,
+    config: Option<PathBuf>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -131,8 +132,19 @@ impl Daemon {
 
     /// Like `start`, with a tracing filter of the caller's choice (benchmarks want `warn`).
     pub fn start_with_log(binary: &Path, log_filter: &str) -> Self {
+        Self::start_with(binary, log_filter, None)
+    }
+
+    /// Like `start_with_log`, and with a YAML config file holding `config` when given.
+    pub fn start_with(binary: &Path, log_filter: &str, config: Option<&str>) -> Self {
         let dir = tempfile::Builder::new().prefix("qx-test-").tempdir().expect("temp dir");
-        let mut daemon = Self { binary: binary.to_owned(), log_filter: log_filter.to_owned(), child: None, dir };
+        let config = config.map(|text| {
+            let path = dir.path().join("node.yaml");
+            std::fs::write(&path, text).expect("write node.yaml");
+            path
+        });
+        let mut daemon =
+            Self { binary: binary.to_owned(), log_filter: log_filter.to_owned(), config, child: None, dir };
         daemon.restart();
         daemon
     }
@@ -165,7 +177,11 @@ impl Daemon {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the daemon is still running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log()).expect("daemon log");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        let child = command
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")

@@ -81,6 +81,17 @@ pub struct Hardware {
     /// `netdev_add` arguments; rendered as keyval `-netdev` values.
     pub netdevs: Vec<Value>,
     pub devices: Vec<Device>,
+    /// NICs on node networks, plugged over QMP before the vCPUs run: their taps are handed to QEMU as fds
+    /// (`getfd` + `netdev_add`), so they cannot be on the command line. Indexed like `VmSpec::nics`.
+    pub network_nics: Vec<NetworkNic>,
+}
+
+/// A NIC whose backend qx-node creates at start: the netdev id to give its tap and the device to plug.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkNic {
+    pub index: usize,
+    pub netdev: String,
+    pub device: Device,
 }
 
 impl Hardware {
@@ -139,18 +150,21 @@ impl Hardware {
 
         for (i, nic) in spec.nics.iter().enumerate() {
             let netdev = format!("net{i}");
-            match nic.kind {
-                NicKind::User => hw.netdevs.push(json!({ "type": "user", "id": netdev })),
-            }
             let mut dev = Device::new("virtio-net-pci", format!("nic{i}"));
             if let Some(bus) = bus_for(&mut hw) {
                 dev = dev.prop("bus", bus);
             }
-            dev = dev.prop("netdev", netdev);
+            dev = dev.prop("netdev", netdev.as_str());
             if let Some(mac) = &nic.mac {
                 dev = dev.prop("mac", mac.as_str());
             }
-            hw.devices.push(dev);
+            match nic.kind {
+                NicKind::User => {
+                    hw.netdevs.push(json!({ "type": "user", "id": netdev }));
+                    hw.devices.push(dev);
+                }
+                NicKind::Network => hw.network_nics.push(NetworkNic { index: i, netdev, device: dev }),
+            }
         }
 
         for _ in 0..SPARE_HOTPLUG_PORTS {
@@ -243,7 +257,7 @@ mod tests {
             cache: CacheMode::None,
             aio: AioMode::IoUring,
         });
-        spec.nics.push(NicSpec { kind: NicKind::User, mac: Some("52:54:00:12:34:56".into()) });
+        spec.nics.push(NicSpec { kind: NicKind::User, network: None, mac: Some("52:54:00:12:34:56".into()) });
         spec
     }
 
@@ -325,6 +339,24 @@ mod tests {
             nic.to_qmp(),
             json!({"driver": "virtio-net-pci", "id": "nic0", "bus": "rp2", "netdev": "net0", "mac": "52:54:00:12:34:56"})
         );
+    }
+
+    #[test]
+    fn network_nics_are_left_for_qmp_with_their_port_reserved() {
+        let mut spec = spec();
+        spec.nics.push(NicSpec {
+            kind: NicKind::Network,
+            network: Some("lan".into()),
+            mac: Some("52:54:00:00:00:09".into()),
+        });
+        let hw = Hardware::from_spec(&spec);
+        assert_eq!(hw.network_nics.len(), 1);
+        let nic = &hw.network_nics[0];
+        assert_eq!((nic.index, nic.netdev.as_str()), (1, "net1"));
+        assert_eq!(nic.device.to_qmp()["bus"], "rp3");
+        assert!(hw.devices.iter().any(|d| d.id == "rp3"), "its root port is on the command line");
+        assert!(hw.devices.iter().all(|d| d.id != "nic1"), "the NIC itself is not");
+        assert_eq!(hw.netdevs.len(), 1, "only the user-mode NIC has a command-line netdev");
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //!     accel: accel::detect(&host),
 //!     host,
 //!     stop_timeout: Duration::from_secs(60),
-//! })
+//! }, None)
 //! .await?;
 //! let spec = VmSpec::from_text("name: web1\nkernel:\n  kernel: /boot/vmlinuz\n")?;
 //! manager.create(spec).await?;
@@ -30,6 +30,7 @@ pub mod cmdline;
 pub mod console;
 pub mod host;
 mod manager;
+pub mod network;
 pub mod persist;
 pub mod process;
 pub mod spec;
@@ -39,5 +40,6 @@ pub use accel::{Accel, AccelProbe};
 pub use console::SerialConsole;
 pub use host::HostRoot;
 pub use manager::{ManagerConfig, VmError, VmInfo, VmManager};
+pub use network::NetworkBackend;
 pub use spec::{ValidationErrors, VmSpec};
 pub use state::{VmEvent, VmState};

@@ -20,9 +20,10 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::accel::{Accel, AccelProbe};
-use crate::cmdline::{qemu_args, LaunchLayout};
+use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
 use crate::console::{ConsoleError, SerialConsole};
 use crate::host::HostRoot;
+use crate::network::{network_nics, NetworkBackend};
 use crate::persist::{read_tail, write_atomic, StateRecord, VmDir};
 use crate::process::{read_pidfile, ProcessError, QemuProcess};
 use crate::spec::{AccelChoice, RealFiles, ValidationErrors, VmSpec};
@@ -201,6 +202,8 @@ impl Entry {
 
 struct Inner {
     config: ManagerConfig,
+    /// Provides NICs on node networks; `None` where the node has no switch configured.
+    network: Option<Arc<dyn NetworkBackend>>,
     vms_dir: PathBuf,
     vms: RwLock<BTreeMap<String, Arc<Entry>>>,
     /// Serializes create and delete, which change the set of VMs and their directories.
@@ -234,14 +237,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl VmManager {
-    /// Loads every VM under the data directory and reattaches to the QEMUs that still run.
-    pub async fn open(config: ManagerConfig) -> std::io::Result<Self> {
+    /// Loads every VM under the data directory and reattaches to the QEMUs that still run. `network` provides
+    /// NICs on node networks (none: such NICs are refused at start).
+    pub async fn open(config: ManagerConfig, network: Option<Arc<dyn NetworkBackend>>) -> std::io::Result<Self> {
         let vms_dir = config.data_dir.join("vms");
         fs::create_dir_all(&vms_dir)?;
         let (events, _) = broadcast::channel(1024);
         let manager = Self {
             inner: Arc::new(Inner {
                 config,
+                network,
                 vms_dir,
                 vms: RwLock::new(BTreeMap::new()),
                 membership: tokio::sync::Mutex::new(()),
@@ -335,6 +340,7 @@ impl VmManager {
     async fn lost(&self, entry: &Arc<Entry>, reason: String) {
         let dir = entry.dir.clone();
         blocking(move || dir.remove_runtime_files()).await;
+        self.detach_networks(entry).await;
         {
             let mut status = entry.status();
             status.record.pid = None;
@@ -458,6 +464,7 @@ impl VmManager {
         let spec = entry.status().spec.clone();
         let spec = validated(spec).await?;
         let accel = self.resolve_accel(&spec)?;
+        self.check_networks(&spec).await?;
         self.set_state(&entry, VmState::Starting, "start requested").await;
         match self.launch(&entry, &spec, accel).await {
             Ok(runtime) => {
@@ -478,6 +485,50 @@ impl VmManager {
                 self.set_state(&entry, previous, &format!("start failed: {e}")).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Refuses, before anything is created, a VM whose networks are missing or unreachable.
+    async fn check_networks(&self, spec: &VmSpec) -> Result<(), VmError> {
+        let Some(first) = network_nics(spec).next() else { return Ok(()) };
+        match &self.inner.network {
+            Some(backend) => backend.check(spec).await.map_err(VmError::from),
+            None => {
+                let network = spec.nics[first].network.clone().unwrap_or_default();
+                let field = format!("nics[{first}].network");
+                Err(ValidationErrors::one(field, network, "cannot be attached: this node has no switch configured")
+                    .into())
+            }
+        }
+    }
+
+    /// Plugs NIC `nic` into QEMU: the backend's tap fds over `getfd`, a tap netdev, then the device.
+    async fn plug_network_nic(&self, qmp: &QmpClient, spec: &VmSpec, nic: &NetworkNic) -> Result<(), String> {
+        let backend = self.inner.network.as_ref().ok_or("no network backend")?;
+        let fds = backend.attach(spec, nic.index).await?;
+        let mut names = Vec::with_capacity(fds.len());
+        for (queue, fd) in fds.iter().enumerate() {
+            let name = format!("{}-q{queue}", nic.netdev);
+            qmp.getfd(&name, std::os::fd::AsFd::as_fd(fd)).await.map_err(|e| format!("getfd {name}: {e}"))?;
+            names.push(name);
+        }
+        let netdev = match names.as_slice() {
+            [one] => json!({ "type": "tap", "id": nic.netdev, "fd": one }),
+            many => json!({ "type": "tap", "id": nic.netdev, "fds": many.join(":") }),
+        };
+        qmp.execute_raw("netdev_add", Some(netdev)).await.map_err(|e| format!("netdev_add {}: {e}", nic.netdev))?;
+        qmp.execute_raw("device_add", Some(nic.device.to_qmp()))
+            .await
+            .map_err(|e| format!("device_add {}: {e}", nic.device.id))?;
+        Ok(())
+    }
+
+    /// Removes the host side of every network NIC of the VM; idempotent.
+    async fn detach_networks(&self, entry: &Entry) {
+        let Some(backend) = &self.inner.network else { return };
+        let spec = entry.status().spec.clone();
+        for index in network_nics(&spec) {
+            backend.detach(&spec, index).await;
         }
     }
 
@@ -528,6 +579,9 @@ impl VmManager {
             } else {
                 None
             };
+            for nic in &Hardware::from_spec(spec).network_nics {
+                self.plug_network_nic(&qmp, spec, nic).await.map_err(|e| ("plugging a network NIC", e.into()))?;
+            }
             qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
             Ok::<_, (&'static str, Box<dyn std::error::Error + Send + Sync>)>((qmp, console))
         };
@@ -542,6 +596,7 @@ impl VmManager {
             Err((stage, source)) => {
                 let _ = process.kill();
                 process.exited().await;
+                self.detach_networks(entry).await;
                 let log_path = dir.qemu_log();
                 let log = blocking(move || {
                     dir.remove_runtime_files();
@@ -620,6 +675,7 @@ impl VmManager {
         };
         let dir = entry.dir.clone();
         blocking(move || dir.remove_runtime_files()).await;
+        self.detach_networks(entry).await;
         {
             let mut status = entry.status();
             if status.runtime.as_ref().is_some_and(|r| Arc::ptr_eq(r, runtime)) {

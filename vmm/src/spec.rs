@@ -154,6 +154,9 @@ pub struct NicSpec {
     /// Default: user-mode networking.
     #[serde(default)]
     pub kind: NicKind,
+    /// The node network (an Open vSwitch bridge and VLAN) a `network` NIC plugs into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
     /// Generated once at creation when absent, then kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
@@ -165,6 +168,8 @@ pub enum NicKind {
     /// QEMU's user-mode network stack: no host privileges, for development.
     #[default]
     User,
+    /// A tap on a node network, created by qx-node and handed to QEMU as a file descriptor.
+    Network,
 }
 
 macro_rules! display_as_serde {
@@ -364,6 +369,18 @@ impl VmSpec {
         }
         let mut seen = HashSet::new();
         for (i, nic) in self.nics.iter().enumerate() {
+            match (nic.kind, &nic.network) {
+                (NicKind::Network, None) => p.add(format!("nics[{i}].network"), "", "is required for a network NIC"),
+                (NicKind::Network, Some(network)) => {
+                    if let Err(problem) = check_name(network) {
+                        p.add(format!("nics[{i}].network"), network, problem);
+                    }
+                }
+                (NicKind::User, Some(network)) => {
+                    p.add(format!("nics[{i}].network"), network, "is only for NICs of kind network");
+                }
+                (NicKind::User, None) => {}
+            }
             let Some(mac) = &nic.mac else { continue };
             match parse_mac(mac) {
                 Err(problem) => p.add(format!("nics[{i}].mac"), mac, problem),
@@ -453,11 +470,12 @@ pub fn parse_mac(mac: &str) -> Result<[u8; 6], String> {
     Ok(bytes)
 }
 
-/// A random locally administered unicast address in QEMU's customary 52:54:00 range.
+/// A random locally administered unicast address under QEMU's customary 52:54 prefix, with 32 random bits (24
+/// would collide within a few thousand NICs on one network).
 fn generate_mac() -> String {
     let random = Uuid::new_v4();
     let b = random.as_bytes();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+    format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
 }
 
 #[cfg(test)]
@@ -519,7 +537,7 @@ mod tests {
         spec.machine = "virt".into();
         spec.disks.push(DiskSpec { path: "/img/missing.raw".into(), ..spec.disks[0].clone() });
         spec.disks.push(spec.disks[0].clone());
-        spec.nics.push(NicSpec { kind: NicKind::User, mac: Some("01:00:00:00:00:01".into()) });
+        spec.nics.push(NicSpec { kind: NicKind::User, network: None, mac: Some("01:00:00:00:00:01".into()) });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["name", "vcpus", "memory_mib", "machine", "disks[1].path", "disks[2].path", "nics[0].mac"]);
@@ -557,7 +575,8 @@ mod tests {
     #[test]
     fn generated_fields_are_stable_and_valid() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { kind: NicKind::User, mac: None });
+        spec.nics.push(NicSpec { kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec { kind: NicKind::Network, network: Some("lan".into()), mac: None });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
         spec.fill_generated();
@@ -565,6 +584,16 @@ mod tests {
         let bytes = parse_mac(&mac.unwrap()).unwrap();
         assert_eq!(bytes[0] & 0b11, 0b10, "locally administered unicast");
         spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn network_nics_name_a_valid_network() {
+        let mut spec = minimal();
+        spec.nics.push(NicSpec { kind: NicKind::Network, network: None, mac: None });
+        spec.nics.push(NicSpec { kind: NicKind::Network, network: Some("bad net".into()), mac: None });
+        spec.nics.push(NicSpec { kind: NicKind::User, network: Some("lan".into()), mac: None });
+        let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["nics[0].network", "nics[1].network", "nics[2].network"]);
     }
 
     #[test]

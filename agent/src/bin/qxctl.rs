@@ -43,11 +43,36 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Node networks: an Open vSwitch bridge and VLAN for VM NICs.
+    Network {
+        #[command(subcommand)]
+        command: NetworkCommand,
+    },
     /// Follow VM state changes.
     Events {
         /// Only this VM.
         #[arg(long)]
         vm: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    List,
+    Create {
+        name: String,
+        /// The Open vSwitch bridge (created when missing).
+        #[arg(long)]
+        bridge: String,
+        /// Access VLAN (1-4094) of the VM ports; untagged when absent.
+        #[arg(long)]
+        vlan: Option<u32>,
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
+    /// Refused while a VM names the network.
+    Delete {
+        name: String,
     },
 }
 
@@ -135,7 +160,7 @@ struct CreateArgs {
     /// PATH[,format=raw|qcow2][,ro][,cache=MODE][,aio=MODE]; repeatable.
     #[arg(long)]
     disk: Vec<String>,
-    /// user[,mac=MAC]; repeatable.
+    /// user or network=NAME, then [,mac=MAC]; repeatable.
     #[arg(long)]
     nic: Vec<String>,
     #[arg(long)]
@@ -174,6 +199,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_node(&info, json);
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
+        Command::Network { command } => network(&mut node, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
     }
     Ok(())
@@ -226,6 +252,35 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
     Ok(())
 }
 
+async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand, json: bool) -> anyhow::Result<()> {
+    let networks = match command {
+        NetworkCommand::List => node.list_networks(pb::ListNetworksRequest {}).await?.into_inner().networks,
+        NetworkCommand::Create { name, bridge, vlan, mtu } => {
+            let request = pb::Network { name, bridge, vlan: vlan.unwrap_or(0), mtu: mtu.unwrap_or(0) };
+            vec![node.create_network(request).await?.into_inner()]
+        }
+        NetworkCommand::Delete { name } => {
+            node.delete_network(pb::NetworkRef { name: name.clone() }).await?;
+            println!("deleted {name}");
+            return Ok(());
+        }
+    };
+    let none = |v: u32| if v == 0 { "-".to_owned() } else { v.to_string() };
+    if json {
+        let list: Vec<Value> = networks
+            .iter()
+            .map(|n| json!({ "name": n.name, "bridge": n.bridge, "vlan": (n.vlan != 0).then_some(n.vlan), "mtu": (n.mtu != 0).then_some(n.mtu) }))
+            .collect();
+        println!("{}", Value::Array(list));
+        return Ok(());
+    }
+    println!("{:<20} {:<16} {:>5} {:>6}", "NAME", "BRIDGE", "VLAN", "MTU");
+    for n in networks {
+        println!("{:<20} {:<16} {:>5} {:>6}", n.name, n.bridge, none(n.vlan), none(n.mtu));
+    }
+    Ok(())
+}
+
 fn read_spec(file: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))
 }
@@ -252,12 +307,16 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     }
     let mut nics = Vec::new();
     for text in &args.nic {
-        let mut parts = text.split(',');
-        let mut nic = pb::Nic { kind: parts.next().unwrap_or_default().to_owned(), mac: String::new() };
-        for option in parts {
+        let mut nic = pb::Nic { kind: "user".into(), ..Default::default() };
+        for option in text.split(',') {
             match option.split_once('=') {
+                None if option == "user" => {}
+                Some(("network", network)) => {
+                    nic.kind = "network".into();
+                    nic.network = network.to_owned();
+                }
                 Some(("mac", mac)) => nic.mac = mac.to_owned(),
-                _ => bail!("--nic {text:?}: {option:?} is not mac=MAC"),
+                _ => bail!("--nic {text:?}: {option:?} is not one of user, network=NAME, mac=MAC"),
             }
         }
         nics.push(nic);
@@ -420,7 +479,7 @@ fn vm_json(vm: &pb::Vm) -> Value {
             "format": if d.format == pb::DiskFormat::Qcow2 as i32 { "qcow2" } else { "raw" },
             "read_only": d.read_only, "cache": d.cache, "aio": d.aio,
         })).collect::<Vec<_>>(),
-        "nics": spec.nics.iter().map(|n| json!({ "kind": n.kind, "mac": n.mac })).collect::<Vec<_>>(),
+        "nics": spec.nics.iter().map(|n| json!({ "kind": n.kind, "network": n.network, "mac": n.mac })).collect::<Vec<_>>(),
         "serial": spec.serial.unwrap_or(true),
         "vnc_display": spec.vnc_display,
         "labels": spec.labels,
@@ -497,7 +556,12 @@ fn print_vm(vm: &pb::Vm, json: bool) {
         rows.push(("disk", format!("#{i} {} ({format}, {mode}, cache={}, aio={})", disk.path, disk.cache, disk.aio)));
     }
     for (i, nic) in spec.nics.iter().enumerate() {
-        rows.push(("nic", format!("#{i} {} {}", nic.kind, nic.mac)));
+        let on = if nic.network.is_empty() { nic.kind.clone() } else { format!("network {}", nic.network) };
+        let port = runtime.nics.iter().find(|status| status.index as usize == i).map(|status| {
+            let ofport = if status.ofport > 0 { format!(" ofport {}", status.ofport) } else { String::new() };
+            format!(" tap {}{ofport}", status.tap)
+        });
+        rows.push(("nic", format!("#{i} {on} {}{}", nic.mac, port.unwrap_or_default())));
     }
     if let Some(display) = spec.vnc_display {
         rows.push(("vnc", format!("127.0.0.1:{}", 5900 + display)));

@@ -1,0 +1,29 @@
+//! The seam between VM NICs on node networks and what provides those networks. The daemon implements
+//! [`NetworkBackend`] over Open vSwitch; this crate only asks for a tap's fds at start and gives them to QEMU.
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+
+use crate::spec::{NicKind, ValidationErrors, VmSpec};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The host side of NICs of kind `network`.
+pub trait NetworkBackend: Send + Sync {
+    /// Checks, before anything is created, that every network NIC of `vm` can be attached (its network exists,
+    /// the switch answers). Errors name the field (`nics[1].network`) and value.
+    fn check<'a>(&'a self, vm: &'a VmSpec) -> BoxFuture<'a, Result<(), ValidationErrors>>;
+
+    /// Creates the host side of NIC `index` of `vm` (a tap plugged into its network) and returns the tap's queue
+    /// fds for QEMU.
+    fn attach<'a>(&'a self, vm: &'a VmSpec, index: usize) -> BoxFuture<'a, Result<Vec<OwnedFd>, String>>;
+
+    /// Removes what `attach` created. Idempotent: called after every exit and failed start.
+    fn detach<'a>(&'a self, vm: &'a VmSpec, index: usize) -> BoxFuture<'a, ()>;
+}
+
+/// Indexes of the NICs of `vm` that are on node networks.
+pub fn network_nics(vm: &VmSpec) -> impl Iterator<Item = usize> + '_ {
+    vm.nics.iter().enumerate().filter(|(_, nic)| nic.kind == NicKind::Network).map(|(i, _)| i)
+}
