@@ -178,18 +178,18 @@ pub fn network_to_pb(network: &NetworkSpec) -> pb::Network {
     pb::Network {
         name: network.name.clone(),
         bridge: network.bridge.clone(),
-        vlan: network.vlan.unwrap_or(0).into(),
-        mtu: network.mtu.unwrap_or(0),
+        vlan: network.vlan.map(u32::from),
+        mtu: network.mtu,
     }
 }
 
-/// Zero means "none" on the wire; values that do not fit are passed on for validation to refuse.
+/// VLANs too large for 16 bits become `u16::MAX`, which validation refuses by name like any other bad VLAN.
 pub fn network_from_pb(network: pb::Network) -> NetworkSpec {
     NetworkSpec {
         name: network.name,
         bridge: network.bridge,
-        vlan: (network.vlan != 0).then(|| u16::try_from(network.vlan).unwrap_or(u16::MAX)),
-        mtu: (network.mtu != 0).then_some(network.mtu),
+        vlan: network.vlan.map(|vlan| u16::try_from(vlan).unwrap_or(u16::MAX)),
+        mtu: network.mtu,
     }
 }
 

@@ -10,7 +10,7 @@ use qx_net::names::{check_ifname, check_mtu, check_vlan, tap_name, IfName};
 use qx_net::ovsdb::{ClientOptions, Endpoint};
 use qx_net::tap::{delete_tap, Tap, TapConfig};
 use qx_net::vswitch::{BridgeSpec, ExternalIds, PortSpec, VSwitch, VlanConfig};
-use qx_vmm::network::{network_nics, BoxFuture, NetworkBackend};
+use qx_vmm::network::{network_nics, nic_queues, BoxFuture, NetworkBackend};
 use qx_vmm::persist::write_atomic;
 use qx_vmm::spec::{check_name, FieldError};
 use qx_vmm::{ValidationErrors, VmSpec};
@@ -230,7 +230,8 @@ impl Networks {
         let tap_name = tap_of(vm, index);
         // A tap left by a QEMU that died with the daemon down would block the name; it is ours by construction.
         let _ = delete_tap(&tap_name).await;
-        let tap = Tap::create(TapConfig::new(tap_name.clone())).await.map_err(|e| error_chain(&e))?;
+        let config = TapConfig::new(tap_name.clone()).queues(nic_queues(vm));
+        let tap = Tap::create(config).await.map_err(|e| error_chain(&e))?;
         let port = PortSpec {
             vlan: network.vlan.map_or(VlanConfig::None, |tag| VlanConfig::Access { tag }),
             external_ids: ExternalIds {

@@ -13,14 +13,14 @@ use qx_test_infra::{test_guest, Daemon};
 use tonic::Code;
 
 fn network(name: &str, vlan: u32) -> pb::Network {
-    pb::Network { name: name.into(), bridge: "qxbr0".into(), vlan, mtu: 0 }
+    pb::Network { name: name.into(), bridge: "qxbr0".into(), vlan: Some(vlan), mtu: None }
 }
 
 /// A test-guest VM on `network` whose eth0 gets `address` from the kernel command line.
-async fn create_on(client: &mut Client, name: &str, network: &str, address: &str) {
+async fn create_on(client: &mut Client, name: &str, network: &str, address: &str, vcpus: u32) {
     let guest = test_guest();
     let spec_text = format!(
-        "name: {name}\nmemory_mib: 256\nkernel:\n  kernel: {}\n  initrd: {}\n  cmdline: \"{} qx.ip={address}/24\"\n\
+        "name: {name}\nvcpus: {vcpus}\nmemory_mib: 256\nkernel:\n  kernel: {}\n  initrd: {}\n  cmdline: \"{} qx.ip={address}/24\"\n\
          nics:\n  - kind: network\n    network: {network}\n",
         guest.kernel.display(),
         guest.initrd.display(),
@@ -61,7 +61,10 @@ fn vms_on_one_vlan_reach_each_other_but_not_across_vlans() {
         let mut client = client(&daemon).await;
 
         for (bad, field) in [
-            (pb::Network { vlan: 4095, ..network("v", 0) }, "vlan"),
+            (network("v", 4095), "vlan"),
+            (network("v", 0), "vlan"),
+            (network("v", 70000), "vlan"),
+            (pb::Network { mtu: Some(10), ..network("v", 10) }, "mtu"),
             (network("bad name", 10), "name"),
             (pb::Network { bridge: "br/0".into(), ..network("v", 10) }, "bridge"),
         ] {
@@ -73,18 +76,20 @@ fn vms_on_one_vlan_reach_each_other_but_not_across_vlans() {
         client.create_network(network("v20", 20)).await.unwrap();
         assert_eq!(client.create_network(network("v10", 10)).await.unwrap_err().code(), Code::AlreadyExists);
         let listed = client.list_networks(pb::ListNetworksRequest {}).await.unwrap().into_inner().networks;
-        assert_eq!(listed.iter().map(|n| (n.name.as_str(), n.vlan)).collect::<Vec<_>>(), [("v10", 10), ("v20", 20)]);
+        let listed: Vec<_> = listed.iter().map(|n| (n.name.as_str(), n.vlan)).collect();
+        assert_eq!(listed, [("v10", Some(10)), ("v20", Some(20))]);
 
         // A missing network is refused before QEMU exists, leaving nothing behind.
-        create_on(&mut client, "lost", "nope", "10.9.0.9").await;
+        create_on(&mut client, "lost", "nope", "10.9.0.9", 1).await;
         let status = client.start_vm(pb::VmRef { name: "lost".into() }).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains("nics[0].network"), "{}", status.message());
         assert!(daemon.qemu_pids().is_empty());
 
-        create_on(&mut client, "a", "v10", "10.9.0.1").await;
-        create_on(&mut client, "b", "v10", "10.9.0.2").await;
-        create_on(&mut client, "c", "v20", "10.9.0.3").await;
+        create_on(&mut client, "a", "v10", "10.9.0.1", 1).await;
+        // Two vCPUs: b's tap has two queues and its NIC multiqueue on.
+        create_on(&mut client, "b", "v10", "10.9.0.2", 2).await;
+        create_on(&mut client, "c", "v20", "10.9.0.3", 1).await;
         for name in ["a", "b", "c"] {
             start(&mut client, name).await;
         }

@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use qx_agent::client::connect;
 use qx_proto::node::v1 as pb;
-use qx_test_infra::{pid_alive, test_guest, wait_until, READY_LINE};
+use qx_test_infra::{pid_alive, test_guest, wait_until, Daemon, READY_LINE};
 use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,7 +271,9 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_info_and_qxctl_json() {
-    let daemon = daemon();
+    // An ovsdb-server socket that is certainly absent, whatever the machine runs.
+    let config = "ovs:\n  socket: /nonexistent/quantix-test/db.sock\n";
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(config));
     let mut client = client(&daemon).await;
     let info = client.get_node_info(pb::GetNodeInfoRequest {}).await.unwrap().into_inner();
     assert!(info.qemu_version.starts_with("7.") || info.qemu_version.contains('.'), "{}", info.qemu_version);
@@ -287,6 +289,11 @@ async fn node_info_and_qxctl_json() {
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("qxctl --json prints JSON");
     assert_eq!(json["accelerator"], info.accelerator);
+
+    let status = client.create_network(pb::Network { name: "n".into(), bridge: "br0".into(), vlan: None, mtu: None });
+    let status = status.await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "no OVS here: {status:?}");
+    assert!(status.message().contains("Open vSwitch is not reachable"), "{}", status.message());
 
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(qx_agent::client::channel(daemon.socket()).await.unwrap());

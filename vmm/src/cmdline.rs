@@ -163,7 +163,14 @@ impl Hardware {
                     hw.netdevs.push(json!({ "type": "user", "id": netdev }));
                     hw.devices.push(dev);
                 }
-                NicKind::Network => hw.network_nics.push(NetworkNic { index: i, netdev, device: dev }),
+                NicKind::Network => {
+                    let queues = crate::network::nic_queues(spec);
+                    if queues > 1 {
+                        // Each queue pair needs two MSI-X vectors, plus config and control.
+                        dev = dev.prop("mq", true).prop("vectors", 2 * u32::from(queues) + 2);
+                    }
+                    hw.network_nics.push(NetworkNic { index: i, netdev, device: dev });
+                }
             }
         }
 

@@ -23,6 +23,11 @@ pub trait NetworkBackend: Send + Sync {
     fn detach<'a>(&'a self, vm: &'a VmSpec, index: usize) -> BoxFuture<'a, ()>;
 }
 
+/// Queues per tap (and virtio-net queue pairs): one per vCPU, at most 8, so each vCPU has its own.
+pub fn nic_queues(vm: &VmSpec) -> u16 {
+    vm.vcpus.clamp(1, 8) as u16
+}
+
 /// Indexes of the NICs of `vm` that are on node networks.
 pub fn network_nics(vm: &VmSpec) -> impl Iterator<Item = usize> + '_ {
     vm.nics.iter().enumerate().filter(|(_, nic)| nic.kind == NicKind::Network).map(|(i, _)| i)

@@ -256,7 +256,7 @@ async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand,
     let networks = match command {
         NetworkCommand::List => node.list_networks(pb::ListNetworksRequest {}).await?.into_inner().networks,
         NetworkCommand::Create { name, bridge, vlan, mtu } => {
-            let request = pb::Network { name, bridge, vlan: vlan.unwrap_or(0), mtu: mtu.unwrap_or(0) };
+            let request = pb::Network { name, bridge, vlan, mtu };
             vec![node.create_network(request).await?.into_inner()]
         }
         NetworkCommand::Delete { name } => {
@@ -265,11 +265,11 @@ async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand,
             return Ok(());
         }
     };
-    let none = |v: u32| if v == 0 { "-".to_owned() } else { v.to_string() };
+    let none = |v: Option<u32>| v.map_or("-".to_owned(), |v| v.to_string());
     if json {
         let list: Vec<Value> = networks
             .iter()
-            .map(|n| json!({ "name": n.name, "bridge": n.bridge, "vlan": (n.vlan != 0).then_some(n.vlan), "mtu": (n.mtu != 0).then_some(n.mtu) }))
+            .map(|n| json!({ "name": n.name, "bridge": n.bridge, "vlan": n.vlan, "mtu": n.mtu }))
             .collect();
         println!("{}", Value::Array(list));
         return Ok(());
