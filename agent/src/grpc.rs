@@ -60,7 +60,7 @@ pub fn network_status(error: NetworkError) -> Status {
 }
 
 /// The error and its causes in one line: gRPC carries a message, not a chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::config::OvsConfig;
+use crate::grpc::error_chain;
 
 /// How long an attached tap may take to get its OpenFlow port number from ovs-vswitchd.
 const OFPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -277,17 +278,6 @@ impl Networks {
 
 fn tap_of(vm: &VmSpec, index: usize) -> IfName {
     tap_name(&vm.uuid(), index as u8)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 impl NetworkBackend for Networks {

@@ -58,7 +58,7 @@ pub fn test_guest() -> &'static TestGuest {
         let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
         let cmdline = std::fs::read_to_string(dir.join("cmdline"))
             .unwrap_or_else(|e| panic!("test guest at {} has no cmdline: {e}", dir.display()));
-        TestGuest { kernel: dir.join("vmlinuz"), initrd: dir.join("initrd.img"), cmdline: cmdline.trim().to_owned() }
+        TestGuest { kernel: dir.join("vmlinux"), initrd: dir.join("initrd.img"), cmdline: cmdline.trim().to_owned() }
     })
 }
 
