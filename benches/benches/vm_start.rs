@@ -25,6 +25,8 @@ mod libvirt;
 type Client = NodeServiceClient<Channel>;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause after each leg, so one leg's teardown (libvirtd's cleanup, a dying QEMU) does not land in the next.
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// One start: request → vCPUs running, and request → the guest's ready marker on the serial console.
 #[derive(Debug, Clone, Copy)]
@@ -201,11 +203,16 @@ async fn main() {
         libvirt.start_vm().await;
     }
     let (mut raw, mut qx, mut lv) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs {
-        raw.push(raw_start(&raw_dir, &raw_spec).await);
-        qx.push(qx_start(&mut client, "bench").await);
-        if let Some(libvirt) = libvirt.as_mut() {
-            lv.push(libvirt.start_vm().await);
+    // The order of the legs rotates every run, so none always follows another's teardown.
+    for run in 0..runs {
+        for leg in (0..3).map(|i| (i + run) % 3) {
+            match (leg, libvirt.as_mut()) {
+                (0, _) => raw.push(raw_start(&raw_dir, &raw_spec).await),
+                (1, _) => qx.push(qx_start(&mut client, "bench").await),
+                (2, Some(libvirt)) => lv.push(libvirt.start_vm().await),
+                _ => continue,
+            }
+            tokio::time::sleep(SETTLE).await;
         }
     }
     let libvirtd_rss = libvirt.as_ref().map(|l| (libvirtd_idle_rss.unwrap_or(0), rss_kib(l.libvirtd_pid())));
