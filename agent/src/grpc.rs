@@ -41,7 +41,9 @@ pub fn status(error: VmError) -> Status {
         VmError::Invalid(_) => Status::invalid_argument(message),
         VmError::NotFound(_) => Status::not_found(message),
         VmError::AlreadyExists(_) => Status::already_exists(message),
-        VmError::WrongState { .. } | VmError::NoConsole { .. } => Status::failed_precondition(message),
+        VmError::WrongState { .. } | VmError::NoConsole { .. } | VmError::Orphan { .. } => {
+            Status::failed_precondition(message)
+        }
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
     }
 }

@@ -85,6 +85,8 @@ pub enum VmError {
     },
     #[error("VM {name:?} has no serial console")]
     NoConsole { name: String },
+    #[error("VM {name:?} still has a QEMU running (pid {pid}) that qx-node cannot drive; stop that process first")]
+    Orphan { name: String, pid: i32 },
 }
 
 impl From<ValidationErrors> for VmError {
@@ -280,12 +282,12 @@ impl VmManager {
                 Some(Ok(Some(process))) => process,
                 Some(Err(e)) => {
                     error!(error = %e, "cannot watch the QEMU of this VM");
-                    self.lost(&entry, format!("QEMU could not be watched after the restart: {e}")).await;
+                    self.lost(&entry, format!("QEMU could not be watched after the restart: {e}"), false).await;
                     return;
                 }
                 _ => {
                     info!("QEMU exited while qx-node was not running");
-                    self.lost(&entry, "QEMU exited while qx-node was not running".into()).await;
+                    self.lost(&entry, "QEMU exited while qx-node was not running".into(), true).await;
                     return;
                 }
             };
@@ -293,7 +295,7 @@ impl VmManager {
                 Ok(state) => info!(pid = ?pid, %state, "reattached to running QEMU"),
                 Err(reason) => {
                     error!(%reason, "QEMU runs but cannot be driven; it is left running");
-                    self.lost(&entry, reason).await;
+                    self.lost(&entry, reason, false).await;
                 }
             }
         }
@@ -336,8 +338,13 @@ impl VmManager {
         Ok(state)
     }
 
-    /// The VM's QEMU is gone or unusable after a restart.
-    async fn lost(&self, entry: &Arc<Entry>, reason: String) {
+    /// The VM's QEMU is gone or unusable after a restart. A QEMU that still runs keeps its sockets and taps.
+    async fn lost(&self, entry: &Arc<Entry>, reason: String, qemu_gone: bool) {
+        if !qemu_gone {
+            // `crashed` with the pid kept: start refuses while that QEMU lives (see `start`).
+            self.set_state(entry, VmState::Crashed, &reason).await;
+            return;
+        }
         let dir = entry.dir.clone();
         blocking(move || dir.remove_runtime_files()).await;
         self.detach_networks(entry).await;
@@ -462,6 +469,12 @@ impl VmManager {
         let _op = entry.op.lock().await;
         let previous = entry.require("start", "stopped", &[VmState::Stopped, VmState::Crashed])?;
         let spec = entry.status().spec.clone();
+        // Two QEMUs on the same disks would corrupt them: never start next to one qx-node could not take back.
+        let orphan = read_pidfile(&entry.dir.pidfile())
+            .filter(|pid| crate::process::is_qemu_of(&self.inner.config.host, *pid, spec.uuid()));
+        if let Some(pid) = orphan {
+            return Err(VmError::Orphan { name: name.to_owned(), pid });
+        }
         let spec = validated(spec).await?;
         let accel = self.resolve_accel(&spec)?;
         self.check_networks(&spec).await?;
