@@ -295,6 +295,8 @@ async fn node_info_and_qxctl_json() {
     assert_eq!(status.code(), Code::Unavailable, "no OVS here: {status:?}");
     assert!(status.message().contains("Open vSwitch is not reachable"), "{}", status.message());
 
+    // A TCP listener only when configured: this daemon has none, the socket is the only way in.
+    assert!(!daemon.log_text().contains("listening on TCP"));
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(qx_agent::client::channel(daemon.socket()).await.unwrap());
     let reply = health
@@ -303,4 +305,26 @@ async fn node_info_and_qxctl_json() {
         .unwrap()
         .into_inner();
     assert_eq!(reply.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_tcp_listener_serves_the_same_api() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = format!("listen:\n  tcp: 127.0.0.1:{port}\n");
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(&config));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
+    let channel = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(channel) = channel.connect().await {
+                return channel;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("qx-node answers on its TCP listener");
+    let mut client = qx_proto::node::v1::node_service_client::NodeServiceClient::new(channel);
+    create(&mut client, "over-tcp").await;
+    let mut unix = common::client(&daemon).await;
+    assert_eq!(get(&mut unix, "over-tcp").await.spec.unwrap().name, "over-tcp", "one node behind both listeners");
 }
