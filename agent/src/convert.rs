@@ -66,7 +66,8 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         .iter()
         .enumerate()
         .map(|(i, disk)| DiskSpec {
-            path: disk.path.clone().into(),
+            path: (!disk.path.is_empty()).then(|| disk.path.clone().into()),
+            volume: (!disk.volume.is_empty()).then(|| disk.volume.clone()),
             format: match pb::DiskFormat::try_from(disk.format) {
                 Ok(pb::DiskFormat::Qcow2) => DiskFormat::Qcow2,
                 Ok(_) => DiskFormat::Raw,
@@ -149,7 +150,8 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
             .disks
             .iter()
             .map(|d| pb::Disk {
-                path: d.path.display().to_string(),
+                path: d.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                volume: d.volume.clone().unwrap_or_default(),
                 format: match d.format {
                     DiskFormat::Raw => pb::DiskFormat::Raw,
                     DiskFormat::Qcow2 => pb::DiskFormat::Qcow2,
@@ -199,6 +201,19 @@ pub fn nic_status_to_pb(nic: &NicStatus) -> pb::NicStatus {
         network: nic.network.clone(),
         tap: nic.tap.clone(),
         ofport: nic.ofport.unwrap_or(0),
+    }
+}
+
+pub fn volume_to_pb(pool: &str, volume: &qx_storage::Volume) -> pb::Volume {
+    pb::Volume {
+        pool: pool.to_owned(),
+        name: volume.name.clone(),
+        format: match volume.format {
+            qx_storage::ImageFormat::Raw => pb::DiskFormat::Raw,
+            qx_storage::ImageFormat::Qcow2 => pb::DiskFormat::Qcow2,
+        } as i32,
+        capacity_bytes: volume.capacity,
+        allocated_bytes: volume.allocated,
     }
 }
 

@@ -16,9 +16,11 @@ use tracing::{info_span, Instrument};
 
 use crate::convert::{
     event_to_pb, network_from_pb, network_to_pb, nic_status_to_pb, node_info_to_pb, spec_from_request, vm_to_pb,
+    volume_to_pb,
 };
 use crate::network::NetworkError;
 use crate::node::Node;
+use crate::volumes::{VolumeError, DEFAULT_POOL};
 
 type ServiceStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -58,6 +60,34 @@ pub fn network_status(error: NetworkError) -> Status {
         NetworkError::InUse { .. } => Status::failed_precondition(message),
         NetworkError::Unreachable { .. } => Status::unavailable(message),
         NetworkError::Switch { .. } | NetworkError::Persist { .. } => Status::internal(message),
+    }
+}
+
+/// Storage errors to gRPC status codes, by the kind the storage crate assigns.
+pub fn volume_status(error: VolumeError) -> Status {
+    use qx_storage::ErrorKind;
+    let message = error_chain(&error);
+    let kind = match &error {
+        VolumeError::PoolNotFound(_) => ErrorKind::NotFound,
+        VolumeError::Engine(_) => ErrorKind::Internal,
+        VolumeError::Pool(e) => e.kind(),
+    };
+    match kind {
+        ErrorKind::NotFound => Status::not_found(message),
+        ErrorKind::AlreadyExists => Status::already_exists(message),
+        ErrorKind::InvalidArgument => Status::invalid_argument(message),
+        ErrorKind::FailedPrecondition => Status::failed_precondition(message),
+        ErrorKind::Cancelled => Status::cancelled(message),
+        ErrorKind::ResourceExhausted => Status::resource_exhausted(message),
+        ErrorKind::Internal => Status::internal(message),
+    }
+}
+
+fn pool_name(pool: &str) -> &str {
+    if pool.is_empty() {
+        DEFAULT_POOL
+    } else {
+        pool
     }
 }
 
@@ -172,6 +202,39 @@ impl NodeService for NodeApi {
         let span = info_span!("DeleteNetwork", network = %name);
         self.node.delete_network(&name).instrument(span).await.map_err(network_status)?;
         Ok(Response::new(pb::DeleteNetworkResponse {}))
+    }
+
+    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool).to_owned();
+        let format = match pb::DiskFormat::try_from(request.format) {
+            Ok(pb::DiskFormat::Raw) => qx_storage::ImageFormat::Raw,
+            _ => qx_storage::ImageFormat::Qcow2,
+        };
+        let span = info_span!("CreateVolume", pool = %pool, volume = %request.name);
+        let create = self.node.pools().create_empty(&pool, request.name, request.size_bytes, format);
+        let volume = create.instrument(span).await.map_err(volume_status)?;
+        Ok(Response::new(volume_to_pb(&pool, &volume)))
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let pool = pool_name(&request.into_inner().pool).to_owned();
+        let volumes = self.node.pools().list_volumes(&pool).await.map_err(volume_status)?;
+        Ok(Response::new(pb::ListVolumesResponse { volumes: volumes.iter().map(|v| volume_to_pb(&pool, v)).collect() }))
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool).to_owned();
+        let span = info_span!("DeleteVolume", pool = %pool, volume = %request.name);
+        self.node.delete_volume(&pool, &request.name).instrument(span).await.map_err(volume_status)?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
     type WatchEventsStream = ServiceStream<pb::VmEvent>;

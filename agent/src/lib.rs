@@ -21,3 +21,4 @@ pub mod grpc;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod volumes;

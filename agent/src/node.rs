@@ -9,11 +9,14 @@ use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::network::{NetworkError, NetworkSpec, Networks, NicStatus};
+use crate::volumes::{users_of, Pools, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("QEMU binary {binary} does not run: {detail}")]
     QemuMissing { binary: String, detail: String },
+    #[error("cannot open the storage pools")]
+    Pools(#[source] VolumeError),
     #[error("cannot open the data directory {path}")]
     DataDir {
         path: String,
@@ -45,6 +48,7 @@ pub struct Node {
     config: NodeConfig,
     qemu_version: String,
     networks: Arc<Networks>,
+    pools: Arc<Pools>,
     vms: VmManager,
 }
 
@@ -58,7 +62,11 @@ impl Node {
         let networks = Networks::open(&config.data_dir, config.ovs.clone())
             .map(Arc::new)
             .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        let backend: Arc<dyn qx_vmm::NetworkBackend> = Arc::clone(&networks) as _;
+        let pools = Arc::new(Pools::open(&config.data_dir).await.map_err(NodeError::Pools)?);
+        let backends = qx_vmm::Backends {
+            network: Some(Arc::clone(&networks) as Arc<dyn qx_vmm::NetworkBackend>),
+            volumes: Some(Arc::clone(&pools) as Arc<dyn qx_vmm::VolumeBackend>),
+        };
         let vms = VmManager::open(
             ManagerConfig {
                 data_dir: config.data_dir.clone(),
@@ -67,11 +75,11 @@ impl Node {
                 accel,
                 stop_timeout: Duration::from_secs(config.stop_timeout_seconds),
             },
-            Some(backend),
+            backends,
         )
         .await
         .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        Ok(Self { config, qemu_version, networks, vms })
+        Ok(Self { config, qemu_version, networks, pools, vms })
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -102,6 +110,17 @@ impl Node {
             .map(|vm| vm.spec.name)
             .collect();
         self.networks.delete(name, users).await
+    }
+
+    pub fn pools(&self) -> &Pools {
+        &self.pools
+    }
+
+    /// Deletes a volume no running VM uses.
+    pub async fn delete_volume(&self, pool: &str, name: &str) -> Result<(), VolumeError> {
+        let vms = self.vms.list();
+        let in_use = move |pool: &str, kind, name: &str| users_of(&vms, pool, kind, name);
+        self.pools.delete_volume(pool, name, &in_use).await
     }
 
     /// A VM with its network NICs' switch ports.

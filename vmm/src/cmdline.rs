@@ -126,6 +126,7 @@ impl Hardware {
             };
             let cache = json!({ "direct": direct, "no-flush": no_flush });
             hw.blockdevs.push(json!({
+                // Volumes are resolved to paths before the command line is built (`VmManager::start`).
                 "driver": "file", "node-name": format!("{node}-file"), "filename": disk.path,
                 "aio": aio, "cache": cache, "read-only": disk.read_only, "discard": "unmap",
             }));
@@ -258,7 +259,8 @@ mod tests {
     fn spec() -> VmSpec {
         let mut spec = VmSpec::from_text("name: web,1\nuuid: 6f1e9a43-3b1a-4c57-9d8c-2f6e4b1a7c10\n").unwrap();
         spec.disks.push(DiskSpec {
-            path: "/img/a,b.qcow2".into(),
+            path: Some("/img/a,b.qcow2".into()),
+            volume: None,
             format: DiskFormat::Qcow2,
             read_only: false,
             cache: CacheMode::None,

@@ -16,7 +16,7 @@
 //!     accel: accel::detect(&host),
 //!     host,
 //!     stop_timeout: Duration::from_secs(60),
-//! }, None)
+//! }, Default::default())
 //! .await?;
 //! let spec = VmSpec::from_text("name: web1\nkernel:\n  kernel: /boot/vmlinuz\n")?;
 //! manager.create(spec).await?;
@@ -35,11 +35,13 @@ pub mod persist;
 pub mod process;
 pub mod spec;
 pub mod state;
+pub mod volumes;
 
 pub use accel::{Accel, AccelProbe};
 pub use console::SerialConsole;
 pub use host::HostRoot;
-pub use manager::{ManagerConfig, VmError, VmInfo, VmManager};
+pub use manager::{Backends, ManagerConfig, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;
 pub use spec::{ValidationErrors, VmSpec};
 pub use state::{VmEvent, VmState};
+pub use volumes::VolumeBackend;

@@ -28,6 +28,7 @@ use crate::persist::{read_tail, write_atomic, StateRecord, VmDir};
 use crate::process::{read_pidfile, ProcessError, QemuProcess};
 use crate::spec::{AccelChoice, RealFiles, ValidationErrors, VmSpec};
 use crate::state::{VmEvent, VmState};
+use crate::volumes::VolumeBackend;
 
 /// Fd numbers QEMU finds its pre-bound sockets at.
 const QMP_FD: i32 = 3;
@@ -36,6 +37,16 @@ const SERIAL_FD: i32 = 4;
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How much of `qemu.log` a failed start quotes.
 const START_LOG_TAIL: u64 = 2048;
+
+/// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
+/// at start, naming the field).
+#[derive(Default, Clone)]
+pub struct Backends {
+    /// NICs on node networks.
+    pub network: Option<Arc<dyn NetworkBackend>>,
+    /// Disks that name pool volumes.
+    pub volumes: Option<Arc<dyn VolumeBackend>>,
+}
 
 /// What the manager needs from the node's configuration.
 #[derive(Debug, Clone)]
@@ -204,8 +215,7 @@ impl Entry {
 
 struct Inner {
     config: ManagerConfig,
-    /// Provides NICs on node networks; `None` where the node has no switch configured.
-    network: Option<Arc<dyn NetworkBackend>>,
+    backends: Backends,
     vms_dir: PathBuf,
     vms: RwLock<BTreeMap<String, Arc<Entry>>>,
     /// Serializes create and delete, which change the set of VMs and their directories.
@@ -239,16 +249,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 impl VmManager {
-    /// Loads every VM under the data directory and reattaches to the QEMUs that still run. `network` provides
-    /// NICs on node networks (none: such NICs are refused at start).
-    pub async fn open(config: ManagerConfig, network: Option<Arc<dyn NetworkBackend>>) -> std::io::Result<Self> {
+    /// Loads every VM under the data directory and reattaches to the QEMUs that still run.
+    pub async fn open(config: ManagerConfig, backends: Backends) -> std::io::Result<Self> {
         let vms_dir = config.data_dir.join("vms");
         fs::create_dir_all(&vms_dir)?;
         let (events, _) = broadcast::channel(1024);
         let manager = Self {
             inner: Arc::new(Inner {
                 config,
-                network,
+                backends,
                 vms_dir,
                 vms: RwLock::new(BTreeMap::new()),
                 membership: tokio::sync::Mutex::new(()),
@@ -478,6 +487,7 @@ impl VmManager {
         let spec = validated(spec).await?;
         let accel = self.resolve_accel(&spec)?;
         self.check_networks(&spec).await?;
+        let spec = self.resolve_volumes(name, spec).await?;
         self.set_state(&entry, VmState::Starting, "start requested").await;
         match self.launch(&entry, &spec, accel).await {
             Ok(runtime) => {
@@ -501,10 +511,55 @@ impl VmManager {
         }
     }
 
+    /// `spec` with every volume disk given its file and format; refuses missing volumes and volumes a running VM
+    /// writes to (or that this one would write to while another runs), naming the disk.
+    async fn resolve_volumes(&self, name: &str, mut spec: VmSpec) -> Result<VmSpec, VmError> {
+        let mut problems = Vec::new();
+        for i in 0..spec.disks.len() {
+            let Some(volume) = spec.disks[i].volume.clone() else { continue };
+            let field = format!("disks[{i}].volume");
+            let read_only = spec.disks[i].read_only;
+            let users: Vec<String> = self
+                .vms_read()
+                .values()
+                .filter(|other| other.name != name && other.state().is_active())
+                .filter(|other| {
+                    let status = other.status();
+                    let disks = &status.spec.disks;
+                    disks.iter().any(|d| d.volume.as_ref() == Some(&volume) && !(d.read_only && read_only))
+                })
+                .map(|other| other.name.clone())
+                .collect();
+            if !users.is_empty() {
+                problems.push((field, volume, format!("is in use by running VM {}", users.join(", "))));
+                continue;
+            }
+            let Some(backend) = &self.inner.backends.volumes else {
+                problems.push((field, volume, "cannot be used: this node has no storage pools".to_owned()));
+                continue;
+            };
+            match backend.resolve(&volume).await {
+                Ok((path, format)) => {
+                    spec.disks[i].path = Some(path);
+                    spec.disks[i].format = format;
+                }
+                Err(problem) => problems.push((field, volume, problem)),
+            }
+        }
+        if problems.is_empty() {
+            return Ok(spec);
+        }
+        let errors = problems
+            .into_iter()
+            .map(|(field, value, problem)| crate::spec::FieldError { field, value, problem })
+            .collect();
+        Err(ValidationErrors(errors).into())
+    }
+
     /// Refuses, before anything is created, a VM whose networks are missing or unreachable.
     async fn check_networks(&self, spec: &VmSpec) -> Result<(), VmError> {
         let Some(first) = network_nics(spec).next() else { return Ok(()) };
-        match &self.inner.network {
+        match &self.inner.backends.network {
             Some(backend) => backend.check(spec).await.map_err(VmError::from),
             None => {
                 let network = spec.nics[first].network.clone().unwrap_or_default();
@@ -517,7 +572,7 @@ impl VmManager {
 
     /// Plugs NIC `nic` into QEMU: the backend's tap fds over `getfd`, a tap netdev, then the device.
     async fn plug_network_nic(&self, qmp: &QmpClient, spec: &VmSpec, nic: &NetworkNic) -> Result<(), String> {
-        let backend = self.inner.network.as_ref().ok_or("no network backend")?;
+        let backend = self.inner.backends.network.as_ref().ok_or("no network backend")?;
         let fds = backend.attach(spec, nic.index).await?;
         let mut names = Vec::with_capacity(fds.len());
         for (queue, fd) in fds.iter().enumerate() {
@@ -538,7 +593,7 @@ impl VmManager {
 
     /// Removes the host side of every network NIC of the VM; idempotent.
     async fn detach_networks(&self, entry: &Entry) {
-        let Some(backend) = &self.inner.network else { return };
+        let Some(backend) = &self.inner.backends.network else { return };
         let spec = entry.status().spec.clone();
         for index in network_nics(&spec) {
             backend.detach(&spec, index).await;

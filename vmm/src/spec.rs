@@ -106,8 +106,13 @@ pub struct KernelBoot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    pub path: PathBuf,
-    /// Default: raw.
+    /// An image file or block device on the host; exactly one of `path` and `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// A storage pool volume, `pool/volume`; resolved to its file and format when the VM starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// For `path` disks; a volume's format comes from its pool. Default: raw.
     #[serde(default)]
     pub format: DiskFormat,
     #[serde(default)]
@@ -346,12 +351,28 @@ impl VmSpec {
         if self.disks.len() > MAX_DISKS {
             p.add("disks", self.disks.len(), format!("is more than {MAX_DISKS} disks"));
         }
-        let mut seen = HashSet::new();
+        let mut seen_paths = HashSet::new();
+        let mut seen_volumes = HashSet::new();
         for (i, disk) in self.disks.iter().enumerate() {
-            if let Err(problem) = check_host_path(&disk.path, files) {
-                p.add(format!("disks[{i}].path"), disk.path.display(), problem);
-            } else if !seen.insert(&disk.path) {
-                p.add(format!("disks[{i}].path"), disk.path.display(), "is already used by another disk of this VM");
+            match (&disk.path, &disk.volume) {
+                (Some(path), None) => {
+                    if let Err(problem) = check_host_path(path, files) {
+                        p.add(format!("disks[{i}].path"), path.display(), problem);
+                    } else if !seen_paths.insert(path) {
+                        p.add(format!("disks[{i}].path"), path.display(), "is already used by another disk of this VM");
+                    }
+                }
+                (None, Some(volume)) => {
+                    if let Err(problem) = check_volume_name(volume) {
+                        p.add(format!("disks[{i}].volume"), volume, problem);
+                    } else if !seen_volumes.insert(volume) {
+                        p.add(format!("disks[{i}].volume"), volume, "is already used by another disk of this VM");
+                    }
+                }
+                (Some(path), Some(_)) => {
+                    p.add(format!("disks[{i}].path"), path.display(), "and volume are both given; name one")
+                }
+                (None, None) => p.add(format!("disks[{i}]"), "", "needs a path or a volume"),
             }
             if disk.aio == AioMode::Native && !matches!(disk.cache, CacheMode::None | CacheMode::Directsync) {
                 p.add(
@@ -416,6 +437,15 @@ fn check_host_path(path: &Path, files: &dyn HostFiles) -> Result<(), String> {
         return Err("contains control characters".to_owned());
     }
     files.check_image(path)
+}
+
+/// `pool/volume`, both parts plain names.
+fn check_volume_name(volume: &str) -> Result<(), String> {
+    let Some((pool, name)) = volume.split_once('/') else {
+        return Err("is not pool/volume".to_owned());
+    };
+    check_name(pool).map_err(|problem| format!("has a pool name that {problem}"))?;
+    check_name(name).map_err(|problem| format!("has a volume name that {problem}"))
 }
 
 /// VM names become directory names and QEMU `-name` values: keep them boring.
@@ -535,7 +565,7 @@ mod tests {
         spec.vcpus = 0;
         spec.memory_mib = 0;
         spec.machine = "virt".into();
-        spec.disks.push(DiskSpec { path: "/img/missing.raw".into(), ..spec.disks[0].clone() });
+        spec.disks.push(DiskSpec { path: Some("/img/missing.raw".into()), ..spec.disks[0].clone() });
         spec.disks.push(spec.disks[0].clone());
         spec.nics.push(NicSpec { kind: NicKind::User, network: None, mac: Some("01:00:00:00:00:01".into()) });
         let errors = spec.validate(&files()).unwrap_err();
@@ -584,6 +614,21 @@ mod tests {
         let bytes = parse_mac(&mac.unwrap()).unwrap();
         assert_eq!(bytes[0] & 0b11, 0b10, "locally administered unicast");
         spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn disks_name_a_path_or_a_volume() {
+        let mut spec = minimal();
+        let path_disk = spec.disks[0].clone();
+        let volume = |v: &str| DiskSpec { path: None, volume: Some(v.into()), ..path_disk.clone() };
+        spec.disks.push(volume("default/data"));
+        spec.disks.push(volume("default/data"));
+        spec.disks.push(volume("nopool"));
+        spec.disks.push(volume("default/../x"));
+        spec.disks.push(DiskSpec { volume: Some("default/x".into()), ..path_disk.clone() });
+        spec.disks.push(DiskSpec { path: None, ..path_disk.clone() });
+        let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["disks[2].volume", "disks[3].volume", "disks[4].volume", "disks[5].path", "disks[6]"]);
     }
 
     #[test]

@@ -48,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         command: NetworkCommand,
     },
+    /// Volumes of a storage pool ("default" unless --pool).
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
     /// Follow VM state changes.
     Events {
         /// Only this VM.
@@ -73,6 +78,32 @@ enum NetworkCommand {
     /// Refused while a VM names the network.
     Delete {
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    List {
+        #[arg(long, default_value = "default")]
+        pool: String,
+    },
+    /// An empty volume.
+    Create {
+        name: String,
+        /// Size in MiB.
+        #[arg(long)]
+        size_mib: u64,
+        /// qcow2 (thin) or raw (sparse).
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        #[arg(long, default_value = "default")]
+        pool: String,
+    },
+    /// Refused while a running VM uses the volume.
+    Delete {
+        name: String,
+        #[arg(long, default_value = "default")]
+        pool: String,
     },
 }
 
@@ -157,7 +188,7 @@ struct CreateArgs {
     initrd: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
     cmdline: Option<String>,
-    /// PATH[,format=raw|qcow2][,ro][,cache=MODE][,aio=MODE]; repeatable.
+    /// PATH or volume=POOL/NAME, then [,format=raw|qcow2][,ro][,cache=MODE][,aio=MODE]; repeatable.
     #[arg(long)]
     disk: Vec<String>,
     /// user or network=NAME, then [,mac=MAC]; repeatable.
@@ -200,6 +231,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
         Command::Network { command } => network(&mut node, command, json).await?,
+        Command::Volume { command } => volume(&mut node, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
     }
     Ok(())
@@ -281,6 +313,48 @@ async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand,
     Ok(())
 }
 
+async fn volume(node: &mut NodeServiceClient<Channel>, command: VolumeCommand, json: bool) -> anyhow::Result<()> {
+    let volumes = match command {
+        VolumeCommand::List { pool } => node.list_volumes(pb::ListVolumesRequest { pool }).await?.into_inner().volumes,
+        VolumeCommand::Create { name, size_mib, format, pool } => {
+            let format = match format.as_str() {
+                "qcow2" => pb::DiskFormat::Qcow2,
+                "raw" => pb::DiskFormat::Raw,
+                other => bail!("--format: {other:?} is not qcow2 or raw"),
+            } as i32;
+            let request = pb::CreateVolumeRequest { pool, name, size_bytes: size_mib << 20, format };
+            vec![node.create_volume(request).await?.into_inner()]
+        }
+        VolumeCommand::Delete { name, pool } => {
+            node.delete_volume(pb::VolumeRef { pool, name: name.clone() }).await?;
+            println!("deleted {name}");
+            return Ok(());
+        }
+    };
+    let format = |v: &pb::Volume| if v.format == pb::DiskFormat::Raw as i32 { "raw" } else { "qcow2" };
+    if json {
+        let list: Vec<Value> = volumes
+            .iter()
+            .map(|v| json!({ "pool": v.pool, "name": v.name, "format": format(v), "capacity_bytes": v.capacity_bytes, "allocated_bytes": v.allocated_bytes }))
+            .collect();
+        println!("{}", Value::Array(list));
+        return Ok(());
+    }
+    println!("{:<12} {:<24} {:<6} {:>10} {:>10}", "POOL", "NAME", "FORMAT", "SIZE", "ALLOCATED");
+    for v in &volumes {
+        let mib = |bytes: u64| format!("{}Mi", bytes >> 20);
+        println!(
+            "{:<12} {:<24} {:<6} {:>10} {:>10}",
+            v.pool,
+            v.name,
+            format(v),
+            mib(v.capacity_bytes),
+            mib(v.allocated_bytes)
+        );
+    }
+    Ok(())
+}
+
 fn read_spec(file: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))
 }
@@ -292,7 +366,11 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     let mut disks = Vec::new();
     for (i, text) in args.disk.iter().enumerate() {
         let mut parts = text.split(',');
-        let mut disk = pb::Disk { path: parts.next().unwrap_or_default().to_owned(), ..Default::default() };
+        let first = parts.next().unwrap_or_default();
+        let mut disk = match first.strip_prefix("volume=") {
+            Some(volume) => pb::Disk { volume: volume.to_owned(), ..Default::default() },
+            None => pb::Disk { path: first.to_owned(), ..Default::default() },
+        };
         for option in parts {
             match option.split_once('=') {
                 Some(("format", "raw")) => disk.format = pb::DiskFormat::Raw as i32,
@@ -553,7 +631,8 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     for (i, disk) in spec.disks.iter().enumerate() {
         let format = if disk.format == pb::DiskFormat::Qcow2 as i32 { "qcow2" } else { "raw" };
         let mode = if disk.read_only { "ro" } else { "rw" };
-        rows.push(("disk", format!("#{i} {} ({format}, {mode}, cache={}, aio={})", disk.path, disk.cache, disk.aio)));
+        let source = if disk.volume.is_empty() { disk.path.clone() } else { format!("volume {}", disk.volume) };
+        rows.push(("disk", format!("#{i} {source} ({format}, {mode}, cache={}, aio={})", disk.cache, disk.aio)));
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         let on = if nic.network.is_empty() { nic.kind.clone() } else { format!("network {}", nic.network) };

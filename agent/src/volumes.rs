@@ -1,0 +1,112 @@
+//! Storage pools as the node offers them: one local-directory pool, `default`, under the data directory, whose
+//! volumes VM disks can name (`default/NAME`). Also the [`VolumeBackend`] that resolves those names at VM start.
+
+use std::path::{Path, PathBuf};
+
+use qx_storage::{
+    CreateVolume, DirPool, DiskSource, Engine, EngineConfig, EngineError, ImageFormat, InUse, ObjectKind, OpControl,
+    Pool, PoolError, Preallocation, QemuImg, Volume, VolumeSource,
+};
+use qx_vmm::network::BoxFuture;
+use qx_vmm::spec::DiskFormat;
+use qx_vmm::VolumeBackend;
+
+/// The pool every node has.
+pub const DEFAULT_POOL: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("pool {0:?} not found (this node has the pool \"default\")")]
+    PoolNotFound(String),
+    #[error("cannot start the image engine")]
+    Engine(#[source] EngineError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+/// The node's pools (one for now; the `Pool` trait leaves room for NFS and Ceph RBD).
+pub struct Pools {
+    default: DirPool,
+}
+
+impl std::fmt::Debug for Pools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pools")
+    }
+}
+
+impl Pools {
+    /// Opens `<data_dir>/pools/default`, creating it on first use.
+    pub async fn open(data_dir: &Path) -> Result<Self, VolumeError> {
+        let engine = tokio::task::spawn_blocking(|| Engine::new(EngineConfig::default()))
+            .await
+            .expect("engine start-up task panicked")
+            .map_err(VolumeError::Engine)?;
+        let root = data_dir.join("pools").join(DEFAULT_POOL);
+        let default = DirPool::open(DEFAULT_POOL, root, engine, QemuImg::new()).await?;
+        Ok(Self { default })
+    }
+
+    fn pool(&self, name: &str) -> Result<&DirPool, VolumeError> {
+        if name == DEFAULT_POOL {
+            Ok(&self.default)
+        } else {
+            Err(VolumeError::PoolNotFound(name.to_owned()))
+        }
+    }
+
+    pub async fn list_volumes(&self, pool: &str) -> Result<Vec<Volume>, VolumeError> {
+        Ok(self.pool(pool)?.list_volumes().await?)
+    }
+
+    /// An empty volume of `size` bytes.
+    pub async fn create_empty(
+        &self,
+        pool: &str,
+        name: String,
+        size: u64,
+        format: ImageFormat,
+    ) -> Result<Volume, VolumeError> {
+        let source = VolumeSource::Empty { size, format, preallocation: Preallocation::Off };
+        Ok(self.pool(pool)?.create_volume(CreateVolume { name, source }, &OpControl::new()).await?)
+    }
+
+    /// Deletes a volume no running VM uses (`in_use` tells which do).
+    pub async fn delete_volume(&self, pool: &str, name: &str, in_use: &dyn InUse) -> Result<(), VolumeError> {
+        Ok(self.pool(pool)?.delete_volume(name, in_use).await?)
+    }
+}
+
+impl VolumeBackend for Pools {
+    fn resolve<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<(PathBuf, DiskFormat), String>> {
+        Box::pin(async move {
+            let (pool, name) = volume.split_once('/').ok_or("is not pool/volume")?;
+            let pool = self.pool(pool).map_err(|_| format!("names pool {pool:?}, which does not exist"))?;
+            match pool.volume_source(name).await {
+                Ok(DiskSource::File { path, format }) => Ok((
+                    path,
+                    match format {
+                        ImageFormat::Raw => DiskFormat::Raw,
+                        ImageFormat::Qcow2 => DiskFormat::Qcow2,
+                    },
+                )),
+                Ok(_) => Err("is of a kind this node cannot attach".to_owned()),
+                Err(e) if e.kind() == qx_storage::ErrorKind::NotFound => Err("does not exist".to_owned()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+/// Which running VMs use a volume, for the pool's delete and resize checks.
+pub fn users_of(vms: &[qx_vmm::VmInfo], pool: &str, kind: ObjectKind, name: &str) -> Vec<String> {
+    if kind != ObjectKind::Volume {
+        return Vec::new();
+    }
+    let wanted = format!("{pool}/{name}");
+    vms.iter()
+        .filter(|vm| vm.state.is_active())
+        .filter(|vm| vm.spec.disks.iter().any(|d| d.volume.as_deref() == Some(wanted.as_str())))
+        .map(|vm| vm.spec.name.clone())
+        .collect()
+}
