@@ -43,7 +43,7 @@ pub fn status(error: VmError) -> Status {
         VmError::Invalid(_) => Status::invalid_argument(message),
         VmError::NotFound(_) => Status::not_found(message),
         VmError::AlreadyExists(_) => Status::already_exists(message),
-        VmError::WrongState { .. } | VmError::NoConsole { .. } | VmError::Orphan { .. } => {
+        VmError::WrongState { .. } | VmError::NoConsole { .. } | VmError::Orphan { .. } | VmError::VolumesInUse(_) => {
             Status::failed_precondition(message)
         }
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),

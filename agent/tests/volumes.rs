@@ -49,6 +49,7 @@ async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     // The same volume in a second VM, and a missing volume: refused before any QEMU is spawned.
     create_with_volume(&mut client, "vol2", "default/data1").await;
     let status = start_error(&mut client, "vol2").await;
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(status.message().contains("disks[0].volume") && status.message().contains("vol1"), "{status:?}");
     create_with_volume(&mut client, "vol3", "default/nope").await;
     let status = start_error(&mut client, "vol3").await;

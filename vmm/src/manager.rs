@@ -96,6 +96,9 @@ pub enum VmError {
     },
     #[error("VM {name:?} has no serial console")]
     NoConsole { name: String },
+    /// Disks name volumes other running VMs write to; the problems name the disks.
+    #[error("volumes in use: {0}")]
+    VolumesInUse(ValidationErrors),
     #[error("VM {name:?} still has a QEMU running (pid {pid}) that qx-node cannot drive; stop that process first")]
     Orphan { name: String, pid: i32 },
 }
@@ -515,6 +518,7 @@ impl VmManager {
     /// writes to (or that this one would write to while another runs), naming the disk.
     async fn resolve_volumes(&self, name: &str, mut spec: VmSpec) -> Result<VmSpec, VmError> {
         let mut problems = Vec::new();
+        let mut in_use = Vec::new();
         for i in 0..spec.disks.len() {
             let Some(volume) = spec.disks[i].volume.clone() else { continue };
             let field = format!("disks[{i}].volume");
@@ -531,7 +535,7 @@ impl VmManager {
                 .map(|other| other.name.clone())
                 .collect();
             if !users.is_empty() {
-                problems.push((field, volume, format!("is in use by running VM {}", users.join(", "))));
+                in_use.push((field, volume, format!("is in use by running VM {}", users.join(", "))));
                 continue;
             }
             let Some(backend) = &self.inner.backends.volumes else {
@@ -546,14 +550,18 @@ impl VmManager {
                 Err(problem) => problems.push((field, volume, problem)),
             }
         }
-        if problems.is_empty() {
-            return Ok(spec);
+        let errors = |list: Vec<(String, String, String)>| {
+            let list =
+                list.into_iter().map(|(field, value, problem)| crate::spec::FieldError { field, value, problem });
+            ValidationErrors(list.collect())
+        };
+        if !problems.is_empty() {
+            return Err(errors(problems).into());
         }
-        let errors = problems
-            .into_iter()
-            .map(|(field, value, problem)| crate::spec::FieldError { field, value, problem })
-            .collect();
-        Err(ValidationErrors(errors).into())
+        if !in_use.is_empty() {
+            return Err(VmError::VolumesInUse(errors(in_use)));
+        }
+        Ok(spec)
     }
 
     /// Refuses, before anything is created, a VM whose networks are missing or unreachable.
