@@ -15,8 +15,6 @@ use crate::volumes::{users_of, Pools, VolumeError};
 pub enum NodeError {
     #[error("QEMU binary {binary} does not run: {detail}")]
     QemuMissing { binary: String, detail: String },
-    #[error("cannot open the storage pools")]
-    Pools(#[source] VolumeError),
     #[error("cannot open the data directory {path}")]
     DataDir {
         path: String,
@@ -62,7 +60,7 @@ impl Node {
         let networks = Networks::open(&config.data_dir, config.ovs.clone())
             .map(Arc::new)
             .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        let pools = Arc::new(Pools::open(&config.data_dir).await.map_err(NodeError::Pools)?);
+        let pools = Arc::new(Pools::new(&config.data_dir));
         let backends = qx_vmm::Backends {
             network: Some(Arc::clone(&networks) as Arc<dyn qx_vmm::NetworkBackend>),
             volumes: Some(Arc::clone(&pools) as Arc<dyn qx_vmm::VolumeBackend>),

@@ -24,9 +24,11 @@ pub enum VolumeError {
     Pool(#[from] PoolError),
 }
 
-/// The node's pools (one for now; the `Pool` trait leaves room for NFS and Ceph RBD).
+/// The node's pools (one for now; the `Pool` trait leaves room for NFS and Ceph RBD). The default pool and its
+/// io_uring engine threads come up on first use, so a node that never touches a volume pays nothing at start.
 pub struct Pools {
-    default: DirPool,
+    root: PathBuf,
+    default: tokio::sync::OnceCell<DirPool>,
 }
 
 impl std::fmt::Debug for Pools {
@@ -36,27 +38,28 @@ impl std::fmt::Debug for Pools {
 }
 
 impl Pools {
-    /// Opens `<data_dir>/pools/default`, creating it on first use.
-    pub async fn open(data_dir: &Path) -> Result<Self, VolumeError> {
-        let engine = tokio::task::spawn_blocking(|| Engine::new(EngineConfig::default()))
-            .await
-            .expect("engine start-up task panicked")
-            .map_err(VolumeError::Engine)?;
-        let root = data_dir.join("pools").join(DEFAULT_POOL);
-        let default = DirPool::open(DEFAULT_POOL, root, engine, QemuImg::new()).await?;
-        Ok(Self { default })
+    /// The pools under `<data_dir>/pools/`; `default` is created on first use.
+    pub fn new(data_dir: &Path) -> Self {
+        Self { root: data_dir.join("pools").join(DEFAULT_POOL), default: tokio::sync::OnceCell::new() }
     }
 
-    fn pool(&self, name: &str) -> Result<&DirPool, VolumeError> {
-        if name == DEFAULT_POOL {
-            Ok(&self.default)
-        } else {
-            Err(VolumeError::PoolNotFound(name.to_owned()))
+    async fn pool(&self, name: &str) -> Result<&DirPool, VolumeError> {
+        if name != DEFAULT_POOL {
+            return Err(VolumeError::PoolNotFound(name.to_owned()));
         }
+        self.default
+            .get_or_try_init(|| async {
+                let engine = tokio::task::spawn_blocking(|| Engine::new(EngineConfig::default()))
+                    .await
+                    .expect("engine start-up task panicked")
+                    .map_err(VolumeError::Engine)?;
+                Ok(DirPool::open(DEFAULT_POOL, self.root.clone(), engine, QemuImg::new()).await?)
+            })
+            .await
     }
 
     pub async fn list_volumes(&self, pool: &str) -> Result<Vec<Volume>, VolumeError> {
-        Ok(self.pool(pool)?.list_volumes().await?)
+        Ok(self.pool(pool).await?.list_volumes().await?)
     }
 
     /// An empty volume of `size` bytes.
@@ -68,12 +71,12 @@ impl Pools {
         format: ImageFormat,
     ) -> Result<Volume, VolumeError> {
         let source = VolumeSource::Empty { size, format, preallocation: Preallocation::Off };
-        Ok(self.pool(pool)?.create_volume(CreateVolume { name, source }, &OpControl::new()).await?)
+        Ok(self.pool(pool).await?.create_volume(CreateVolume { name, source }, &OpControl::new()).await?)
     }
 
     /// Deletes a volume no running VM uses (`in_use` tells which do).
     pub async fn delete_volume(&self, pool: &str, name: &str, in_use: &dyn InUse) -> Result<(), VolumeError> {
-        Ok(self.pool(pool)?.delete_volume(name, in_use).await?)
+        Ok(self.pool(pool).await?.delete_volume(name, in_use).await?)
     }
 }
 
@@ -81,7 +84,11 @@ impl VolumeBackend for Pools {
     fn resolve<'a>(&'a self, volume: &'a str) -> BoxFuture<'a, Result<(PathBuf, DiskFormat), String>> {
         Box::pin(async move {
             let (pool, name) = volume.split_once('/').ok_or("is not pool/volume")?;
-            let pool = self.pool(pool).map_err(|_| format!("names pool {pool:?}, which does not exist"))?;
+            let pool = match self.pool(pool).await {
+                Ok(pool) => pool,
+                Err(VolumeError::PoolNotFound(_)) => return Err(format!("names pool {pool:?}, which does not exist")),
+                Err(e) => return Err(e.to_string()),
+            };
             match pool.volume_source(name).await {
                 Ok(DiskSource::File { path, format }) => Ok((
                     path,

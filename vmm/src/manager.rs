@@ -482,8 +482,9 @@ impl VmManager {
         let previous = entry.require("start", "stopped", &[VmState::Stopped, VmState::Crashed])?;
         let spec = entry.status().spec.clone();
         // Two QEMUs on the same disks would corrupt them: never start next to one qx-node could not take back.
-        let orphan = read_pidfile(&entry.dir.pidfile())
-            .filter(|pid| crate::process::is_qemu_of(&self.inner.config.host, *pid, spec.uuid()));
+        let (pidfile, host, uuid) = (entry.dir.pidfile(), self.inner.config.host.clone(), spec.uuid());
+        let orphan =
+            blocking(move || read_pidfile(&pidfile).filter(|pid| crate::process::is_qemu_of(&host, *pid, uuid))).await;
         if let Some(pid) = orphan {
             return Err(VmError::Orphan { name: name.to_owned(), pid });
         }
