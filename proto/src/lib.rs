@@ -17,3 +17,11 @@ pub mod node {
         tonic::include_proto!("quantix.node.v1");
     }
 }
+
+/// `quantix.controlplane.v1`: the API a control plane serves and qx-node calls.
+pub mod controlplane {
+    /// Version 1 of the control-plane API.
+    pub mod v1 {
+        tonic::include_proto!("quantix.controlplane.v1");
+    }
+}
