@@ -4,6 +4,12 @@
 use std::collections::BTreeMap;
 
 use qx_proto::node::v1 as pb;
+use qx_storage::cloudinit::{Addressing, Ethernet, NetworkConfig, RunCmd, User, UserData};
+use qx_storage::{
+    CreateVolume, FromImage, Image, ImageFormat, ImageKind, ImportImage, PoolKind, PoolStats, Preallocation, Volume,
+    VolumeOrigin, VolumeSource,
+};
+use qx_vmm::spec::CloudInit;
 use qx_vmm::spec::{
     AccelChoice, AioMode, CacheMode, DiskFormat, DiskSpec, FieldError, Firmware, KernelBoot, NicKind, NicSpec,
 };
@@ -108,6 +114,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         })
         .collect();
     let machine = if spec.machine.is_empty() { "q35".to_owned() } else { spec.machine };
+    let cloud_init = spec.cloud_init.map(|c| cloud_init_from_pb(c, &mut p));
     if !p.0.is_empty() {
         return Err(ValidationErrors(p.0));
     }
@@ -129,6 +136,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         serial: spec.serial.unwrap_or(true),
         vnc_display: spec.vnc_display,
         labels: spec.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        cloud_init,
     })
 }
 
@@ -173,6 +181,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         serial: Some(spec.serial),
         vnc_display: spec.vnc_display,
         labels: spec.labels.clone().into_iter().collect(),
+        cloud_init: spec.cloud_init.as_ref().map(cloud_init_to_pb),
     }
 }
 
@@ -204,16 +213,228 @@ pub fn nic_status_to_pb(nic: &NicStatus) -> pb::NicStatus {
     }
 }
 
-pub fn volume_to_pb(pool: &str, volume: &qx_storage::Volume) -> pb::Volume {
+pub fn format_to_pb(format: ImageFormat) -> pb::DiskFormat {
+    match format {
+        ImageFormat::Raw => pb::DiskFormat::Raw,
+        ImageFormat::Qcow2 => pb::DiskFormat::Qcow2,
+    }
+}
+
+pub fn volume_to_pb(pool: &str, volume: &Volume) -> pb::Volume {
+    let (origin, origin_name) = match &volume.origin {
+        VolumeOrigin::Empty => ("empty", ""),
+        VolumeOrigin::Overlay { image } => ("overlay", image.as_str()),
+        VolumeOrigin::Copy { image } => ("copy", image.as_str()),
+        VolumeOrigin::Clone { volume } => ("clone", volume.as_str()),
+    };
     pb::Volume {
         pool: pool.to_owned(),
         name: volume.name.clone(),
-        format: match volume.format {
-            qx_storage::ImageFormat::Raw => pb::DiskFormat::Raw,
-            qx_storage::ImageFormat::Qcow2 => pb::DiskFormat::Qcow2,
-        } as i32,
+        format: format_to_pb(volume.format) as i32,
         capacity_bytes: volume.capacity,
         allocated_bytes: volume.allocated,
+        origin: origin.to_owned(),
+        origin_name: origin_name.to_owned(),
+        backing_image: volume.backing_image.clone().unwrap_or_default(),
+        created_unix: volume.created_unix as i64,
+    }
+}
+
+pub fn image_to_pb(pool: &str, image: &Image) -> pb::Image {
+    pb::Image {
+        pool: pool.to_owned(),
+        name: image.name.clone(),
+        kind: match image.kind {
+            ImageKind::Iso => pb::ImageKind::Iso,
+            ImageKind::CloudImage => pb::ImageKind::CloudImage,
+            ImageKind::Template => pb::ImageKind::Template,
+        } as i32,
+        format: format_to_pb(image.format) as i32,
+        virtual_size_bytes: image.virtual_size,
+        file_size_bytes: image.file_size,
+        sha256: image.sha256.map(|d| d.to_string()).unwrap_or_default(),
+        created_unix: image.created_unix as i64,
+    }
+}
+
+pub fn pool_to_pb(name: &str, kind: PoolKind, stats: &PoolStats) -> pb::Pool {
+    pb::Pool {
+        name: name.to_owned(),
+        kind: match kind {
+            PoolKind::Dir => "dir",
+            _ => "other",
+        }
+        .to_owned(),
+        capacity_bytes: stats.capacity,
+        available_bytes: stats.available,
+        allocated_bytes: stats.allocated,
+        volumes: stats.volumes as u32,
+        images: stats.images as u32,
+    }
+}
+
+/// A CreateVolume request as the pool takes it. Sizes and names are checked by the pool, which names the fields.
+pub fn create_volume_from_pb(request: pb::CreateVolumeRequest) -> Result<CreateVolume, ValidationErrors> {
+    let source = if request.image.is_empty() {
+        let format = match pb::DiskFormat::try_from(request.format) {
+            Ok(pb::DiskFormat::Raw) => ImageFormat::Raw,
+            Ok(_) => ImageFormat::Qcow2,
+            Err(_) => return Err(ValidationErrors::one("format", request.format, "is not a known disk format")),
+        };
+        VolumeSource::Empty { size: request.size_bytes, format, preallocation: Preallocation::Off }
+    } else {
+        let mode = match pb::FromImage::try_from(request.from_image) {
+            Ok(pb::FromImage::Copy) => FromImage::Copy,
+            Ok(_) => FromImage::Overlay,
+            Err(_) => return Err(ValidationErrors::one("from_image", request.from_image, "is not overlay or copy")),
+        };
+        let size = (request.size_bytes != 0).then_some(request.size_bytes);
+        VolumeSource::Image { image: request.image, mode, size }
+    };
+    Ok(CreateVolume { name: request.name, source })
+}
+
+pub fn import_image_from_pb(request: pb::ImportImageRequest) -> Result<ImportImage, ValidationErrors> {
+    let mut p = Problems::default();
+    let kind = match pb::ImageKind::try_from(request.kind) {
+        Ok(pb::ImageKind::Iso) => ImageKind::Iso,
+        Ok(pb::ImageKind::CloudImage) => ImageKind::CloudImage,
+        Ok(pb::ImageKind::Template) => ImageKind::Template,
+        _ => {
+            p.add("kind".into(), &request.kind.to_string(), "is not one of iso, cloud-image, template");
+            ImageKind::Template
+        }
+    };
+    let format = match pb::DiskFormat::try_from(request.format) {
+        Ok(pb::DiskFormat::Raw) => Some(ImageFormat::Raw),
+        Ok(pb::DiskFormat::Qcow2) => Some(ImageFormat::Qcow2),
+        Ok(pb::DiskFormat::Unspecified) => None,
+        Err(_) => {
+            p.add("format".into(), &request.format.to_string(), "is not a known disk format");
+            None
+        }
+    };
+    let sha256 = match request.sha256.as_str() {
+        "" => None,
+        hex => hex.parse().map_err(|_| p.add("sha256".into(), hex, "is not 64 hex digits")).ok(),
+    };
+    if !p.0.is_empty() {
+        return Err(ValidationErrors(p.0));
+    }
+    Ok(ImportImage {
+        name: request.name,
+        kind,
+        source: request.source_path.into(),
+        format,
+        size: request.size_bytes,
+        sha256,
+    })
+}
+
+/// Addresses that do not parse are reported here; everything else is checked by `VmSpec::validate`.
+fn cloud_init_from_pb(c: pb::CloudInit, p: &mut Problems) -> CloudInit {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    let users = c
+        .users
+        .into_iter()
+        .map(|u| User {
+            name: u.name,
+            ssh_authorized_keys: u.ssh_authorized_keys,
+            password_hash: some(u.password_hash),
+            sudo: some(u.sudo),
+            groups: u.groups,
+            shell: some(u.shell),
+        })
+        .collect();
+    let runcmd =
+        c.runcmd.into_iter().map(|r| if r.argv.is_empty() { RunCmd::Shell(r.shell) } else { RunCmd::Argv(r.argv) });
+    let ethernets: Vec<Ethernet> = c
+        .ethernets
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| Ethernet {
+            id: e.id,
+            mac: some(e.mac),
+            mtu: (e.mtu != 0).then_some(e.mtu),
+            addressing: if e.addresses.is_empty() {
+                Addressing::Dhcp { dhcp4: true, dhcp6: false }
+            } else {
+                let field = |name: &str| format!("cloud_init.ethernets[{i}].{name}");
+                let gateway4 = match e.gateway4.as_str() {
+                    "" => None,
+                    text => text.parse().map_err(|_| p.add(field("gateway4"), text, "is not an IPv4 address")).ok(),
+                };
+                let mut nameservers = Vec::new();
+                for (n, text) in e.nameservers.iter().enumerate() {
+                    match text.parse() {
+                        Ok(address) => nameservers.push(address),
+                        Err(_) => p.add(field(&format!("nameservers[{n}]")), text, "is not an IP address"),
+                    }
+                }
+                Addressing::Static { addresses: e.addresses, gateway4, gateway6: None, nameservers, search: e.search }
+            },
+        })
+        .collect();
+    CloudInit {
+        user_data: UserData {
+            hostname: some(c.hostname),
+            default_user: c.default_user,
+            users,
+            ssh_pwauth: c.ssh_pwauth,
+            packages: c.packages,
+            runcmd: runcmd.collect(),
+        },
+        network_config: (!ethernets.is_empty()).then_some(NetworkConfig { ethernets }),
+    }
+}
+
+fn cloud_init_to_pb(c: &CloudInit) -> pb::CloudInit {
+    let u = &c.user_data;
+    pb::CloudInit {
+        hostname: u.hostname.clone().unwrap_or_default(),
+        default_user: u.default_user,
+        users: u
+            .users
+            .iter()
+            .map(|user| pb::CloudInitUser {
+                name: user.name.clone(),
+                ssh_authorized_keys: user.ssh_authorized_keys.clone(),
+                password_hash: user.password_hash.clone().unwrap_or_default(),
+                sudo: user.sudo.clone().unwrap_or_default(),
+                groups: user.groups.clone(),
+                shell: user.shell.clone().unwrap_or_default(),
+            })
+            .collect(),
+        ssh_pwauth: u.ssh_pwauth,
+        packages: u.packages.clone(),
+        runcmd: u
+            .runcmd
+            .iter()
+            .map(|r| match r {
+                RunCmd::Shell(line) => pb::RunCommand { shell: line.clone(), argv: Vec::new() },
+                RunCmd::Argv(argv) => pb::RunCommand { shell: String::new(), argv: argv.clone() },
+            })
+            .collect(),
+        ethernets: c
+            .network_config
+            .iter()
+            .flat_map(|n| &n.ethernets)
+            .map(|e| {
+                let mut pb_eth = pb::CloudInitEthernet {
+                    id: e.id.clone(),
+                    mac: e.mac.clone().unwrap_or_default(),
+                    mtu: e.mtu.unwrap_or(0),
+                    ..Default::default()
+                };
+                if let Addressing::Static { addresses, gateway4, nameservers, search, .. } = &e.addressing {
+                    pb_eth.addresses = addresses.clone();
+                    pb_eth.gateway4 = gateway4.map(|g| g.to_string()).unwrap_or_default();
+                    pb_eth.nameservers = nameservers.iter().map(ToString::to_string).collect();
+                    pb_eth.search = search.clone();
+                }
+                pb_eth
+            })
+            .collect(),
     }
 }
 

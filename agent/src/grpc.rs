@@ -8,15 +8,16 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::node_service_server::NodeService;
+use qx_storage::OpControl;
 use qx_vmm::VmError;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info_span, Instrument};
+use tracing::{info, info_span, Instrument};
 
 use crate::convert::{
-    event_to_pb, network_from_pb, network_to_pb, nic_status_to_pb, node_info_to_pb, spec_from_request, vm_to_pb,
-    volume_to_pb,
+    create_volume_from_pb, event_to_pb, image_to_pb, import_image_from_pb, network_from_pb, network_to_pb,
+    nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request, vm_to_pb, volume_to_pb,
 };
 use crate::network::NetworkError;
 use crate::node::Node;
@@ -89,6 +90,55 @@ fn pool_name(pool: &str) -> &str {
     } else {
         pool
     }
+}
+
+fn volume_progress(progress: pb::Progress) -> pb::VolumeOperation {
+    pb::VolumeOperation { event: Some(pb::volume_operation::Event::Progress(progress)) }
+}
+
+fn volume_done(pool: &str, volume: &qx_storage::Volume) -> pb::VolumeOperation {
+    pb::VolumeOperation { event: Some(pb::volume_operation::Event::Volume(volume_to_pb(pool, volume))) }
+}
+
+/// How often a long storage operation reports progress at most: enough for a smooth bar, little traffic.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Runs a long storage operation in a task of its own and streams its progress, then its result. A client that
+/// drops the stream cancels the operation, which then cleans up after itself (no half-written volume remains).
+fn operation_stream<T, F, Fut>(span: tracing::Span, progress: fn(pb::Progress) -> T, operation: F) -> ServiceStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(OpControl) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, Status>> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(8);
+    let ctl = OpControl::new();
+    let mut updates = ctl.subscribe();
+    let work = operation(ctl.clone());
+    tokio::spawn(
+        async move {
+            tokio::pin!(work);
+            let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+            let result = loop {
+                tokio::select! {
+                    result = &mut work => break result,
+                    _ = tx.closed(), if !ctl.is_cancelled() => {
+                        info!("client went away; cancelling");
+                        ctl.cancel();
+                    }
+                    _ = tick.tick() => {
+                        if updates.has_changed().unwrap_or(false) {
+                            let p = *updates.borrow_and_update();
+                            let _ = tx.try_send(Ok(progress(pb::Progress { done_bytes: p.done, total_bytes: p.total })));
+                        }
+                    }
+                }
+            };
+            let _ = tx.send(result).await;
+        }
+        .instrument(span),
+    );
+    Box::pin(ReceiverStream::new(rx))
 }
 
 /// The error and its causes in one line: gRPC carries a message, not a chain.
@@ -204,17 +254,45 @@ impl NodeService for NodeApi {
         Ok(Response::new(pb::DeleteNetworkResponse {}))
     }
 
-    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+    async fn list_pools(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
+        let mut pools = Vec::new();
+        for pool in self.node.pools().all().await.map_err(volume_status)? {
+            let stats = pool.stats().await.map_err(|e| volume_status(e.into()))?;
+            pools.push(pool_to_pb(pool.name(), pool.kind(), &stats));
+        }
+        Ok(Response::new(pb::ListPoolsResponse { pools }))
+    }
+
+    async fn get_pool(&self, request: Request<pb::PoolRef>) -> Result<Response<pb::Pool>, Status> {
+        let name = pool_name(&request.into_inner().name).to_owned();
+        let pool = self.node.pools().pool(&name).await.map_err(volume_status)?;
+        let stats = pool.stats().await.map_err(|e| volume_status(e.into()))?;
+        Ok(Response::new(pool_to_pb(pool.name(), pool.kind(), &stats)))
+    }
+
+    type CreateVolumeStream = ServiceStream<pb::VolumeOperation>;
+
+    async fn create_volume(
+        &self,
+        request: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<Self::CreateVolumeStream>, Status> {
         let request = request.into_inner();
         let pool = pool_name(&request.pool).to_owned();
-        let format = match pb::DiskFormat::try_from(request.format) {
-            Ok(pb::DiskFormat::Raw) => qx_storage::ImageFormat::Raw,
-            _ => qx_storage::ImageFormat::Qcow2,
-        };
-        let span = info_span!("CreateVolume", pool = %pool, volume = %request.name);
-        let create = self.node.pools().create_empty(&pool, request.name, request.size_bytes, format);
-        let volume = create.instrument(span).await.map_err(volume_status)?;
-        Ok(Response::new(volume_to_pb(&pool, &volume)))
+        let create = create_volume_from_pb(request).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let span = info_span!("CreateVolume", pool = %pool, volume = %create.name);
+        let node = Arc::clone(&self.node);
+        let stream = operation_stream(span, volume_progress, move |ctl| async move {
+            let volume = node.create_volume(&pool, create, &ctl).await.map_err(volume_status)?;
+            Ok(volume_done(&pool, &volume))
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_volume(&self, request: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool);
+        let volume = self.node.pools().pool(pool).await.map_err(volume_status)?.volume(&request.name).await;
+        Ok(Response::new(volume_to_pb(pool, &volume.map_err(|e| volume_status(e.into()))?)))
     }
 
     async fn list_volumes(
@@ -222,8 +300,35 @@ impl NodeService for NodeApi {
         request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let pool = pool_name(&request.into_inner().pool).to_owned();
-        let volumes = self.node.pools().list_volumes(&pool).await.map_err(volume_status)?;
+        let volumes = self.node.pools().pool(&pool).await.map_err(volume_status)?.list_volumes().await;
+        let volumes = volumes.map_err(|e| volume_status(e.into()))?;
         Ok(Response::new(pb::ListVolumesResponse { volumes: volumes.iter().map(|v| volume_to_pb(&pool, v)).collect() }))
+    }
+
+    async fn resize_volume(&self, request: Request<pb::ResizeVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool);
+        let span = info_span!("ResizeVolume", pool = %pool, volume = %request.name, size = request.size_bytes);
+        let resize = self.node.resize_volume(pool, &request.name, request.size_bytes);
+        let volume = resize.instrument(span).await.map_err(volume_status)?;
+        Ok(Response::new(volume_to_pb(pool, &volume)))
+    }
+
+    type CloneVolumeStream = ServiceStream<pb::VolumeOperation>;
+
+    async fn clone_volume(
+        &self,
+        request: Request<pb::CloneVolumeRequest>,
+    ) -> Result<Response<Self::CloneVolumeStream>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool).to_owned();
+        let span = info_span!("CloneVolume", pool = %pool, volume = %request.name, new = %request.new_name);
+        let node = Arc::clone(&self.node);
+        let stream = operation_stream(span, volume_progress, move |ctl| async move {
+            let clone = node.clone_volume(&pool, &request.name, &request.new_name, &ctl);
+            Ok(volume_done(&pool, &clone.await.map_err(volume_status)?))
+        });
+        Ok(Response::new(stream))
     }
 
     async fn delete_volume(
@@ -235,6 +340,50 @@ impl NodeService for NodeApi {
         let span = info_span!("DeleteVolume", pool = %pool, volume = %request.name);
         self.node.delete_volume(&pool, &request.name).instrument(span).await.map_err(volume_status)?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    type ImportImageStream = ServiceStream<pb::ImageOperation>;
+
+    async fn import_image(
+        &self,
+        request: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<Self::ImportImageStream>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool).to_owned();
+        let import = import_image_from_pb(request).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let span = info_span!("ImportImage", pool = %pool, image = %import.name, source = %import.source.display());
+        let node = Arc::clone(&self.node);
+        let progress = |p: pb::Progress| pb::ImageOperation { event: Some(pb::image_operation::Event::Progress(p)) };
+        let stream = operation_stream(span, progress, move |ctl| async move {
+            let image = node.import_image(&pool, import, &ctl).await.map_err(volume_status)?;
+            Ok(pb::ImageOperation { event: Some(pb::image_operation::Event::Image(image_to_pb(&pool, &image))) })
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_image(&self, request: Request<pb::ImageRef>) -> Result<Response<pb::Image>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool);
+        let image = self.node.pools().pool(pool).await.map_err(volume_status)?.image(&request.name).await;
+        Ok(Response::new(image_to_pb(pool, &image.map_err(|e| volume_status(e.into()))?)))
+    }
+
+    async fn list_images(
+        &self,
+        request: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let pool = pool_name(&request.into_inner().pool).to_owned();
+        let images = self.node.pools().pool(&pool).await.map_err(volume_status)?.list_images().await;
+        let images = images.map_err(|e| volume_status(e.into()))?;
+        Ok(Response::new(pb::ListImagesResponse { images: images.iter().map(|i| image_to_pb(&pool, i)).collect() }))
+    }
+
+    async fn delete_image(&self, request: Request<pb::ImageRef>) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let request = request.into_inner();
+        let pool = pool_name(&request.pool).to_owned();
+        let span = info_span!("DeleteImage", pool = %pool, image = %request.name);
+        self.node.delete_image(&pool, &request.name).instrument(span).await.map_err(volume_status)?;
+        Ok(Response::new(pb::DeleteImageResponse {}))
     }
 
     type WatchEventsStream = ServiceStream<pb::VmEvent>;

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use qx_storage::{CreateVolume, Image, ImportImage, InUse, OpControl, Volume};
 use qx_vmm::spec::AccelChoice;
 use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmManager, VmState};
 use tracing::{info, warn};
@@ -114,11 +115,46 @@ impl Node {
         &self.pools
     }
 
+    /// Which running VMs use a pool's volumes, as the VMs stand now.
+    fn in_use(&self) -> impl InUse {
+        let vms = self.vms.list();
+        move |pool: &str, kind, name: &str| users_of(&vms, pool, kind, name)
+    }
+
+    /// Creates a volume (empty, or from a library image); `ctl` reports a full copy's progress and cancels it.
+    pub async fn create_volume(&self, pool: &str, req: CreateVolume, ctl: &OpControl) -> Result<Volume, VolumeError> {
+        Ok(self.pools.pool(pool).await?.create_volume(req, ctl).await?)
+    }
+
+    /// Grows a volume no running VM uses. Shrinking is refused: it loses the guest's data.
+    pub async fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<Volume, VolumeError> {
+        Ok(self.pools.pool(pool).await?.resize_volume(name, size, false, &self.in_use()).await?)
+    }
+
+    /// Copies a volume no running VM uses into a new one.
+    pub async fn clone_volume(
+        &self,
+        pool: &str,
+        source: &str,
+        target: &str,
+        ctl: &OpControl,
+    ) -> Result<Volume, VolumeError> {
+        Ok(self.pools.pool(pool).await?.clone_volume(source, target, &self.in_use(), ctl).await?)
+    }
+
     /// Deletes a volume no running VM uses.
     pub async fn delete_volume(&self, pool: &str, name: &str) -> Result<(), VolumeError> {
-        let vms = self.vms.list();
-        let in_use = move |pool: &str, kind, name: &str| users_of(&vms, pool, kind, name);
-        self.pools.delete_volume(pool, name, &in_use).await
+        Ok(self.pools.pool(pool).await?.delete_volume(name, &self.in_use()).await?)
+    }
+
+    /// Copies a file on this host into a pool's image library.
+    pub async fn import_image(&self, pool: &str, req: ImportImage, ctl: &OpControl) -> Result<Image, VolumeError> {
+        Ok(self.pools.pool(pool).await?.import_image(req, ctl).await?)
+    }
+
+    /// Deletes a library image no volume is an overlay on.
+    pub async fn delete_image(&self, pool: &str, name: &str) -> Result<(), VolumeError> {
+        Ok(self.pools.pool(pool).await?.delete_image(name, &self.in_use()).await?)
     }
 
     /// A VM with its network NICs' switch ports.

@@ -4,8 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use qx_storage::{
-    CreateVolume, DirPool, DiskSource, Engine, EngineConfig, EngineError, ImageFormat, InUse, ObjectKind, OpControl,
-    Pool, PoolError, Preallocation, QemuImg, Volume, VolumeSource,
+    DirPool, DiskSource, Engine, EngineConfig, EngineError, ImageFormat, ObjectKind, Pool, PoolError, QemuImg,
 };
 use qx_vmm::network::BoxFuture;
 use qx_vmm::spec::DiskFormat;
@@ -43,40 +42,27 @@ impl Pools {
         Self { root: data_dir.join("pools").join(DEFAULT_POOL), default: tokio::sync::OnceCell::new() }
     }
 
-    async fn pool(&self, name: &str) -> Result<&DirPool, VolumeError> {
+    /// The pool called `name`, opened on first use.
+    pub async fn pool(&self, name: &str) -> Result<&dyn Pool, VolumeError> {
         if name != DEFAULT_POOL {
             return Err(VolumeError::PoolNotFound(name.to_owned()));
         }
-        self.default
+        let pool = self
+            .default
             .get_or_try_init(|| async {
                 let engine = tokio::task::spawn_blocking(|| Engine::new(EngineConfig::default()))
                     .await
                     .expect("engine start-up task panicked")
                     .map_err(VolumeError::Engine)?;
-                Ok(DirPool::open(DEFAULT_POOL, self.root.clone(), engine, QemuImg::new()).await?)
+                Ok::<_, VolumeError>(DirPool::open(DEFAULT_POOL, self.root.clone(), engine, QemuImg::new()).await?)
             })
-            .await
+            .await?;
+        Ok(pool)
     }
 
-    pub async fn list_volumes(&self, pool: &str) -> Result<Vec<Volume>, VolumeError> {
-        Ok(self.pool(pool).await?.list_volumes().await?)
-    }
-
-    /// An empty volume of `size` bytes.
-    pub async fn create_empty(
-        &self,
-        pool: &str,
-        name: String,
-        size: u64,
-        format: ImageFormat,
-    ) -> Result<Volume, VolumeError> {
-        let source = VolumeSource::Empty { size, format, preallocation: Preallocation::Off };
-        Ok(self.pool(pool).await?.create_volume(CreateVolume { name, source }, &OpControl::new()).await?)
-    }
-
-    /// Deletes a volume no running VM uses (`in_use` tells which do).
-    pub async fn delete_volume(&self, pool: &str, name: &str, in_use: &dyn InUse) -> Result<(), VolumeError> {
-        Ok(self.pool(pool).await?.delete_volume(name, in_use).await?)
+    /// Every pool of the node.
+    pub async fn all(&self) -> Result<Vec<&dyn Pool>, VolumeError> {
+        Ok(vec![self.pool(DEFAULT_POOL).await?])
     }
 }
 

@@ -1,8 +1,11 @@
-//! Pool volumes end to end: qx-node creates a volume in its default pool, a VM boots with it as a disk, and a
-//! volume in use can neither be deleted nor started in a second VM.
+//! Storage end to end through qx-node: pool volumes as VM disks (and protected while in use), the image library,
+//! a VM booting from a qcow2 overlay whose base stays unchanged, clone and resize, and a cloud-init seed that the
+//! guest mounts from its CD-ROM.
 
 mod common;
 
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
@@ -10,14 +13,56 @@ use qx_proto::node::v1 as pb;
 use qx_test_infra::test_guest;
 use tonic::Code;
 
-async fn create_with_volume(client: &mut Client, name: &str, volume: &str) {
-    let extra = format!("disks:\n  - volume: {volume}\n");
-    let spec_text = test_guest().spec_yaml(name, &extra);
+const BASE_MARKER: &[u8] = b"QX-BASE-DATA";
+const OVERLAY_MARKER: &str = "QX-OVERLAY-WRITE";
+
+async fn create_with(client: &mut Client, name: &str, extra: &str) {
+    let spec_text = test_guest().spec_yaml(name, extra);
     client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+}
+
+async fn create_with_volume(client: &mut Client, name: &str, volume: &str) {
+    create_with(client, name, &format!("disks:\n  - volume: {volume}\n")).await;
 }
 
 async fn start_error(client: &mut Client, name: &str) -> tonic::Status {
     client.start_vm(pb::VmRef { name: name.into() }).await.expect_err("start must be refused")
+}
+
+async fn stop(client: &mut Client, name: &str) {
+    client.stop_vm(pb::StopVmRequest { name: name.into(), force: true, timeout_seconds: 0 }).await.expect("StopVm");
+}
+
+type Operation = Result<tonic::Response<tonic::Streaming<pb::VolumeOperation>>, tonic::Status>;
+
+/// Follows a volume operation to its result or its error.
+async fn outcome(operation: Operation) -> Result<pb::Volume, tonic::Status> {
+    let mut stream = operation?.into_inner();
+    while let Some(op) = stream.message().await? {
+        if let Some(pb::volume_operation::Event::Volume(volume)) = op.event {
+            return Ok(volume);
+        }
+    }
+    panic!("the stream ended without a volume");
+}
+
+async fn finish(operation: Operation) -> pb::Volume {
+    outcome(operation).await.expect("volume operation")
+}
+
+fn empty_volume(name: &str) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: 32 << 20,
+        format: pb::DiskFormat::Qcow2 as i32,
+        ..Default::default()
+    }
+}
+
+async fn run(console: &mut Console, command: &str, expect: &str) {
+    let data = format!("{command}\n").into_bytes();
+    console.input.send(pb::ConsoleInput { data, ..Default::default() }).await.unwrap();
+    console.expect(expect, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,26 +70,21 @@ async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     let daemon = daemon();
     let mut client = client(&daemon).await;
 
-    let request = |name: &str| pb::CreateVolumeRequest {
-        pool: String::new(),
-        name: name.into(),
-        size_bytes: 32 << 20,
-        format: pb::DiskFormat::Qcow2 as i32,
-    };
-    let volume = client.create_volume(request("data1")).await.unwrap().into_inner();
-    assert_eq!((volume.pool.as_str(), volume.capacity_bytes), ("default", 32 << 20));
-    let status = client.create_volume(request("bad/name")).await.unwrap_err();
+    let volume = finish(client.create_volume(empty_volume("data1")).await).await;
+    assert_eq!((volume.pool.as_str(), volume.capacity_bytes, volume.origin.as_str()), ("default", 32 << 20, "empty"));
+    let status = outcome(client.create_volume(empty_volume("bad/name")).await).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert_eq!(client.create_volume(request("data1")).await.unwrap_err().code(), Code::AlreadyExists);
-    let status = client.create_volume(pb::CreateVolumeRequest { pool: "nfs1".into(), ..request("x") }).await;
-    assert_eq!(status.unwrap_err().code(), Code::NotFound);
+    assert!(status.message().contains("name: \"bad/name\""), "{status:?}");
+    let status = outcome(client.create_volume(empty_volume("data1")).await).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    let other_pool = pb::CreateVolumeRequest { pool: "nfs1".into(), ..empty_volume("x") };
+    let status = outcome(client.create_volume(other_pool).await).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
 
     create_with_volume(&mut client, "vol1", "default/data1").await;
     start(&mut client, "vol1").await;
     let mut console = boot(&mut client, "vol1").await;
-    let command = b"cat /sys/block/vda/size\n".to_vec();
-    console.input.send(pb::ConsoleInput { data: command, ..Default::default() }).await.unwrap();
-    console.expect("\r\n65536\r\n", Duration::from_secs(30)).await;
+    run(&mut console, "cat /sys/block/vda/size", "\r\n65536\r\n").await;
 
     // The same volume in a second VM, and a missing volume: refused before any QEMU is spawned.
     create_with_volume(&mut client, "vol2", "default/data1").await;
@@ -57,13 +97,161 @@ async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     assert!(status.message().contains("disks[0].volume: \"default/nope\" does not exist"), "{}", status.message());
     assert_eq!(daemon.qemu_pids().len(), 1, "only vol1's QEMU runs");
 
-    let delete = |name: &str| pb::VolumeRef { pool: "default".into(), name: name.into() };
-    let status = client.delete_volume(delete("data1")).await.unwrap_err();
+    // Deleting, resizing or cloning a volume a running VM uses is refused.
+    let data1 = || pb::VolumeRef { pool: "default".into(), name: "data1".into() };
+    let status = client.delete_volume(data1()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "in use by vol1: {status:?}");
+    let resize = pb::ResizeVolumeRequest { pool: String::new(), name: "data1".into(), size_bytes: 64 << 20 };
+    assert_eq!(client.resize_volume(resize.clone()).await.unwrap_err().code(), Code::FailedPrecondition);
 
-    let request = pb::StopVmRequest { name: "vol1".into(), force: true, timeout_seconds: 0 };
-    client.stop_vm(request).await.unwrap();
-    client.delete_volume(delete("data1")).await.unwrap();
+    stop(&mut client, "vol1").await;
+    let grown = client.resize_volume(resize).await.expect("ResizeVolume").into_inner();
+    assert_eq!(grown.capacity_bytes, 64 << 20);
+    let shrink = pb::ResizeVolumeRequest { pool: String::new(), name: "data1".into(), size_bytes: 32 << 20 };
+    assert_eq!(client.resize_volume(shrink).await.unwrap_err().code(), Code::FailedPrecondition, "no shrinking");
+    client.delete_volume(data1()).await.unwrap();
     let listed = client.list_volumes(pb::ListVolumesRequest { pool: String::new() }).await.unwrap().into_inner();
     assert!(listed.volumes.is_empty());
+    let pools = client.list_pools(pb::ListPoolsRequest {}).await.unwrap().into_inner().pools;
+    assert_eq!(pools.len(), 1);
+    assert!(pools[0].name == "default" && pools[0].capacity_bytes > 0 && pools[0].available_bytes > 0, "{pools:?}");
+}
+
+/// A 64 MiB raw disk: a marker in the first sector, a few MiB of data in the middle, holes elsewhere.
+fn write_base_image(path: &Path) {
+    let mut file = std::fs::File::create(path).unwrap();
+    file.write_all(BASE_MARKER).unwrap();
+    file.seek(SeekFrom::Start(16 << 20)).unwrap();
+    file.write_all(&vec![0xa5; 4 << 20]).unwrap();
+    file.set_len(64 << 20).unwrap();
+}
+
+fn library_file(daemon: &qx_test_infra::Daemon, file: &str) -> PathBuf {
+    daemon.data_dir().join("pools/default/images").join(file)
+}
+
+fn volume_file(daemon: &qx_test_infra::Daemon, file: &str) -> PathBuf {
+    daemon.data_dir().join("pools/default/volumes").join(file)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
+    let daemon = daemon();
+    let mut client = client(&daemon).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let source = scratch.path().join("base.raw");
+    write_base_image(&source);
+    let original = std::fs::read(&source).unwrap();
+
+    // Import with a wrong checksum is refused and leaves nothing; then the real import.
+    let import = |sha256: &str| pb::ImportImageRequest {
+        name: "base".into(),
+        kind: pb::ImageKind::Template as i32,
+        source_path: source.display().to_string(),
+        sha256: sha256.into(),
+        ..Default::default()
+    };
+    let mut stream = client.import_image(import(&"0".repeat(64))).await.unwrap().into_inner();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("an import with a wrong checksum must fail"),
+            Err(status) => break status,
+        }
+    };
+    assert!(status.message().contains("sha256") || status.message().contains("SHA-256"), "{status:?}");
+    assert!(client.list_images(pb::ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+
+    let mut stream = client.import_image(import("")).await.unwrap().into_inner();
+    let image = loop {
+        match stream.message().await.expect("import").and_then(|op| op.event) {
+            Some(pb::image_operation::Event::Image(image)) => break image,
+            Some(pb::image_operation::Event::Progress(p)) => assert!(p.done_bytes <= p.total_bytes, "{p:?}"),
+            None => panic!("the import ended without an image"),
+        }
+    };
+    assert_eq!((image.name.as_str(), image.virtual_size_bytes), ("base", 64 << 20));
+    assert_eq!(image.format, pb::DiskFormat::Raw as i32);
+
+    let overlay = pb::CreateVolumeRequest {
+        name: "root".into(),
+        image: "base".into(),
+        from_image: pb::FromImage::Overlay as i32,
+        size_bytes: 128 << 20,
+        ..Default::default()
+    };
+    let root = finish(client.create_volume(overlay).await).await;
+    assert_eq!((root.origin.as_str(), root.backing_image.as_str()), ("overlay", "base"));
+    assert_eq!((root.format, root.capacity_bytes), (pb::DiskFormat::Qcow2 as i32, 128 << 20));
+
+    create_with_volume(&mut client, "ovl", "default/root").await;
+    start(&mut client, "ovl").await;
+    let mut console = boot(&mut client, "ovl").await;
+    // Reads go through to the base; the size is the overlay's; writes land in the overlay.
+    run(&mut console, "dd if=/dev/vda bs=12 count=1 2>/dev/null; echo", "QX-BASE-DATA\r\n").await;
+    run(&mut console, "cat /sys/block/vda/size", "\r\n262144\r\n").await;
+    // The quotes keep the echoed command line from matching what is awaited.
+    let write = format!("echo {OVERLAY_MARKER} | dd of=/dev/vda conv=fsync 2>/dev/null && echo WR''OTE");
+    run(&mut console, &write, "WROTE\r\n").await;
+    stop(&mut client, "ovl").await;
+
+    let base_now = std::fs::read(library_file(&daemon, "base.raw")).unwrap();
+    assert!(base_now == original, "the base image changed");
+    let overlay_bytes = std::fs::read(volume_file(&daemon, "root.qcow2")).unwrap();
+    assert!(overlay_bytes.windows(OVERLAY_MARKER.len()).any(|w| w == OVERLAY_MARKER.as_bytes()), "not in the overlay");
+
+    // The base cannot go while an overlay reads through to it; a full copy can be made and stands alone.
+    let status = client.delete_image(pb::ImageRef { pool: String::new(), name: "base".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let copy = pb::CreateVolumeRequest {
+        name: "copy".into(),
+        image: "base".into(),
+        from_image: pb::FromImage::Copy as i32,
+        ..Default::default()
+    };
+    let copy = finish(client.create_volume(copy).await).await;
+    assert_eq!((copy.origin.as_str(), copy.backing_image.as_str(), copy.capacity_bytes), ("copy", "", 64 << 20));
+    let clone = pb::CloneVolumeRequest { pool: String::new(), name: "root".into(), new_name: "root2".into() };
+    let clone = finish(client.clone_volume(clone).await).await;
+    assert_eq!((clone.origin.as_str(), clone.origin_name.as_str(), clone.capacity_bytes), ("clone", "root", 128 << 20));
+
+    // A clone boots with the overlay's writes.
+    create_with_volume(&mut client, "cl", "default/root2").await;
+    start(&mut client, "cl").await;
+    let mut console = boot(&mut client, "cl").await;
+    run(&mut console, "dd if=/dev/vda bs=16 count=1 2>/dev/null; echo", &format!("{OVERLAY_MARKER}\r\n")).await;
+    stop(&mut client, "cl").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_mounts_its_cloud_init_seed() {
+    let daemon = daemon();
+    let mut client = client(&daemon).await;
+
+    let bad = "cloud_init:\n  user_data:\n    hostname: -bad-\n    users:\n      - name: Root!\n";
+    let status = client
+        .create_vm(pb::CreateVmRequest { spec: None, spec_text: test_guest().spec_yaml("bad", bad) })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    for field in ["cloud_init.user_data.hostname: \"-bad-\"", "cloud_init.user_data.users[0].name: \"Root!\""] {
+        assert!(status.message().contains(field), "{field} in {}", status.message());
+    }
+
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ops@example";
+    let extra = format!(
+        "cloud_init:\n  user_data:\n    hostname: web-1\n    users:\n      - name: ops\n        \
+         ssh_authorized_keys: [\"{key}\"]\n  network_config:\n    ethernets:\n      - id: eth0\n        \
+         addressing: {{kind: static, addresses: [192.0.2.10/24], gateway4: 192.0.2.1}}\n"
+    );
+    create_with(&mut client, "ci", &extra).await;
+    let vm = start(&mut client, "ci").await;
+    let uuid = vm.spec.unwrap().uuid;
+    let mut console = boot(&mut client, "ci").await;
+    console.expect("QX-GUEST-MOUNT /dev/sr0 vfat meta-data network-config user-data", Duration::from_secs(1)).await;
+    run(&mut console, "cat /mnt/sr0/meta-data; echo", &uuid).await;
+    run(&mut console, "grep -c ops@example /mnt/sr0/user-data", "\r\n1\r\n").await;
+    // Read-only for the guest.
+    run(&mut console, "touch /mnt/sr0/x 2>&1 | grep -c Read-only", "\r\n1\r\n").await;
+    stop(&mut client, "ci").await;
 }

@@ -51,7 +51,7 @@ async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
     let serial_socket = dir.join("serial.sock");
     let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
     let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
-    let layout = LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid") };
+    let layout = LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid"), seed: None };
     let args = qemu_args(spec, Accel::Tcg, &layout);
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
     let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4)];

@@ -5,7 +5,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
@@ -23,6 +23,8 @@ pub struct LaunchLayout {
     /// Fd number, in QEMU, of the listening serial socket qx-node bound (when the spec has a serial port).
     pub serial_fd: Option<RawFd>,
     pub pidfile: PathBuf,
+    /// The cloud-init seed qx-node wrote for this run, when the spec has `cloud_init`.
+    pub seed: Option<PathBuf>,
 }
 
 /// A guest device: rendered as `-device` at start, or as `device_add` arguments for hotplug.
@@ -95,8 +97,8 @@ pub struct NetworkNic {
 }
 
 impl Hardware {
-    /// Describes the devices `spec` asks for.
-    pub fn from_spec(spec: &VmSpec) -> Self {
+    /// Describes the devices `spec` asks for; `seed` is the cloud-init seed image to put in the CD-ROM drive.
+    pub fn from_spec(spec: &VmSpec, seed: Option<&Path>) -> Self {
         let mut hw = Hardware::default();
         let pcie = spec.machine == "q35" || spec.machine.starts_with("pc-q35-");
         let mut next_port = 0usize;
@@ -175,6 +177,14 @@ impl Hardware {
             }
         }
 
+        if let (Some(_), Some(seed)) = (&spec.cloud_init, seed) {
+            // A CD-ROM on the machine's built-in IDE/AHCI controller (ide.0 on both pc and q35): where cloud-init
+            // and every installer look for a seed, without a PCI slot.
+            let ro = json!({ "driver": "file", "node-name": "seed-file", "filename": seed, "read-only": true });
+            hw.blockdevs.push(ro);
+            hw.blockdevs.push(json!({ "driver": "raw", "node-name": "seed", "file": "seed-file", "read-only": true }));
+            hw.devices.push(Device::new("ide-cd", "cdrom0").prop("bus", "ide.0").prop("drive", "seed"));
+        }
         for _ in 0..SPARE_HOTPLUG_PORTS {
             bus_for(&mut hw);
         }
@@ -238,7 +248,7 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, layout: &LaunchLayout) -> Vec<OsSt
         }
     }
 
-    let hw = Hardware::from_spec(spec);
+    let hw = Hardware::from_spec(spec, layout.seed.as_deref());
     for blockdev in &hw.blockdevs {
         push(&[&"-blockdev", &blockdev.to_string()]);
     }
@@ -271,7 +281,7 @@ mod tests {
     }
 
     fn layout() -> LaunchLayout {
-        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into() }
+        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into(), seed: None }
     }
 
     fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
@@ -342,7 +352,7 @@ mod tests {
 
     #[test]
     fn device_descriptions_render_for_hotplug_too() {
-        let hw = Hardware::from_spec(&spec());
+        let hw = Hardware::from_spec(&spec(), None);
         let nic = hw.devices.iter().find(|d| d.id == "nic0").unwrap();
         assert_eq!(
             nic.to_qmp(),
@@ -358,7 +368,7 @@ mod tests {
             network: Some("lan".into()),
             mac: Some("52:54:00:00:00:09".into()),
         });
-        let hw = Hardware::from_spec(&spec);
+        let hw = Hardware::from_spec(&spec, None);
         assert_eq!(hw.network_nics.len(), 1);
         let nic = &hw.network_nics[0];
         assert_eq!((nic.index, nic.netdev.as_str()), (1, "net1"));

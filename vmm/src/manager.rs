@@ -636,7 +636,18 @@ impl VmManager {
             blocking(move || prepare_sockets(&dir, serial)).await
         };
         let (fds, log) = prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
-        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd: serial.then_some(SERIAL_FD), pidfile: dir.pidfile() };
+        let seed = match spec.seed_config() {
+            Some(config) => {
+                let path = dir.seed_image();
+                qx_storage::cloudinit::write_seed(&config, &path)
+                    .await
+                    .map_err(|e| start_error("writing the cloud-init seed", String::new())(e.into()))?;
+                Some(path)
+            }
+            None => None,
+        };
+        let layout =
+            LaunchLayout { qmp_fd: QMP_FD, serial_fd: serial.then_some(SERIAL_FD), pidfile: dir.pidfile(), seed };
         let args = qemu_args(spec, accel, &layout);
         debug!(vm = %entry.name, ?args, "spawning QEMU");
         let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
@@ -656,7 +667,7 @@ impl VmManager {
             } else {
                 None
             };
-            for nic in &Hardware::from_spec(spec).network_nics {
+            for nic in &Hardware::from_spec(spec, None).network_nics {
                 self.plug_network_nic(&qmp, spec, nic).await.map_err(|e| ("plugging a network NIC", e.into()))?;
             }
             qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;

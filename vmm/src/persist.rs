@@ -84,6 +84,11 @@ impl VmDir {
         self.0.join("console.log")
     }
 
+    /// The cloud-init seed, rewritten at each start from the spec.
+    pub fn seed_image(&self) -> PathBuf {
+        self.0.join("cloud-init-seed.img")
+    }
+
     /// Removes what only a running QEMU needs; missing files are fine.
     pub fn remove_runtime_files(&self) {
         for path in [self.pidfile(), self.qmp_socket(), self.serial_socket()] {

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use qx_storage::cloudinit::{MetaData, NetworkConfig, SeedConfig, UserData};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -62,6 +63,36 @@ pub struct VmSpec {
     pub vnc_display: Option<u32>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// First-boot configuration for cloud images, handed to the guest as a NoCloud `cidata` seed on a read-only
+    /// CD-ROM. Default: none (no CD-ROM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+}
+
+/// What cloud-init reads at first boot. The instance id is the VM's UUID and the local hostname defaults to the
+/// VM's name, so an operator only says what differs from an image's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInit {
+    /// Hostname, users with SSH keys and password hashes, packages, runcmd.
+    #[serde(default)]
+    pub user_data: UserData,
+    /// Static or DHCP addressing; absent means DHCP on the first NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<NetworkConfig>,
+}
+
+impl VmSpec {
+    /// The seed `cloud_init` describes, or `None` without one.
+    pub fn seed_config(&self) -> Option<SeedConfig> {
+        let cloud_init = self.cloud_init.as_ref()?;
+        let hostname = cloud_init.user_data.hostname.clone().unwrap_or_else(|| self.name.clone());
+        Some(SeedConfig {
+            meta_data: MetaData { instance_id: self.uuid().to_string(), local_hostname: hostname },
+            user_data: cloud_init.user_data.clone(),
+            network_config: cloud_init.network_config.clone(),
+        })
+    }
 }
 
 fn default_vcpus() -> u32 {
@@ -318,6 +349,25 @@ impl VmSpec {
                     value,
                     "is not a valid label value (at most 255 characters, no control characters)",
                 );
+            }
+        }
+        if let Some(seed) = self.seed_config() {
+            if let Err(invalid) = seed.validate() {
+                // The seed's own field paths, under the spec field the operator wrote.
+                let explicit_hostname = self.cloud_init.as_ref().is_some_and(|c| c.user_data.hostname.is_some());
+                for problem in invalid.0 {
+                    let (field, note) = match problem.field.as_str() {
+                        // Reported as user_data.hostname already.
+                        "meta_data.local_hostname" if explicit_hostname => continue,
+                        "meta_data.local_hostname" => {
+                            ("cloud_init.user_data.hostname".to_owned(), " (it defaults to the VM's name)")
+                        }
+                        other => (format!("cloud_init.{other}"), ""),
+                    };
+                    // The storage crate quotes values itself; show them once.
+                    let value = serde_json::from_str::<String>(&problem.value).unwrap_or(problem.value);
+                    p.add(field, value, format!("{}{note}", problem.problem));
+                }
             }
         }
         if p.0.is_empty() {

@@ -14,6 +14,11 @@ use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
+use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
+
+mod progress;
+mod storage;
+
 /// Ctrl-]: leaves `vm console` without touching the guest, as telnet and virsh do.
 const DETACH_KEY: u8 = 0x1d;
 
@@ -48,10 +53,20 @@ enum Command {
         #[command(subcommand)]
         command: NetworkCommand,
     },
-    /// Volumes of a storage pool ("default" unless --pool).
+    /// Storage pools: capacity and usage.
+    Pool {
+        #[command(subcommand)]
+        command: PoolCommand,
+    },
+    /// Volumes of a storage pool ("default" unless --pool): VM disks, named "pool/name" in specs.
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
+    },
+    /// The image library of a storage pool: ISOs, cloud images, templates.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
     },
     /// Follow VM state changes.
     Events {
@@ -78,32 +93,6 @@ enum NetworkCommand {
     /// Refused while a VM names the network.
     Delete {
         name: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum VolumeCommand {
-    List {
-        #[arg(long, default_value = "default")]
-        pool: String,
-    },
-    /// An empty volume.
-    Create {
-        name: String,
-        /// Size in MiB.
-        #[arg(long)]
-        size_mib: u64,
-        /// qcow2 (thin) or raw (sparse).
-        #[arg(long, default_value = "qcow2")]
-        format: String,
-        #[arg(long, default_value = "default")]
-        pool: String,
-    },
-    /// Refused while a running VM uses the volume.
-    Delete {
-        name: String,
-        #[arg(long, default_value = "default")]
-        pool: String,
     },
 }
 
@@ -201,6 +190,15 @@ struct CreateArgs {
     label: Vec<String>,
     #[arg(long)]
     no_serial: bool,
+    /// cloud-init: the guest's hostname (default: the VM name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// cloud-init: a user to create, with --ssh-key keys and passwordless sudo.
+    #[arg(long)]
+    user: Option<String>,
+    /// cloud-init: a file holding OpenSSH public keys for --user; repeatable.
+    #[arg(long, requires = "user")]
+    ssh_key: Vec<PathBuf>,
     /// Start the VM once it is created.
     #[arg(long)]
     start: bool,
@@ -231,7 +229,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
         Command::Network { command } => network(&mut node, command, json).await?,
-        Command::Volume { command } => volume(&mut node, command, json).await?,
+        Command::Pool { command } => storage::pool(&mut node, command, json).await?,
+        Command::Volume { command } => storage::volume(&mut node, command, json).await?,
+        Command::Image { command } => storage::image(&mut node, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
     }
     Ok(())
@@ -313,48 +313,6 @@ async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand,
     Ok(())
 }
 
-async fn volume(node: &mut NodeServiceClient<Channel>, command: VolumeCommand, json: bool) -> anyhow::Result<()> {
-    let volumes = match command {
-        VolumeCommand::List { pool } => node.list_volumes(pb::ListVolumesRequest { pool }).await?.into_inner().volumes,
-        VolumeCommand::Create { name, size_mib, format, pool } => {
-            let format = match format.as_str() {
-                "qcow2" => pb::DiskFormat::Qcow2,
-                "raw" => pb::DiskFormat::Raw,
-                other => bail!("--format: {other:?} is not qcow2 or raw"),
-            } as i32;
-            let request = pb::CreateVolumeRequest { pool, name, size_bytes: size_mib << 20, format };
-            vec![node.create_volume(request).await?.into_inner()]
-        }
-        VolumeCommand::Delete { name, pool } => {
-            node.delete_volume(pb::VolumeRef { pool, name: name.clone() }).await?;
-            println!("deleted {name}");
-            return Ok(());
-        }
-    };
-    let format = |v: &pb::Volume| if v.format == pb::DiskFormat::Raw as i32 { "raw" } else { "qcow2" };
-    if json {
-        let list: Vec<Value> = volumes
-            .iter()
-            .map(|v| json!({ "pool": v.pool, "name": v.name, "format": format(v), "capacity_bytes": v.capacity_bytes, "allocated_bytes": v.allocated_bytes }))
-            .collect();
-        println!("{}", Value::Array(list));
-        return Ok(());
-    }
-    println!("{:<12} {:<24} {:<6} {:>10} {:>10}", "POOL", "NAME", "FORMAT", "SIZE", "ALLOCATED");
-    for v in &volumes {
-        let mib = |bytes: u64| format!("{}Mi", bytes >> 20);
-        println!(
-            "{:<12} {:<24} {:<6} {:>10} {:>10}",
-            v.pool,
-            v.name,
-            format(v),
-            mib(v.capacity_bytes),
-            mib(v.allocated_bytes)
-        );
-    }
-    Ok(())
-}
-
 fn read_spec(file: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))
 }
@@ -404,6 +362,27 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         let (key, value) = label.split_once('=').with_context(|| format!("--label {label:?} is not KEY=VALUE"))?;
         labels.insert(key.to_owned(), value.to_owned());
     }
+    let mut keys = Vec::new();
+    for file in &args.ssh_key {
+        let text = std::fs::read_to_string(file).with_context(|| format!("--ssh-key {}", file.display()))?;
+        keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+    }
+    let users: Vec<pb::CloudInitUser> = args
+        .user
+        .map(|name| pb::CloudInitUser {
+            name,
+            ssh_authorized_keys: keys,
+            sudo: "ALL=(ALL) NOPASSWD:ALL".into(),
+            shell: "/bin/bash".into(),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let cloud_init = (args.hostname.is_some() || !users.is_empty()).then(|| pb::CloudInit {
+        hostname: args.hostname.unwrap_or_default(),
+        users,
+        ..Default::default()
+    });
     let spec = pb::VmSpec {
         name: args.name.unwrap_or_default(),
         uuid: String::new(),
@@ -422,6 +401,7 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         serial: Some(!args.no_serial),
         vnc_display: args.vnc,
         labels,
+        cloud_init,
     };
     Ok(pb::CreateVmRequest { spec: Some(spec), spec_text: String::new() })
 }
