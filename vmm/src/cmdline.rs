@@ -351,6 +351,24 @@ mod tests {
     }
 
     #[test]
+    fn a_cloud_init_seed_is_a_read_only_cdrom() {
+        let mut spec = spec();
+        let none = args_of(&spec, Accel::Tcg);
+        assert!(value_after(&none, "-device").iter().all(|d| !d.starts_with("ide-cd")));
+        spec.cloud_init = Some(crate::spec::CloudInit::default());
+        let layout = LaunchLayout { seed: Some("/vm/seed.img".into()), ..layout() };
+        let args: Vec<String> =
+            qemu_args(&spec, Accel::Tcg, &layout).into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert!(value_after(&args, "-device").contains(&"ide-cd,id=cdrom0,bus=ide.0,drive=seed"));
+        let blockdevs: Vec<Value> =
+            value_after(&args, "-blockdev").iter().map(|b| serde_json::from_str(b).unwrap()).collect();
+        let seed: Vec<&Value> =
+            blockdevs.iter().filter(|b| b["node-name"].as_str().unwrap().starts_with("seed")).collect();
+        assert_eq!(seed[0]["filename"], "/vm/seed.img");
+        assert!(seed.iter().all(|b| b["read-only"] == true), "{seed:?}");
+    }
+
+    #[test]
     fn device_descriptions_render_for_hotplug_too() {
         let hw = Hardware::from_spec(&spec(), None);
         let nic = hw.devices.iter().find(|d| d.id == "nic0").unwrap();
