@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use qx_net::vswitch::DatapathType;
 use qx_vmm::spec::{AccelChoice, FieldError};
-use qx_vmm::ValidationErrors;
+use qx_vmm::{ValidationErrors, WarmShape};
 use serde::Deserialize;
 
 /// Read when `--config` is not given and the file exists.
@@ -28,6 +28,59 @@ pub struct NodeConfig {
     /// Stands for `/` when reading `/proc`, `/sys` and `/dev`; only tests change it. Default: `/`.
     pub host_root: PathBuf,
     pub ovs: OvsConfig,
+    pub host: HostConfig,
+    /// Pre-launched, paused QEMUs of these shapes, which new VMs of the same shape start from in milliseconds.
+    /// Default: none (the pool costs nothing).
+    pub warm_pool: Vec<WarmShape>,
+}
+
+/// How qx-node changes the host it runs on, for qx-console's host actions: the management network, SSH, power,
+/// restarts. Paths and commands are configurable so tests can point them at a temp dir and harmless commands.
+/// Commands are argv lists run without a shell; the defaults suit an OpenRC host.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// The management network's settings, which qx-node owns. Default: `/etc/quantix/network.yaml`.
+    pub network_config: PathBuf,
+    /// An ifupdown `interfaces` file qx-node renders from `network_config` on every change, overwriting it; `null`
+    /// renders none. Default: `/etc/network/interfaces`.
+    pub interfaces_file: Option<PathBuf>,
+    /// Applies a changed management network; when it fails, the previous files are restored and it runs again.
+    /// Default: `["rc-service", "networking", "restart"]`.
+    pub apply_network_command: Vec<String>,
+    /// Default: `["rc-service", "sshd", "start"]`.
+    pub ssh_enable_command: Vec<String>,
+    /// Default: `["rc-service", "sshd", "stop"]`.
+    pub ssh_disable_command: Vec<String>,
+    /// Default: `["reboot"]`.
+    pub reboot_command: Vec<String>,
+    /// Default: `["poweroff"]`.
+    pub shutdown_command: Vec<String>,
+    /// What qx-console runs on its terminal for the emergency shell. Default: `["/bin/login", "-f", "root"]`.
+    pub shell_command: Vec<String>,
+    /// Restarts qx-node's services. Default: empty, meaning qx-node re-executes itself (same PID, same argv);
+    /// VMs keep running either way, since qx-node reattaches to them at start.
+    pub restart_command: Vec<String>,
+}
+
+fn argv(args: &[&str]) -> Vec<String> {
+    args.iter().map(|arg| (*arg).to_owned()).collect()
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            network_config: PathBuf::from("/etc/quantix/network.yaml"),
+            interfaces_file: Some(PathBuf::from("/etc/network/interfaces")),
+            apply_network_command: argv(&["rc-service", "networking", "restart"]),
+            ssh_enable_command: argv(&["rc-service", "sshd", "start"]),
+            ssh_disable_command: argv(&["rc-service", "sshd", "stop"]),
+            reboot_command: argv(&["reboot"]),
+            shutdown_command: argv(&["poweroff"]),
+            shell_command: argv(&["/bin/login", "-f", "root"]),
+            restart_command: Vec::new(),
+        }
+    }
 }
 
 /// Where Open vSwitch is. qx-node connects on first use, so it starts (and runs VMs without networks) when OVS
@@ -73,6 +126,8 @@ impl Default for NodeConfig {
             stop_timeout_seconds: 60,
             host_root: PathBuf::from("/"),
             ovs: OvsConfig::default(),
+            host: HostConfig::default(),
+            warm_pool: Vec::new(),
         }
     }
 }
@@ -123,14 +178,47 @@ impl NodeConfig {
             ("listen.unix", &self.listen.unix),
             ("host_root", &self.host_root),
             ("ovs.socket", &self.ovs.socket),
+            ("host.network_config", &self.host.network_config),
         ];
-        for (field, path) in paths {
+        for (field, path) in
+            paths.into_iter().chain(self.host.interfaces_file.iter().map(|p| ("host.interfaces_file", p)))
+        {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
             }
         }
+        if self.host.interfaces_file.as_ref() == Some(&self.host.network_config) {
+            problem(
+                "host.interfaces_file",
+                self.host.network_config.display().to_string(),
+                "is host.network_config too",
+            );
+        }
+        let host = &self.host;
+        let commands = [
+            ("host.apply_network_command", &host.apply_network_command),
+            ("host.ssh_enable_command", &host.ssh_enable_command),
+            ("host.ssh_disable_command", &host.ssh_disable_command),
+            ("host.reboot_command", &host.reboot_command),
+            ("host.shutdown_command", &host.shutdown_command),
+            ("host.shell_command", &host.shell_command),
+            ("host.restart_command", &host.restart_command),
+        ];
+        for (field, command) in commands {
+            // Only restart_command may be empty: it means "re-execute qx-node".
+            if command.is_empty() && field != "host.restart_command" {
+                problem(field, "[]".into(), "is empty");
+            } else if command.first().is_some_and(String::is_empty) || command.iter().any(|arg| arg.contains('\0')) {
+                problem(field, format!("{command:?}"), "has an empty program or a NUL byte");
+            }
+        }
         if self.stop_timeout_seconds == 0 || self.stop_timeout_seconds > 3600 {
             problem("stop_timeout_seconds", self.stop_timeout_seconds.to_string(), "is outside 1..=3600");
+        }
+        for (i, shape) in self.warm_pool.iter().enumerate() {
+            if let Err(ValidationErrors(shape_errors)) = shape.validate(&format!("warm_pool[{i}]")) {
+                errors.extend(shape_errors);
+            }
         }
         if errors.is_empty() {
             Ok(())
@@ -174,5 +262,27 @@ mod tests {
         let config = NodeConfig::from_yaml("data_dir: relative\nstop_timeout_seconds: 0\n").unwrap();
         let fields: Vec<String> = config.validate().unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["data_dir", "stop_timeout_seconds"]);
+    }
+
+    #[test]
+    fn host_section_defaults_and_checks() {
+        let config = NodeConfig::from_yaml("host:\n  reboot_command: [/bin/true]\n").unwrap();
+        assert_eq!(config.host.reboot_command, ["/bin/true"]);
+        assert_eq!(config.host.network_config, Path::new("/etc/quantix/network.yaml"));
+        assert_eq!(config.host.apply_network_command, ["rc-service", "networking", "restart"]);
+        assert!(config.host.restart_command.is_empty(), "empty means re-execute");
+        config.validate().unwrap();
+        let config = NodeConfig::from_yaml("host:\n  interfaces_file: null\n").unwrap();
+        assert_eq!(config.host.interfaces_file, None);
+
+        let err = NodeConfig::from_yaml("host:\n  reboot: [x]\n").unwrap_err();
+        assert!(err.contains("reboot"), "{err}");
+        let yaml = "host:\n  network_config: net.yaml\n  interfaces_file: /etc/i\n  shell_command: []\n  \
+                    ssh_enable_command: ['']\n";
+        let config = NodeConfig::from_yaml(yaml).unwrap();
+        let err = config.validate().unwrap_err();
+        let fields: Vec<&str> = err.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["host.network_config", "host.ssh_enable_command", "host.shell_command"]);
+        assert!(err.to_string().starts_with("host.network_config: \"net.yaml\" is not an absolute path"), "{err}");
     }
 }

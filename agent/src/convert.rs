@@ -489,6 +489,8 @@ pub fn node_info_to_pb(info: NodeInfo) -> pb::NodeInfo {
         accelerator_reason: info.accel.reason,
         vms_total: info.vms_total,
         vms_running: info.vms_running,
+        warm_pool_ready: info.warm_ready,
+        warm_pool_reserved: info.warm_reserved,
         data_dir: info.data_dir,
     }
 }

@@ -455,3 +455,46 @@ impl NodeService for NodeApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An operation that reports half its work, then waits to be cancelled, and says whether it was.
+    fn waits_for_cancel(cancelled: tokio::sync::oneshot::Sender<()>) -> impl FnOnce(OpControl) -> ServiceFuture {
+        move |ctl: OpControl| {
+            Box::pin(async move {
+                ctl.report(50, 100);
+                while !ctl.is_cancelled() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let _ = cancelled.send(());
+                Err(Status::cancelled("cancelled"))
+            })
+        }
+    }
+
+    type ServiceFuture = Pin<Box<dyn std::future::Future<Output = Result<pb::Progress, Status>> + Send>>;
+
+    #[tokio::test]
+    async fn progress_streams_and_a_dropped_stream_cancels() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut stream = operation_stream(tracing::Span::none(), |p| p, waits_for_cancel(tx));
+        let first = stream.next().await.expect("a progress message").expect("progress, not an error");
+        assert_eq!((first.done_bytes, first.total_bytes), (50, 100));
+        drop(stream);
+        tokio::time::timeout(Duration::from_secs(5), rx).await.expect("cancelled in time").expect("cancelled");
+    }
+
+    #[tokio::test]
+    async fn the_result_comes_last() {
+        let stream = operation_stream(
+            tracing::Span::none(),
+            |p| p,
+            |_ctl| async { Ok(pb::Progress { done_bytes: 7, total_bytes: 7 }) },
+        );
+        let all: Vec<_> = stream.collect().await;
+        let last = all.last().expect("a result").as_ref().expect("success");
+        assert_eq!(last.done_bytes, 7);
+    }
+}

@@ -18,6 +18,8 @@ pub mod client;
 pub mod config;
 mod convert;
 pub mod grpc;
+pub mod grpc_host;
+pub mod host;
 pub mod network;
 pub mod node;
 pub mod server;

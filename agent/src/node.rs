@@ -9,6 +9,7 @@ use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmManager, VmSta
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
+use crate::host::Host;
 use crate::network::{NetworkError, NetworkSpec, Networks, NicStatus};
 use crate::volumes::{users_of, Pools, VolumeError};
 
@@ -39,6 +40,9 @@ pub struct NodeInfo {
     pub vms_total: u32,
     pub vms_running: u32,
     pub data_dir: String,
+    /// Warm-pool QEMUs ready for new VMs, and those kept for created VMs' first start.
+    pub warm_ready: u32,
+    pub warm_reserved: u32,
 }
 
 /// A Quantix host: its configuration, what it found out about itself at start, and its VMs.
@@ -49,6 +53,7 @@ pub struct Node {
     networks: Arc<Networks>,
     pools: Arc<Pools>,
     vms: VmManager,
+    host: Host,
 }
 
 impl Node {
@@ -73,12 +78,14 @@ impl Node {
                 host,
                 accel,
                 stop_timeout: Duration::from_secs(config.stop_timeout_seconds),
+                warm_pool: config.warm_pool.clone(),
             },
             backends,
         )
         .await
         .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        Ok(Self { config, qemu_version, networks, pools, vms })
+        let host = Host::open(&config, vms.clone()).await;
+        Ok(Self { config, qemu_version, networks, pools, vms, host })
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -88,6 +95,11 @@ impl Node {
     /// VM lifecycle operations; see `VmManager` for the states in which each is valid.
     pub fn vms(&self) -> &VmManager {
         &self.vms
+    }
+
+    /// The host backend: management network, SSH, cluster membership, diagnostics, power, restarts.
+    pub fn host(&self) -> &Host {
+        &self.host
     }
 
     pub fn networks(&self) -> &Networks {
@@ -169,6 +181,7 @@ impl Node {
             tokio::task::spawn_blocking(host_resources).await.unwrap_or_default();
         let vms = self.vms.list();
         let running = vms.iter().filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused)).count();
+        let (warm_ready, warm_reserved) = self.vms.warm_pool_counts();
         NodeInfo {
             node_name: self.config.node_name.clone(),
             hostname: rustix::system::uname().nodename().to_string_lossy().into_owned(),
@@ -181,6 +194,8 @@ impl Node {
             accel: self.vms.config().accel.clone(),
             vms_total: vms.len() as u32,
             vms_running: running as u32,
+            warm_ready: warm_ready as u32,
+            warm_reserved: warm_reserved as u32,
             data_dir: self.config.data_dir.display().to_string(),
         }
     }

@@ -1,17 +1,19 @@
-//! Serving the API: the unix socket (always, mode 0600), a TCP listener (when configured), and the standard gRPC
-//! health service.
+//! Serving the API: `NodeService` on the unix socket (always, mode 0600) and a TCP listener (when configured),
+//! `HostService` on the unix socket only, and the standard gRPC health service.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::info;
 
 use crate::grpc::NodeApi;
+use crate::grpc_host::HostApi;
 use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +75,12 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
+    health.set_serving::<HostServiceServer<HostApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
-    let router = tonic::transport::Server::builder().add_service(health_service).add_service(api);
+    let host_api = HostServiceServer::new(HostApi::new(Arc::clone(&node)));
+    // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
+    let tcp_router = tonic::transport::Server::builder().add_service(health_service).add_service(api);
+    let router = tcp_router.clone().add_service(host_api);
 
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let stopped = |rx: tokio::sync::broadcast::Receiver<()>| async move {
@@ -87,10 +93,9 @@ pub async fn serve(
                 .await
                 .map_err(|source| ServeError::Listen { what: addr.to_string(), source })?;
             info!(%addr, "listening on TCP");
-            let router = router.clone();
             let stop = stopped(stop_tx.subscribe());
             Some(tokio::spawn(async move {
-                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop).await
+                tcp_router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop).await
             }))
         }
         None => None,

@@ -1,5 +1,6 @@
-//! VM start latency: raw QEMU (the floor) against qx-node, interleaved so machine noise hits both alike, plus
-//! qx-node's resident memory (idle and with 20 VMs), 16 concurrent starts, and binary sizes.
+//! VM start latency: raw QEMU (the floor) against qx-node cold, qx-node from its warm pool and libvirt,
+//! interleaved so machine noise hits all alike, plus qx-node's resident memory (idle and with 20 VMs), 16
+//! concurrent starts (cold and warm), and binary sizes.
 //!
 //! `cargo bench` builds qx-node in release and runs this. `QX_BENCH_RUNS` sets the number of interleaved runs
 //! (default 10). Results are printed and written to `target/bench-results/vm_start.json`.
@@ -25,6 +26,7 @@ mod libvirt;
 type Client = NodeServiceClient<Channel>;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+const CONCURRENT: usize = 16;
 /// Pause after each leg, so one leg's teardown (libvirtd's cleanup, a dying QEMU) does not land in the next.
 const SETTLE: Duration = Duration::from_millis(500);
 
@@ -51,7 +53,8 @@ async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
     let serial_socket = dir.join("serial.sock");
     let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
     let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
-    let layout = LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid"), seed: None };
+    let layout =
+        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid"), seed: None, hotplug: false };
     let args = qemu_args(spec, Accel::Tcg, &layout);
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
     let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4)];
@@ -109,11 +112,71 @@ async fn stop(client: &mut Client, name: &str) {
     client.stop_vm(request).await.expect("StopVm");
 }
 
+/// The warm pool's shape: the bench VM's, at `memory_mib`.
+fn warm_shape(memory_mib: u64, count: usize) -> String {
+    let guest = test_guest();
+    format!(
+        "  - vcpus: 1\n    memory_mib: {memory_mib}\n    count: {count}\n    kernel:\n      kernel: {}\n      \
+         initrd: {}\n      cmdline: \"{}\"\n",
+        guest.kernel.display(),
+        guest.initrd.display(),
+        guest.cmdline
+    )
+}
+
+/// Creates a VM without a UUID, so that it takes a warm QEMU's, and waits until the pool has refilled (so the
+/// refill does not run during the measured start).
+async fn create_warm(client: &mut Client, name: &str, memory_mib: u64, ready: u32) {
+    let mut spec = spec(name);
+    spec.memory_mib = memory_mib;
+    spec.uuid = None;
+    let spec_text = serde_json::to_string(&spec).unwrap();
+    client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+    wait_pool_ready(client, ready).await;
+}
+
+async fn wait_pool_ready(client: &mut Client, ready: u32) {
+    for _ in 0..1200 {
+        let info = client.get_node_info(pb::GetNodeInfoRequest {}).await.unwrap().into_inner();
+        if info.warm_pool_ready >= ready {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the warm pool did not refill to {ready}");
+}
+
+/// A warm start of a fresh VM, then its deletion.
+async fn warm_start(client: &mut Client, run: usize) -> Sample {
+    let name = format!("warm{run}");
+    create_warm(client, &name, 256, 1).await;
+    let sample = qx_start(client, &name).await;
+    client.delete_vm(pb::VmRef { name }).await.expect("DeleteVm");
+    sample
+}
+
 async fn create(client: &mut Client, name: &str, memory_mib: u64) {
     let mut spec = spec(name);
     spec.memory_mib = memory_mib;
     let spec_text = serde_json::to_string(&spec).unwrap();
     client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+}
+
+/// Starts c0..c15 at once; each start's own latency.
+async fn start_all(client: &Client) -> Summary {
+    let starts = (0..CONCURRENT).map(|i| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("concurrent StartVm");
+            started.elapsed()
+        })
+    });
+    let mut latencies = Vec::new();
+    for start in starts.collect::<Vec<_>>() {
+        latencies.push(start.await.unwrap());
+    }
+    Summary::of(&latencies)
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -185,6 +248,11 @@ async fn main() {
     let raw_dir = daemon.data_dir().parent().unwrap().join("raw");
     let raw_spec = spec("raw");
 
+    let concurrent_shape = warm_shape(128, CONCURRENT);
+    let warm_config = format!("warm_pool:\n{}{concurrent_shape}", warm_shape(256, 1));
+    let warm_daemon = Daemon::start_with(&qx_node, "warn", Some(&warm_config));
+    let mut warm_client = qx_agent::client::connect(warm_daemon.socket()).await.unwrap();
+
     let mut libvirt = match libvirt::unavailable() {
         None => Some(libvirt::Libvirt::start().await),
         Some(why) => {
@@ -202,14 +270,16 @@ async fn main() {
     if let Some(libvirt) = libvirt.as_mut() {
         libvirt.start_vm().await;
     }
-    let (mut raw, mut qx, mut lv) = (Vec::new(), Vec::new(), Vec::new());
+    warm_start(&mut warm_client, runs).await;
+    let (mut raw, mut qx, mut warm, mut lv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // The order of the legs rotates every run, so none always follows another's teardown.
     for run in 0..runs {
-        for leg in (0..3).map(|i| (i + run) % 3) {
+        for leg in (0..4).map(|i| (i + run) % 4) {
             match (leg, libvirt.as_mut()) {
                 (0, _) => raw.push(raw_start(&raw_dir, &raw_spec).await),
                 (1, _) => qx.push(qx_start(&mut client, "bench").await),
-                (2, Some(libvirt)) => lv.push(libvirt.start_vm().await),
+                (2, _) => warm.push(warm_start(&mut warm_client, run).await),
+                (3, Some(libvirt)) => lv.push(libvirt.start_vm().await),
                 _ => continue,
             }
             tokio::time::sleep(SETTLE).await;
@@ -223,6 +293,8 @@ async fn main() {
     let qx_control = summary(&qx, |s| s.control);
     let raw_ready = summary(&raw, |s| s.ready);
     let qx_ready = summary(&qx, |s| s.ready);
+    let warm_control = summary(&warm, |s| s.control);
+    let warm_ready = summary(&warm, |s| s.ready);
     let lv_control = summary(&lv, |s| s.control);
     let lv_ready = summary(&lv, |s| s.ready);
     let measured_libvirt = !lv.is_empty();
@@ -232,9 +304,12 @@ async fn main() {
     if measured_libvirt {
         print_row("libvirt createXML", &lv_control);
     }
+    print_row("qx-node warm pool", &warm_control);
     println!("  qx-node / raw            {:.2}x", ratio(qx_control.median, raw_control.median));
+    println!("  warm / raw               {:.3}x", ratio(warm_control.median, raw_control.median));
     if measured_libvirt {
         println!("  qx-node / libvirt        {:.3}x", ratio(qx_control.median, lv_control.median));
+        println!("  libvirt / warm           {:.1}x", ratio(lv_control.median, warm_control.median));
     }
     println!(" request -> guest ready marker");
     print_row("raw QEMU", &raw_ready);
@@ -242,29 +317,21 @@ async fn main() {
     if measured_libvirt {
         print_row("libvirt createXML", &lv_ready);
     }
+    print_row("qx-node warm pool", &warm_ready);
     println!("  qx-node / raw            {:.3}x", ratio(qx_ready.median, raw_ready.median));
+    println!("  warm / raw               {:.3}x", ratio(warm_ready.median, raw_ready.median));
     if measured_libvirt {
         println!("  qx-node / libvirt        {:.3}x", ratio(qx_ready.median, lv_ready.median));
     }
 
-    // 16 VMs started at once: each StartVm's own latency.
-    const CONCURRENT: usize = 16;
+    // 16 VMs started at once: each StartVm's own latency, cold and from the warm pool.
     for i in 0..CONCURRENT {
         create(&mut client, &format!("c{i}"), 128).await;
+        create_warm(&mut warm_client, &format!("c{i}"), 128, 1).await;
     }
-    let starts = (0..CONCURRENT).map(|i| {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("concurrent StartVm");
-            started.elapsed()
-        })
-    });
-    let mut concurrent = Vec::new();
-    for start in starts.collect::<Vec<_>>() {
-        concurrent.push(start.await.unwrap());
-    }
-    let concurrent = Summary::of(&concurrent);
+    wait_pool_ready(&mut warm_client, 1 + CONCURRENT as u32).await;
+    let concurrent = start_all(&client).await;
+    let warm_concurrent = start_all(&warm_client).await;
     println!(" {CONCURRENT} concurrent StartVm (request -> running, each)");
     print_row("qx-node", &concurrent);
     println!(
@@ -272,6 +339,17 @@ async fn main() {
         ms(concurrent.p99),
         ratio(concurrent.p99, qx_control.median)
     );
+    print_row("qx-node warm pool", &warm_concurrent);
+    println!(
+        "  p99 {}  = {:.2}x a single warm start's median, {:.2}x a single cold start's",
+        ms(warm_concurrent.p99),
+        ratio(warm_concurrent.p99, warm_control.median),
+        ratio(warm_concurrent.p99, qx_control.median)
+    );
+    for i in 0..CONCURRENT {
+        stop(&mut warm_client, &format!("c{i}")).await;
+    }
+    drop(warm_daemon);
 
     // Memory with 20 VMs running: the 16 above and 4 more.
     for i in CONCURRENT..20 {
@@ -311,6 +389,9 @@ async fn main() {
         "runs": runs,
         "raw_qemu": { "control": raw_control.to_json(), "ready": raw_ready.to_json() },
         "qx_node": { "control": qx_control.to_json(), "ready": qx_ready.to_json() },
+        "qx_node_warm": { "control": warm_control.to_json(), "ready": warm_ready.to_json() },
+        "ratio_control_warm_over_raw": ratio(warm_control.median, raw_control.median),
+        "concurrent_16_warm": warm_concurrent.to_json(),
         "ratio_control_qx_over_raw": ratio(qx_control.median, raw_control.median),
         "ratio_ready_qx_over_raw": ratio(qx_ready.median, raw_ready.median),
         "libvirt": measured_libvirt.then(|| json!({
@@ -319,6 +400,7 @@ async fn main() {
             "rss_mib": libvirtd_rss.map(|(idle, after)| json!({ "idle": mib(idle), "after_runs": mib(after) })),
         })),
         "ratio_control_qx_over_libvirt": measured_libvirt.then(|| ratio(qx_control.median, lv_control.median)),
+        "ratio_control_libvirt_over_warm": measured_libvirt.then(|| ratio(lv_control.median, warm_control.median)),
         "ratio_ready_qx_over_libvirt": measured_libvirt.then(|| ratio(qx_ready.median, lv_ready.median)),
         "concurrent_16": concurrent.to_json(),
         "ratio_concurrent_p99_over_single": ratio(concurrent.p99, qx_control.median),

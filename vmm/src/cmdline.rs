@@ -25,6 +25,8 @@ pub struct LaunchLayout {
     pub pidfile: PathBuf,
     /// The cloud-init seed qx-node wrote for this run, when the spec has `cloud_init`.
     pub seed: Option<PathBuf>,
+    /// Leave disks and user-mode NICs off the command line: they are plugged over QMP before the vCPUs run.
+    pub hotplug: bool,
 }
 
 /// A guest device: rendered as `-device` at start, or as `device_add` arguments for hotplug.
@@ -76,16 +78,34 @@ fn keyval_escape(value: &str) -> String {
 }
 
 /// The machine's devices and block nodes, in the order QEMU must see them.
+///
+/// Launch-time hardware (root ports, serial port, display, CD-ROM) is fixed when QEMU starts. Disks and NICs are
+/// [`Plug`]s: on the command line for a cold start, or plugged over QMP before the vCPUs first run when a VM takes
+/// a pre-launched QEMU from the warm pool. Either way they sit at the same addresses, so the guest sees the same
+/// machine.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Hardware {
-    /// `blockdev-add` arguments (also valid as JSON `-blockdev` values), protocol nodes before format nodes.
+    /// Launch-time `blockdev-add` arguments (the cloud-init seed), protocol nodes before format nodes.
     pub blockdevs: Vec<Value>,
-    /// `netdev_add` arguments; rendered as keyval `-netdev` values.
-    pub netdevs: Vec<Value>,
+    /// Launch-time devices.
     pub devices: Vec<Device>,
-    /// NICs on node networks, plugged over QMP before the vCPUs run: their taps are handed to QEMU as fds
+    /// Disks, in spec order.
+    pub disks: Vec<Plug>,
+    /// User-mode NICs.
+    pub user_nics: Vec<Plug>,
+    /// NICs on node networks, always plugged over QMP before the vCPUs run: their taps are handed to QEMU as fds
     /// (`getfd` + `netdev_add`), so they cannot be on the command line. Indexed like `VmSpec::nics`.
     pub network_nics: Vec<NetworkNic>,
+}
+
+/// A disk or NIC: its backend nodes and its device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plug {
+    /// `blockdev-add` arguments, protocol node first.
+    pub blockdevs: Vec<Value>,
+    /// `netdev_add` arguments.
+    pub netdev: Option<Value>,
+    pub device: Device,
 }
 
 /// A NIC whose backend qx-node creates at start: the netdev id to give its tap and the device to plug.
@@ -96,20 +116,39 @@ pub struct NetworkNic {
     pub device: Device,
 }
 
+/// q35 machines get at least this many PCIe root ports, so that machines with few devices all look alike (and a
+/// warm-pool QEMU fits any of them) and there is room to hotplug.
+pub const MIN_ROOT_PORTS: usize = 8;
+
+/// Whether `machine` is PCIe (q35), where every device needs a root port of its own.
+fn is_pcie(machine: &str) -> bool {
+    machine == "q35" || machine.starts_with("pc-q35-")
+}
+
+/// How many root ports a q35 machine with `spec`'s devices gets.
+pub fn root_ports(spec: &VmSpec) -> usize {
+    if !is_pcie(&spec.machine) {
+        return 0;
+    }
+    (spec.disks.len() + spec.nics.len() + SPARE_HOTPLUG_PORTS).max(MIN_ROOT_PORTS)
+}
+
 impl Hardware {
     /// Describes the devices `spec` asks for; `seed` is the cloud-init seed image to put in the CD-ROM drive.
     pub fn from_spec(spec: &VmSpec, seed: Option<&Path>) -> Self {
         let mut hw = Hardware::default();
-        let pcie = spec.machine == "q35" || spec.machine.starts_with("pc-q35-");
+        let ports = root_ports(spec);
+        for port in 1..=ports {
+            let dev = Device::new("pcie-root-port", format!("rp{port}")).prop("bus", "pcie.0").prop("chassis", port);
+            hw.devices.push(dev);
+        }
+        // Disks, then NICs, take the ports in order.
         let mut next_port = 0usize;
-        let mut bus_for = |hw: &mut Hardware| -> Option<String> {
-            if !pcie {
-                return None;
-            }
-            next_port += 1;
-            let id = format!("rp{next_port}");
-            hw.devices.push(Device::new("pcie-root-port", id.clone()).prop("bus", "pcie.0").prop("chassis", next_port));
-            Some(id)
+        let mut bus_for = || -> Option<String> {
+            (ports > 0).then(|| {
+                next_port += 1;
+                format!("rp{next_port}")
+            })
         };
 
         for (i, disk) in spec.disks.iter().enumerate() {
@@ -127,34 +166,36 @@ impl Hardware {
                 AioMode::IoUring => "io_uring",
             };
             let cache = json!({ "direct": direct, "no-flush": no_flush });
-            hw.blockdevs.push(json!({
-                // Volumes are resolved to paths before the command line is built (`VmManager::start`).
-                "driver": "file", "node-name": format!("{node}-file"), "filename": disk.path,
-                "aio": aio, "cache": cache, "read-only": disk.read_only, "discard": "unmap",
-            }));
             let format = match disk.format {
                 DiskFormat::Raw => "raw",
                 DiskFormat::Qcow2 => "qcow2",
             };
-            hw.blockdevs.push(json!({
-                "driver": format, "node-name": node, "file": format!("{node}-file"),
-                "cache": cache, "read-only": disk.read_only, "discard": "unmap",
-            }));
+            let blockdevs = vec![
+                json!({
+                    // Volumes are resolved to paths before the command line is built (`VmManager::start`).
+                    "driver": "file", "node-name": format!("{node}-file"), "filename": disk.path,
+                    "aio": aio, "cache": cache, "read-only": disk.read_only, "discard": "unmap",
+                }),
+                json!({
+                    "driver": format, "node-name": node, "file": format!("{node}-file"),
+                    "cache": cache, "read-only": disk.read_only, "discard": "unmap",
+                }),
+            ];
             let mut dev = Device::new("virtio-blk-pci", format!("virtio-{node}"));
-            if let Some(bus) = bus_for(&mut hw) {
+            if let Some(bus) = bus_for() {
                 dev = dev.prop("bus", bus);
             }
             dev = dev.prop("drive", node).prop("write-cache", write_cache);
             if i == 0 && spec.kernel.is_none() {
                 dev = dev.prop("bootindex", 1);
             }
-            hw.devices.push(dev);
+            hw.disks.push(Plug { blockdevs, netdev: None, device: dev });
         }
 
         for (i, nic) in spec.nics.iter().enumerate() {
             let netdev = format!("net{i}");
             let mut dev = Device::new("virtio-net-pci", format!("nic{i}"));
-            if let Some(bus) = bus_for(&mut hw) {
+            if let Some(bus) = bus_for() {
                 dev = dev.prop("bus", bus);
             }
             dev = dev.prop("netdev", netdev.as_str());
@@ -163,8 +204,8 @@ impl Hardware {
             }
             match nic.kind {
                 NicKind::User => {
-                    hw.netdevs.push(json!({ "type": "user", "id": netdev }));
-                    hw.devices.push(dev);
+                    let netdev = json!({ "type": "user", "id": netdev });
+                    hw.user_nics.push(Plug { blockdevs: Vec::new(), netdev: Some(netdev), device: dev });
                 }
                 NicKind::Network => {
                     let queues = crate::network::nic_queues(spec);
@@ -177,6 +218,12 @@ impl Hardware {
             }
         }
 
+        if spec.serial {
+            hw.devices.push(Device::new("isa-serial", "serial0").prop("chardev", "serial0"));
+        }
+        if spec.vnc_display.is_some() {
+            hw.devices.push(Device::new("VGA", "video0"));
+        }
         if let (Some(_), Some(seed)) = (&spec.cloud_init, seed) {
             // A CD-ROM on the machine's built-in IDE/AHCI controller (ide.0 on both pc and q35): where cloud-init
             // and every installer look for a seed, without a PCI slot.
@@ -184,15 +231,6 @@ impl Hardware {
             hw.blockdevs.push(ro);
             hw.blockdevs.push(json!({ "driver": "raw", "node-name": "seed", "file": "seed-file", "read-only": true }));
             hw.devices.push(Device::new("ide-cd", "cdrom0").prop("bus", "ide.0").prop("drive", "seed"));
-        }
-        for _ in 0..SPARE_HOTPLUG_PORTS {
-            bus_for(&mut hw);
-        }
-        if spec.serial {
-            hw.devices.push(Device::new("isa-serial", "serial0").prop("chardev", "serial0"));
-        }
-        if spec.vnc_display.is_some() {
-            hw.devices.push(Device::new("VGA", "video0"));
         }
         hw
     }
@@ -252,11 +290,19 @@ pub fn qemu_args(spec: &VmSpec, accel: Accel, layout: &LaunchLayout) -> Vec<OsSt
     for blockdev in &hw.blockdevs {
         push(&[&"-blockdev", &blockdev.to_string()]);
     }
-    for netdev in &hw.netdevs {
-        push(&[&"-netdev", &netdev_cli(netdev)]);
-    }
     for device in &hw.devices {
         push(&[&"-device", &device.to_cli()]);
+    }
+    if !layout.hotplug {
+        for plug in hw.disks.iter().chain(&hw.user_nics) {
+            for blockdev in &plug.blockdevs {
+                push(&[&"-blockdev", &blockdev.to_string()]);
+            }
+            if let Some(netdev) = &plug.netdev {
+                push(&[&"-netdev", &netdev_cli(netdev)]);
+            }
+            push(&[&"-device", &plug.device.to_cli()]);
+        }
     }
     args
 }
@@ -281,7 +327,7 @@ mod tests {
     }
 
     fn layout() -> LaunchLayout {
-        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into(), seed: None }
+        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into(), seed: None, hotplug: false }
     }
 
     fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
@@ -326,7 +372,7 @@ mod tests {
         assert!(devices.contains(&"virtio-net-pci,id=nic0,bus=rp2,netdev=net0,mac=52:54:00:12:34:56"));
         assert_eq!(value_after(&args, "-netdev"), ["user,id=net0"]);
         let ports = devices.iter().filter(|d| d.starts_with("pcie-root-port")).count();
-        assert_eq!(ports, 2 + SPARE_HOTPLUG_PORTS);
+        assert_eq!(ports, MIN_ROOT_PORTS, "small machines all get the same ports");
     }
 
     #[test]
@@ -351,6 +397,20 @@ mod tests {
     }
 
     #[test]
+    fn hotplug_leaves_disks_and_nics_to_qmp_at_the_same_addresses() {
+        let cold = args_of(&spec(), Accel::Tcg);
+        let layout = LaunchLayout { hotplug: true, ..layout() };
+        let warm: Vec<String> =
+            qemu_args(&spec(), Accel::Tcg, &layout).into_iter().map(|a| a.into_string().unwrap()).collect();
+        assert!(value_after(&warm, "-blockdev").is_empty() && value_after(&warm, "-netdev").is_empty());
+        let (cold_devices, warm_devices) = (value_after(&cold, "-device"), value_after(&warm, "-device"));
+        assert_eq!(cold_devices[..warm_devices.len()], warm_devices[..], "launch-time devices come first, alike");
+        let hw = Hardware::from_spec(&spec(), None);
+        let plugged: Vec<String> = hw.disks.iter().chain(&hw.user_nics).map(|p| p.device.to_cli()).collect();
+        assert_eq!(cold_devices[warm_devices.len()..], plugged.iter().map(String::as_str).collect::<Vec<_>>()[..]);
+    }
+
+    #[test]
     fn a_cloud_init_seed_is_a_read_only_cdrom() {
         let mut spec = spec();
         let none = args_of(&spec, Accel::Tcg);
@@ -371,7 +431,7 @@ mod tests {
     #[test]
     fn device_descriptions_render_for_hotplug_too() {
         let hw = Hardware::from_spec(&spec(), None);
-        let nic = hw.devices.iter().find(|d| d.id == "nic0").unwrap();
+        let nic = &hw.user_nics[0].device;
         assert_eq!(
             nic.to_qmp(),
             json!({"driver": "virtio-net-pci", "id": "nic0", "bus": "rp2", "netdev": "net0", "mac": "52:54:00:12:34:56"})
@@ -393,7 +453,7 @@ mod tests {
         assert_eq!(nic.device.to_qmp()["bus"], "rp3");
         assert!(hw.devices.iter().any(|d| d.id == "rp3"), "its root port is on the command line");
         assert!(hw.devices.iter().all(|d| d.id != "nic1"), "the NIC itself is not");
-        assert_eq!(hw.netdevs.len(), 1, "only the user-mode NIC has a command-line netdev");
+        assert_eq!(hw.user_nics.len(), 1, "only the user-mode NIC has a command-line netdev");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //!     accel: accel::detect(&host),
 //!     host,
 //!     stop_timeout: Duration::from_secs(60),
+//!     warm_pool: Vec::new(),
 //! }, Default::default())
 //! .await?;
 //! let spec = VmSpec::from_text("name: web1\nkernel:\n  kernel: /boot/vmlinuz\n")?;
@@ -36,6 +37,7 @@ pub mod process;
 pub mod spec;
 pub mod state;
 pub mod volumes;
+pub mod warm;
 
 pub use accel::{Accel, AccelProbe};
 pub use console::SerialConsole;
@@ -45,3 +47,4 @@ pub use network::NetworkBackend;
 pub use spec::{ValidationErrors, VmSpec};
 pub use state::{VmEvent, VmState};
 pub use volumes::VolumeBackend;
+pub use warm::WarmShape;

@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::accel::{Accel, AccelProbe};
-use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
+use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic, Plug};
 use crate::console::{ConsoleError, SerialConsole};
 use crate::host::HostRoot;
 use crate::network::{network_nics, NetworkBackend};
@@ -29,6 +29,8 @@ use crate::process::{read_pidfile, ProcessError, QemuProcess};
 use crate::spec::{AccelChoice, RealFiles, ValidationErrors, VmSpec};
 use crate::state::{VmEvent, VmState};
 use crate::volumes::VolumeBackend;
+use crate::warm::{launch_key, Warm, WarmPool, WarmShape};
+use uuid::Uuid;
 
 /// Fd numbers QEMU finds its pre-bound sockets at.
 const QMP_FD: i32 = 3;
@@ -37,6 +39,24 @@ const SERIAL_FD: i32 = 4;
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How much of `qemu.log` a failed start quotes.
 const START_LOG_TAIL: u64 = 2048;
+/// How long the warm pool waits after a failed launch, and how often it looks for QEMUs that died.
+const WARM_RETRY: Duration = Duration::from_secs(10);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Plugs a disk or user-mode NIC: its block nodes or netdev, then its device.
+async fn plug_device(qmp: &QmpClient, plug: &Plug) -> Result<(), String> {
+    for blockdev in &plug.blockdevs {
+        qmp.execute_raw("blockdev-add", Some(blockdev.clone())).await.map_err(|e| format!("blockdev-add: {e}"))?;
+    }
+    if let Some(netdev) = &plug.netdev {
+        qmp.execute_raw("netdev_add", Some(netdev.clone())).await.map_err(|e| format!("netdev_add: {e}"))?;
+    }
+    qmp.execute_raw("device_add", Some(plug.device.to_qmp()))
+        .await
+        .map_err(|e| format!("device_add {}: {e}", plug.device.id))?;
+    Ok(())
+}
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
@@ -60,6 +80,8 @@ pub struct ManagerConfig {
     pub accel: AccelProbe,
     /// How long a graceful stop or reboot waits for the guest.
     pub stop_timeout: Duration,
+    /// Shapes of pre-launched QEMUs to keep ready; empty disables the pool (no QEMU, no task).
+    pub warm_pool: Vec<WarmShape>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +246,7 @@ struct Inner {
     /// Serializes create and delete, which change the set of VMs and their directories.
     membership: tokio::sync::Mutex<()>,
     events: broadcast::Sender<VmEvent>,
+    warm: WarmPool,
 }
 
 /// Every VM of the node. Cheap to clone.
@@ -257,6 +280,10 @@ impl VmManager {
         let vms_dir = config.data_dir.join("vms");
         fs::create_dir_all(&vms_dir)?;
         let (events, _) = broadcast::channel(1024);
+        let warm = WarmPool::new(config.warm_pool.clone(), config.accel.accel);
+        let warm_root = config.data_dir.join("warm");
+        let host = config.host.clone();
+        blocking(move || crate::warm::clear_stale(&warm_root, &host)).await;
         let manager = Self {
             inner: Arc::new(Inner {
                 config,
@@ -265,6 +292,7 @@ impl VmManager {
                 vms: RwLock::new(BTreeMap::new()),
                 membership: tokio::sync::Mutex::new(()),
                 events,
+                warm,
             }),
         };
         let found = {
@@ -276,6 +304,10 @@ impl VmManager {
             async move { manager.load_one(name, spec, record).await }
         });
         futures_join_all(reattach).await;
+        if manager.inner.warm.enabled() {
+            let span = tracing::info_span!(parent: None, "warm_pool");
+            tokio::spawn(manager.clone().refill_warm_pool().instrument(span));
+        }
         Ok(manager)
     }
 
@@ -401,11 +433,16 @@ impl VmManager {
     /// Defines a VM. Valid in no state: the name must be new. The VM starts out stopped.
     pub async fn create(&self, mut spec: VmSpec) -> Result<VmInfo, VmError> {
         spec = validated(spec).await?;
-        spec.fill_generated();
         let _membership = self.inner.membership.lock().await;
         if self.vms_read().contains_key(&spec.name) {
             return Err(VmError::AlreadyExists(spec.name));
         }
+        if spec.uuid.is_none() {
+            if let Ok(accel) = self.resolve_accel(&spec) {
+                spec.uuid = self.inner.warm.reserve(&spec, accel, &spec.name);
+            }
+        }
+        spec.fill_generated();
         if let Some(other) = self.vms_read().values().find(|e| e.status().spec.uuid == spec.uuid) {
             return Err(
                 ValidationErrors::one("uuid", spec.uuid(), format!("is already used by VM {:?}", other.name)).into()
@@ -417,7 +454,10 @@ impl VmManager {
             let (dir, spec, record) = (dir.clone(), spec.clone(), record.clone());
             blocking(move || create_vm_dir(&dir, &spec, &record)).await
         };
-        write.map_err(|source| VmError::Persist { name: spec.name.clone(), source })?;
+        if let Err(source) = write {
+            self.inner.warm.release(&spec.name);
+            return Err(VmError::Persist { name: spec.name.clone(), source });
+        }
         let entry = Entry::new(spec.name.clone(), dir, spec.clone(), record);
         self.vms_write().insert(spec.name.clone(), Arc::clone(&entry));
         info!(vm = %spec.name, "created");
@@ -450,6 +490,8 @@ impl VmManager {
             .await
             .map_err(|source| VmError::Persist { name: entry.name.clone(), source })?;
         entry.status().spec = spec;
+        // A reserved warm QEMU may no longer fit; the next start is cold either way.
+        self.inner.warm.release(&entry.name);
         info!(vm = %entry.name, "spec updated");
         Ok(entry.info())
     }
@@ -470,6 +512,7 @@ impl VmManager {
         .await
         .map_err(|source| VmError::Persist { name: name.to_owned(), source })?;
         self.vms_write().remove(name);
+        self.inner.warm.release(name);
         info!(vm = %name, "deleted");
         self.emit(&entry, None, Some(entry.state()), "deleted");
         Ok(())
@@ -493,7 +536,17 @@ impl VmManager {
         self.check_networks(&spec).await?;
         let spec = self.resolve_volumes(name, spec).await?;
         self.set_state(&entry, VmState::Starting, "start requested").await;
-        match self.launch(&entry, &spec, accel).await {
+        let launched = match self.inner.warm.take(&spec, accel) {
+            Some(warm) => match self.launch_warm(&entry, &spec, warm).await {
+                Ok(runtime) => Ok(runtime),
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "warm start failed; starting cold");
+                    self.launch(&entry, &spec, accel).await
+                }
+            },
+            None => self.launch(&entry, &spec, accel).await,
+        };
+        match launched {
             Ok(runtime) => {
                 {
                     let mut status = entry.status();
@@ -624,57 +677,142 @@ impl VmManager {
         }
     }
 
+    /// Cold start: a new QEMU with the VM's disks and NICs on its command line.
     async fn launch(&self, entry: &Arc<Entry>, spec: &VmSpec, accel: Accel) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
-        let start_error = |stage: &'static str, log: String| {
+        let start_error = |stage: &'static str| {
             let name = entry.name.clone();
-            move |source: Box<dyn std::error::Error + Send + Sync>| VmError::Start { name, stage, log, source }
+            move |source: BoxError| VmError::Start { name, stage, log: String::new(), source }
         };
-        let serial = spec.serial;
-        let prepared = {
-            let dir = dir.clone();
-            blocking(move || prepare_sockets(&dir, serial)).await
-        };
-        let (fds, log) = prepared.map_err(|e| start_error("preparing sockets", String::new())(e.into()))?;
         let seed = match spec.seed_config() {
             Some(config) => {
                 let path = dir.seed_image();
                 qx_storage::cloudinit::write_seed(&config, &path)
                     .await
-                    .map_err(|e| start_error("writing the cloud-init seed", String::new())(e.into()))?;
+                    .map_err(|e| start_error("writing the cloud-init seed")(e.into()))?;
                 Some(path)
             }
             None => None,
         };
-        let layout =
-            LaunchLayout { qmp_fd: QMP_FD, serial_fd: serial.then_some(SERIAL_FD), pidfile: dir.pidfile(), seed };
-        let args = qemu_args(spec, accel, &layout);
-        debug!(vm = %entry.name, ?args, "spawning QEMU");
-        let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
-            .map_err(|e: ProcessError| start_error("spawning QEMU", String::new())(e.into()))?;
+        let (process, qmp) = self.spawn_qemu(&dir, spec, accel, seed, false).await.map_err(|failure| {
+            let (stage, log, source) = failure;
+            VmError::Start { name: entry.name.clone(), stage, log, source }
+        })?;
+        self.run_guest(entry, spec, process, qmp, false).await
+    }
 
-        let connected = async {
-            let qmp = tokio::select! {
-                qmp = QmpClient::connect(dir.qmp_socket(), qmp_options()) => qmp.map_err(|e| ("QMP handshake", e.into()))?,
-                how = process.exited() => {
-                    let how = how.unwrap_or_else(|| "exited".into());
-                    return Err(("QEMU startup", format!("QEMU {how} before answering QMP").into()));
-                }
-            };
-            let console = if serial {
+    /// Warm start: the VM takes a pre-launched QEMU, whose sockets and log move into the VM's directory.
+    async fn launch_warm(&self, entry: &Arc<Entry>, spec: &VmSpec, warm: Warm) -> Result<Arc<Runtime>, VmError> {
+        let (from, to) = (warm.dir.clone(), entry.dir.clone());
+        let moved = blocking(move || -> std::io::Result<()> {
+            to.remove_runtime_files();
+            rotate_console_log(&to)?;
+            for (a, b) in [
+                (from.qmp_socket(), to.qmp_socket()),
+                (from.serial_socket(), to.serial_socket()),
+                (from.pidfile(), to.pidfile()),
+                (from.qemu_log(), to.qemu_log()),
+            ] {
+                fs::rename(a, b)?;
+            }
+            fs::remove_dir_all(from.path())
+        })
+        .await;
+        if let Err(source) = moved {
+            crate::warm::discard(warm);
+            return Err(VmError::Start {
+                name: entry.name.clone(),
+                stage: "taking a warm QEMU",
+                log: String::new(),
+                source: source.into(),
+            });
+        }
+        self.run_guest(entry, spec, warm.process, warm.qmp, true).await
+    }
+
+    /// Binds the sockets in `dir`, spawns QEMU and negotiates QMP. On failure QEMU is gone and the error carries
+    /// the stage, the tail of QEMU's log and the cause.
+    async fn spawn_qemu(
+        &self,
+        dir: &VmDir,
+        spec: &VmSpec,
+        accel: Accel,
+        seed: Option<PathBuf>,
+        hotplug: bool,
+    ) -> Result<(QemuProcess, QmpClient), (&'static str, String, BoxError)> {
+        let serial = spec.serial;
+        let prepared = {
+            let dir = dir.clone();
+            blocking(move || prepare_sockets(&dir, serial)).await
+        };
+        let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
+        let serial_fd = serial.then_some(SERIAL_FD);
+        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, pidfile: dir.pidfile(), seed, hotplug };
+        let args = qemu_args(spec, accel, &layout);
+        debug!(vm = %spec.name, ?args, "spawning QEMU");
+        let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
+            .map_err(|e: ProcessError| ("spawning QEMU", String::new(), e.into()))?;
+        let qmp = tokio::select! {
+            qmp = QmpClient::connect(dir.qmp_socket(), qmp_options()) => qmp.map_err(|e| ("QMP handshake", e.into())),
+            how = process.exited() => {
+                let how = how.unwrap_or_else(|| "exited".into());
+                Err(("QEMU startup", format!("QEMU {how} before answering QMP").into()))
+            }
+        };
+        match qmp {
+            Ok(qmp) => Ok((process, qmp)),
+            Err((stage, source)) => {
+                let _ = process.kill();
+                process.exited().await;
+                let dir = dir.clone();
+                let log = blocking(move || {
+                    dir.remove_runtime_files();
+                    String::from_utf8_lossy(&read_tail(&dir.qemu_log(), START_LOG_TAIL)).trim().to_owned()
+                })
+                .await;
+                Err((stage, log, source))
+            }
+        }
+    }
+
+    /// Takes a QEMU that waits before its first instruction to a running guest: the console, the devices QEMU
+    /// was not launched with (`hotplug`: disks and user NICs; always: network NICs), then `cont`. On failure QEMU
+    /// is stopped and the VM's runtime files and taps are gone.
+    async fn run_guest(
+        &self,
+        entry: &Arc<Entry>,
+        spec: &VmSpec,
+        process: QemuProcess,
+        qmp: QmpClient,
+        hotplug: bool,
+    ) -> Result<Arc<Runtime>, VmError> {
+        let dir = entry.dir.clone();
+        let prepared = async {
+            let console = if spec.serial {
                 let console = SerialConsole::attach(&dir.serial_socket(), &dir.console_log()).await;
                 Some(console.map_err(|e: ConsoleError| ("serial console", e.into()))?)
             } else {
                 None
             };
-            for nic in &Hardware::from_spec(spec, None).network_nics {
+            let hw = Hardware::from_spec(spec, None);
+            if hotplug {
+                for plug in hw.disks.iter().chain(&hw.user_nics) {
+                    plug_device(&qmp, plug).await.map_err(|e| ("plugging disks and NICs", e.into()))?;
+                }
+            }
+            for nic in &hw.network_nics {
                 self.plug_network_nic(&qmp, spec, nic).await.map_err(|e| ("plugging a network NIC", e.into()))?;
             }
+            if hotplug && spec.kernel.is_none() {
+                // The firmware reads the boot order from fw_cfg, which QEMU rebuilds from the plugged devices'
+                // bootindex at reset; the guest has not run yet, so this reset is invisible to it.
+                qmp.execute_raw("system_reset", None).await.map_err(|e| ("updating the boot order", e.into()))?;
+            }
             qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
-            Ok::<_, (&'static str, Box<dyn std::error::Error + Send + Sync>)>((qmp, console))
+            Ok::<_, (&'static str, BoxError)>(console)
         };
-        match connected.await {
-            Ok((qmp, console)) => Ok(Arc::new(Runtime {
+        match prepared.await {
+            Ok(console) => Ok(Arc::new(Runtime {
                 process,
                 qmp,
                 console,
@@ -691,9 +829,51 @@ impl VmManager {
                     String::from_utf8_lossy(&read_tail(&log_path, START_LOG_TAIL)).trim().to_owned()
                 })
                 .await;
-                Err(start_error(stage, log)(source))
+                Err(VmError::Start { name: entry.name.clone(), stage, log, source })
             }
         }
+    }
+
+    /// Keeps the warm pool at its configured size, one QEMU at a time, for the life of the manager.
+    async fn refill_warm_pool(self) {
+        let pool = &self.inner.warm;
+        let (Some(accel), root) = (pool.accel, self.inner.config.data_dir.join("warm")) else { return };
+        loop {
+            while let Some(shape) = pool.wanting() {
+                let uuid = Uuid::new_v4();
+                let spec = pool.shapes[shape].spec(uuid);
+                let dir = VmDir::new(&root, &uuid.to_string());
+                if let Err(e) = blocking({
+                    let path = dir.path().to_owned();
+                    move || fs::create_dir_all(path)
+                })
+                .await
+                {
+                    warn!(error = %e, "cannot create a warm-pool directory; retrying later");
+                    tokio::time::sleep(WARM_RETRY).await;
+                    continue;
+                }
+                match self.spawn_qemu(&dir, &spec, accel, None, true).await {
+                    Ok((process, qmp)) => {
+                        debug!(shape, pid = process.pid(), "warm QEMU ready");
+                        let key = launch_key(&spec, accel);
+                        pool.add(Warm { shape, uuid, dir, process, qmp, key, reserved_for: None });
+                    }
+                    Err((stage, log, source)) => {
+                        warn!(shape, stage, %log, error = %source, "cannot launch a warm QEMU; retrying later");
+                        let _ = blocking(move || fs::remove_dir_all(dir.path())).await;
+                        tokio::time::sleep(WARM_RETRY).await;
+                    }
+                }
+            }
+            // Woken when a QEMU is taken or reserved; the timeout notices QEMUs that died.
+            let _ = tokio::time::timeout(WARM_RETRY, pool.wake.notified()).await;
+        }
+    }
+
+    /// Ready and reserved QEMUs in the warm pool.
+    pub fn warm_pool_counts(&self) -> (usize, usize) {
+        self.inner.warm.counts()
     }
 
     /// Watches one QEMU until it exits: follows pause/resume done behind our back and records how it ended.
@@ -987,13 +1167,18 @@ fn create_vm_dir(dir: &VmDir, spec: &VmSpec, record: &StateRecord) -> std::io::R
 
 /// Binds the QMP and serial sockets QEMU will serve (so they exist before QEMU runs, and connecting needs no
 /// polling), opens `qemu.log`, and rotates `console.log`.
-fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, i32)>, fs::File)> {
-    dir.remove_runtime_files();
-    // Each run starts a fresh console log, so console history shows this boot; the last run's stays as `.1`.
+/// Each run starts a fresh console log, so console history shows this boot; the last run's stays as `.1`.
+fn rotate_console_log(dir: &VmDir) -> std::io::Result<()> {
     let console_log = dir.console_log();
     if console_log.exists() {
         fs::rename(&console_log, console_log.with_extension("log.1"))?;
     }
+    Ok(())
+}
+
+fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, i32)>, fs::File)> {
+    dir.remove_runtime_files();
+    rotate_console_log(dir)?;
     let bind = |path: &Path| -> std::io::Result<OwnedFd> {
         let listener = UnixListener::bind(path)?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;

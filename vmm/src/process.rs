@@ -110,7 +110,14 @@ impl QemuProcess {
             Err(ProcessError::PidfdOpen { .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(is_qemu_of(host, pid, uuid).then_some(process))
+        if is_qemu_of(host, pid, uuid) {
+            return Ok(Some(process));
+        }
+        // After qx-node re-executes itself its QEMUs are still its children, and one that exited in between is a
+        // zombie (which `is_qemu_of` refuses) that only we can reap. For anything else this is a no-op: a live
+        // process is not waited for (WNOHANG) and a process that is not our child gives ECHILD.
+        process.reap();
+        Ok(None)
     }
 
     fn watch(pid: i32) -> Result<Self, ProcessError> {
@@ -129,7 +136,8 @@ impl QemuProcess {
         self.pid
     }
 
-    /// Resolves when the process has exited; returns how, when it was our child (adopted ones are reaped by init).
+    /// Resolves when the process has exited; returns how, when it was our child: one we spawned, or one adopted
+    /// after qx-node re-executed itself (QEMUs adopted after a daemon crash are reaped by init).
     pub async fn exited(&self) -> Option<String> {
         // A pidfd polls readable once the process exits; a watch error can only mean the fd is unusable, and then
         // the process cannot be watched any longer either.
@@ -224,6 +232,24 @@ mod tests {
         let mut out = String::new();
         std::io::Read::read_to_string(&mut { reader }, &mut out).unwrap();
         assert_eq!(out, "hello\n");
+    }
+
+    #[tokio::test]
+    // The child is reaped by `adopt`, which is what this test checks.
+    #[allow(clippy::zombie_processes)]
+    async fn adopting_an_exited_child_reaps_it() {
+        let child = Command::new("/bin/sh").args(["-c", "exit 3"]).spawn().unwrap();
+        let pid = child.id() as i32;
+        let zombie = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        };
+        while !zombie() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let adopted = QemuProcess::adopt(pid, Uuid::new_v4(), &HostRoot::default()).unwrap();
+        assert!(adopted.is_none(), "an exited process is not adopted");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "and it is no zombie any more");
     }
 
     #[tokio::test]

@@ -1,17 +1,25 @@
 //! `qx-node`: the Quantix node daemon.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use qx_agent::config::NodeConfig;
+use qx_agent::host::logring;
 use qx_agent::node::Node;
 use qx_agent::server;
 use qx_vmm::spec::AccelChoice;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// How long a restart waits for open calls (a console's event stream, say) to finish before re-executing anyway.
+const RESTART_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs and supervises QEMU VMs on this host and serves the Quantix node API.
 #[derive(Debug, Parser)]
@@ -74,10 +82,15 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    // stderr, and the in-memory ring that GetDiagnostics reads.
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new(&args.log))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(logring::layer(logring::global()))
         .init();
     let config = args.into_config()?;
     // Two workers: VM operations are I/O-bound waits on QEMU, and a small daemon is part of the product.
@@ -86,19 +99,44 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: NodeConfig) -> anyhow::Result<()> {
-    let _lock = server::lock_data_dir(&config.data_dir)?;
+    let lock = server::lock_data_dir(&config.data_dir)?;
     let listener = server::bind_unix(&config.listen.unix).await?;
     let node = Arc::new(Node::open(config).await.context("cannot start the node")?);
-    let shutdown = async {
+    let mut restart = node.host().restart_requested();
+    let mut restart_grace = restart.clone();
+    let shutdown = async move {
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return std::future::pending().await;
         };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => info!("shutting down; VMs keep running"),
+            _ = int.recv() => info!("shutting down; VMs keep running"),
+            _ = restart.wait_for(|requested| *requested) => info!("restarting; VMs keep running"),
         }
-        info!("shutting down; VMs keep running");
     };
-    server::serve(node, listener, shutdown).await?;
+    let grace = async move {
+        if restart_grace.wait_for(|requested| *requested).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(RESTART_GRACE).await;
+    };
+    tokio::select! {
+        served = server::serve(Arc::clone(&node), listener, shutdown) => served?,
+        () = grace => warn!("calls still open after {} s; restarting anyway", RESTART_GRACE.as_secs()),
+    }
+    if *node.host().restart_requested().borrow() {
+        drop(lock);
+        return Err(anyhow::Error::new(re_exec()).context("cannot re-execute qx-node"));
+    }
     Ok(())
+}
+
+/// Replaces this process with a fresh qx-node: same PID, same argv and environment. The QEMUs stay our children
+/// and the new image reattaches to them (and reaps them when they exit) like after any restart. Returns only on
+/// failure. Every fd qx-node opens is close-on-exec, so the listeners and the data-dir lock go with the old image.
+fn re_exec() -> std::io::Error {
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "qx-node".into());
+    info!("re-executing qx-node");
+    std::process::Command::new("/proc/self/exe").arg0(argv0).args(args).exec()
 }

@@ -100,7 +100,9 @@ impl OpControl {
         self.cancel.clone()
     }
 
-    pub(crate) fn report(&self, done: u64, total: u64) {
+    /// Records progress; watchers wake only when it changed. Pool implementations outside this crate (and tests)
+    /// report through this too.
+    pub fn report(&self, done: u64, total: u64) {
         self.progress.send_if_modified(|p| {
             let new = Progress { done, total };
             let changed = *p != new;
