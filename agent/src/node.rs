@@ -135,12 +135,16 @@ impl Node {
 
     /// Creates a volume (empty, or from a library image); `ctl` reports a full copy's progress and cancels it.
     pub async fn create_volume(&self, pool: &str, req: CreateVolume, ctl: &OpControl) -> Result<Volume, VolumeError> {
-        Ok(self.pools.pool(pool).await?.create_volume(req, ctl).await?)
+        let pool = self.pools.pool(pool).await?;
+        let volume = pool.create_volume(req, ctl).await?;
+        Ok(with_allocation(pool, volume).await)
     }
 
     /// Grows a volume no running VM uses. Shrinking is refused: it loses the guest's data.
     pub async fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<Volume, VolumeError> {
-        Ok(self.pools.pool(pool).await?.resize_volume(name, size, false, &self.in_use()).await?)
+        let pool = self.pools.pool(pool).await?;
+        let volume = pool.resize_volume(name, size, false, &self.in_use()).await?;
+        Ok(with_allocation(pool, volume).await)
     }
 
     /// Copies a volume no running VM uses into a new one.
@@ -151,7 +155,9 @@ impl Node {
         target: &str,
         ctl: &OpControl,
     ) -> Result<Volume, VolumeError> {
-        Ok(self.pools.pool(pool).await?.clone_volume(source, target, &self.in_use(), ctl).await?)
+        let pool = self.pools.pool(pool).await?;
+        let volume = pool.clone_volume(source, target, &self.in_use(), ctl).await?;
+        Ok(with_allocation(pool, volume).await)
     }
 
     /// Deletes a volume no running VM uses.
@@ -237,4 +243,9 @@ fn host_resources() -> (String, u32, u64, u64) {
     };
     let model = system.cpus().first().map(|cpu| cpu.brand().trim().to_owned()).unwrap_or_default();
     (model, system.cpus().len() as u32, system.total_memory(), system.available_memory())
+}
+
+/// `volume` as listing shows it, with the bytes it holds on the host (pools fill that in when they read a volume).
+async fn with_allocation(pool: &dyn qx_storage::Pool, volume: Volume) -> Volume {
+    pool.volume(&volume.name).await.unwrap_or(volume)
 }

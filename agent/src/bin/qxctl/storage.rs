@@ -301,6 +301,7 @@ fn size(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 40 => format!("{:.1}Ti", b as f64 / (1u64 << 40) as f64),
         b if b >= 1 << 30 => format!("{:.1}Gi", b as f64 / (1u64 << 30) as f64),
-        b => format!("{}Mi", b >> 20),
+        b if b >= 1 << 20 => format!("{}Mi", b >> 20),
+        b => format!("{}Ki", b.div_ceil(1 << 10)),
     }
 }
