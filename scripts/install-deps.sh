@@ -5,7 +5,7 @@ set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-for tool in busybox:busybox-static cpio:cpio depmod:kmod; do
+for tool in busybox:busybox-static cpio:cpio depmod:kmod tmux:tmux; do
     [ -x "/bin/${tool%%:*}" ] || [ -x "/sbin/${tool%%:*}" ] || command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 [ ${#need[@]} -eq 0 ] && exit 0

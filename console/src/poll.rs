@@ -1,15 +1,16 @@
-//! Fetching [`Snapshot`]s from the local qx-node.
+//! Fetching [`Snapshot`]s from the local qx-node: `GetNodeInfo` for the node, `GetHostStatus` for the host.
 
-use std::error::Error as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use qx_proto::node::v1::host_service_client::HostServiceClient;
 use qx_proto::node::v1::node_service_client::NodeServiceClient;
-use qx_proto::node::v1::{GetNodeInfoRequest, NodeInfo};
+use qx_proto::node::v1::{GetHostStatusRequest, GetNodeInfoRequest, NodeInfo};
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::app::{Snapshot, REFRESH_INTERVAL};
+use crate::host::HostSummary;
 
 /// How long one connect or call may take before the node counts as unreachable; shorter than the refresh interval
 /// so a hung daemon shows up as such instead of freezing the numbers.
@@ -33,18 +34,7 @@ pub enum PollError {
 impl PollError {
     /// The message and every cause, on one line, as the console shows it.
     pub fn describe(&self) -> String {
-        let mut text = self.to_string();
-        let mut source = self.source();
-        while let Some(cause) = source {
-            let cause_text = cause.to_string();
-            // Some transport errors repeat their cause in their own message; say it once.
-            if !text.ends_with(&cause_text) {
-                text.push_str(": ");
-                text.push_str(&cause_text);
-            }
-            source = cause.source();
-        }
-        text
+        crate::rpc::causes(self)
     }
 }
 
@@ -52,41 +42,67 @@ impl PollError {
 #[derive(Debug)]
 pub struct Poller {
     socket: PathBuf,
-    client: Option<NodeServiceClient<Channel>>,
+    channel: Option<Channel>,
 }
 
 impl Poller {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into(), client: None }
+        Self { socket: socket.into(), channel: None }
     }
 
-    /// Asks qx-node for its state; failures become an unreachable snapshot carrying the reason.
+    /// Asks qx-node for its state; failures become an unreachable snapshot carrying the reason. A qx-node that
+    /// answers GetNodeInfo but not GetHostStatus (an older one) gives a snapshot without host status, saying why.
     pub async fn snapshot(&mut self) -> Snapshot {
-        match self.node_info().await {
-            Ok(info) => Snapshot::from_node_info(info),
-            Err(err) => {
-                self.client = None;
-                Snapshot::unreachable(err.describe())
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(err) => return Snapshot::unreachable(err.describe()),
+        };
+        let node = async {
+            tokio::time::timeout(
+                RPC_TIMEOUT,
+                NodeServiceClient::new(channel.clone()).get_node_info(GetNodeInfoRequest {}),
+            )
+            .await
+        };
+        let host = async {
+            tokio::time::timeout(
+                RPC_TIMEOUT,
+                HostServiceClient::new(channel.clone()).get_host_status(GetHostStatusRequest {}),
+            )
+            .await
+        };
+        let (node, host) = tokio::join!(node, host);
+        let info: Result<NodeInfo, PollError> = match node {
+            Err(_) => Err(PollError::Timeout { socket: self.socket.clone(), timeout: RPC_TIMEOUT }),
+            Ok(Err(status)) => {
+                Err(PollError::GetNodeInfo { code: status.code(), message: status.message().to_owned() })
             }
-        }
+            Ok(Ok(info)) => Ok(info.into_inner()),
+        };
+        let info = match info {
+            Ok(info) => info,
+            Err(err) => {
+                self.channel = None;
+                return Snapshot::unreachable(err.describe());
+            }
+        };
+        self.channel = Some(channel);
+        let host = match host {
+            Err(_) => Err(format!("GetHostStatus did not answer within {RPC_TIMEOUT:?}")),
+            Ok(Err(status)) => Err(format!("GetHostStatus failed: {:?}: {}", status.code(), status.message())),
+            Ok(Ok(status)) => Ok(HostSummary::from(status.into_inner())),
+        };
+        Snapshot::from_node_info(info).with_host(host)
     }
 
-    async fn node_info(&mut self) -> Result<NodeInfo, PollError> {
-        let timeout = || PollError::Timeout { socket: self.socket.clone(), timeout: RPC_TIMEOUT };
-        let mut client = match self.client.take() {
-            Some(client) => client,
-            None => tokio::time::timeout(RPC_TIMEOUT, qx_agent::client::connect(self.socket.clone()))
-                .await
-                .map_err(|_| timeout())?
-                .map_err(|source| PollError::Connect { socket: self.socket.clone(), source })?,
-        };
-        let info = tokio::time::timeout(RPC_TIMEOUT, client.get_node_info(GetNodeInfoRequest {}))
+    async fn channel(&mut self) -> Result<Channel, PollError> {
+        if let Some(channel) = self.channel.take() {
+            return Ok(channel);
+        }
+        tokio::time::timeout(RPC_TIMEOUT, qx_agent::client::channel(self.socket.clone()))
             .await
-            .map_err(|_| timeout())?
-            .map_err(|status| PollError::GetNodeInfo { code: status.code(), message: status.message().to_owned() })?
-            .into_inner();
-        self.client = Some(client);
-        Ok(info)
+            .map_err(|_| PollError::Timeout { socket: self.socket.clone(), timeout: RPC_TIMEOUT })?
+            .map_err(|source| PollError::Connect { socket: self.socket.clone(), source })
     }
 }
 

@@ -1,8 +1,12 @@
 //! The console screen: a pure function from [`App`] to a ratatui buffer.
 //!
 //! From top to bottom: a yellow panel (product, version, node name, hardware, VMs, accelerator), a dark panel
-//! (status, control plane, management address), a notice line, and the key bar. Small terminals lose the lower
-//! parts first; nothing here panics, down to a zero-size area.
+//! (cluster status, control plane, management address and URL, SSH), a notice line, and the key bar. An open
+//! dialog is drawn over it ([`dialogs`]). Small terminals lose the lower parts first; nothing here panics, down
+//! to a zero-size area.
+//!
+//! Only characters the Linux console's default font has are used (ASCII and box drawing), since TTY1 is a VGA
+//! or framebuffer console, not a terminal emulator.
 
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
@@ -12,6 +16,11 @@ use ratatui::widgets::{Paragraph, Widget, Wrap};
 use ratatui::Frame;
 
 use crate::app::{App, NodeSummary, Snapshot, FUNCTION_KEYS, REFRESH_INTERVAL};
+use crate::host::{duration, HostSummary, Membership};
+
+mod dialogs;
+
+pub use dialogs::diagnostics_page;
 
 /// Rows of the yellow panel when the terminal has room for them.
 const TOP_HEIGHT: u16 = 10;
@@ -28,6 +37,7 @@ const TOP: Style = Style::new().fg(Color::Black).bg(Color::Yellow);
 const BODY: Style = Style::new().fg(Color::Gray).bg(Color::Black);
 const VALUE: Style = Style::new().fg(Color::White).add_modifier(Modifier::BOLD);
 const KEY: Style = Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD);
+const ERROR: Style = Style::new().fg(Color::LightRed).add_modifier(Modifier::BOLD);
 
 /// Draws the whole console into `frame`.
 pub fn render(frame: &mut Frame, app: &App) {
@@ -68,6 +78,9 @@ pub fn draw(app: &App, area: Rect, buf: &mut Buffer) {
     panel(body_lines(app), BODY, body, buf);
     Paragraph::new(notice_line(app)).style(BODY).render(notice, buf);
     Paragraph::new(keys).style(BODY).render(key_rect, buf);
+    if let Some(dialog) = &app.dialog {
+        dialogs::draw(dialog, app, area, buf);
+    }
 }
 
 /// Fills `area` with `style` and draws `lines` inside a margin, wrapping long ones. Narrow areas get neither
@@ -101,6 +114,12 @@ fn top_lines(app: &App) -> Vec<Line<'_>> {
             lines.push(Line::default());
             lines.extend(hardware_lines(node, snap));
         }
+        (Some(_), _) if app.reconnecting.is_some() => {
+            lines.push(Line::styled("qx-node: reconnecting...", bold));
+            lines.push(Line::default());
+            lines.push(Line::from(format!("Socket: {}", app.socket.display())));
+            lines.push(Line::from("Services are restarting; VMs keep running."));
+        }
         (Some(snap), _) => {
             let reason = snap.error.as_deref().unwrap_or("qx-node sent no node information");
             lines.push(Line::styled("qx-node is not reachable", bold));
@@ -132,28 +151,76 @@ fn hardware_lines(node: &NodeSummary, snap: &Snapshot) -> [Line<'static>; 4] {
 }
 
 fn body_lines(app: &App) -> Vec<Line<'static>> {
-    let node = app.snapshot.as_ref().and_then(|snap| snap.node.as_ref());
-    let mut lines = vec![
-        Line::default(),
-        labelled("Status:", "standalone".into(), Some(VALUE)),
-        labelled("Control plane:", "not joined".into(), Some(VALUE)),
-    ];
-    match node {
-        Some(node) => {
-            let host = if node.hostname.is_empty() { node.node_name.as_str() } else { node.hostname.as_str() };
-            lines.push(labelled("Manage at:", format!("https://{host}/"), Some(VALUE)));
-            lines.push(Line::from("(the web interface is not available yet; use qxctl)"));
-        }
+    let mut lines = vec![Line::default()];
+    let snap = app.snapshot.as_ref().filter(|snap| snap.error.is_none() && snap.node.is_some());
+    let Some(snap) = snap else {
+        lines.push(Line::from(format!("Retrying every {} s; press F5 to retry now.", REFRESH_INTERVAL.as_secs())));
+        return lines;
+    };
+    match &snap.host {
+        Some(host) => lines.extend(host_lines(host, app.now)),
         None => {
-            lines.push(Line::default());
-            lines.push(Line::from(format!("Retrying every {} s; press F5 to retry now.", REFRESH_INTERVAL.as_secs())));
+            lines.push(labelled("Status:", "unknown".into(), Some(VALUE)));
+            let reason = snap.host_error.as_deref().unwrap_or("qx-node sent no host status");
+            lines.push(labelled("Host status:", reason.to_owned(), None));
         }
     }
     lines
 }
 
+fn host_lines(host: &HostSummary, now: i64) -> Vec<Line<'static>> {
+    let cluster = &host.cluster;
+    let named = |what: &str| match cluster.cluster_name.as_str() {
+        "" => what.to_owned(),
+        name => format!("{what} of cluster \"{name}\""),
+    };
+    let status = match cluster.state {
+        Membership::Unknown => "unknown".to_owned(),
+        Membership::Standalone => "standalone".to_owned(),
+        Membership::Member => named("member"),
+        Membership::Disconnected => format!("{}, disconnected", named("member")),
+    };
+    let control_plane = if cluster.state == Membership::Standalone || cluster.control_plane_url.is_empty() {
+        "not joined".to_owned()
+    } else {
+        let mut text = cluster.control_plane_url.clone();
+        if cluster.state == Membership::Disconnected && !cluster.last_error.is_empty() {
+            text.push_str(&format!(" (heartbeat failed: {})", cluster.last_error));
+        } else if cluster.last_heartbeat_unix > 0 && now > 0 {
+            text.push_str(&format!(" (heartbeat {} ago)", duration(now - cluster.last_heartbeat_unix)));
+        }
+        text
+    };
+    let mut address =
+        if host.management_address.is_empty() { "no address".to_owned() } else { host.management_address.clone() };
+    if let Some(net) = &host.network {
+        if !net.interface.is_empty() {
+            address.push_str(&format!(" on {}", net.interface));
+        }
+        let mut how = net.mode.label().to_owned();
+        if net.vlan != 0 {
+            how.push_str(&format!(", VLAN {}", net.vlan));
+        }
+        address.push_str(&format!(" ({how})"));
+    }
+    let url = if host.management_url.is_empty() { "not available".to_owned() } else { host.management_url.clone() };
+    vec![
+        labelled("Status:", status, Some(VALUE)),
+        labelled("Control plane:", control_plane, Some(VALUE)),
+        labelled("Management IP:", address, Some(VALUE)),
+        labelled("Manage at:", url, Some(VALUE)),
+        labelled("SSH:", host.ssh.describe(now), Some(VALUE)),
+    ]
+}
+
 fn notice_line(app: &App) -> Line<'_> {
-    let text = if app.refreshing { Some("Refreshing...") } else { app.notice.as_deref() };
+    let text = if app.refreshing {
+        Some("Refreshing...")
+    } else if app.reconnecting.is_some() {
+        Some("Services are restarting; reconnecting to qx-node...")
+    } else {
+        app.notice.as_deref()
+    };
     match text {
         Some(text) => Line::from(vec![Span::raw(" "), Span::styled(text, KEY)]),
         None => Line::default(),
@@ -162,17 +229,23 @@ fn notice_line(app: &App) -> Line<'_> {
 
 /// The key bar, packed greedily into as many lines as `width` needs.
 fn key_bar(app: &App, width: u16) -> Vec<Line<'static>> {
-    let quit = app.allow_quit.then_some(("q".to_owned(), "Quit"));
-    let items = FUNCTION_KEYS.iter().map(|(n, label)| (format!("F{n}"), *label)).chain(quit);
+    let quit = app.allow_quit.then_some(("q".to_owned(), "Quit".to_owned()));
+    let items = FUNCTION_KEYS.iter().map(|(n, label)| (format!("F{n}"), (*label).to_owned())).chain(quit);
+    pack_keys(items, usize::from(width), 1)
+}
+
+/// `key label` items packed greedily into lines of at most `width` columns, each starting with `indent` blanks.
+fn pack_keys(items: impl IntoIterator<Item = (String, String)>, width: usize, indent: usize) -> Vec<Line<'static>> {
+    let fresh = || Line::raw(" ".repeat(indent));
     let mut lines: Vec<Line<'static>> = Vec::new();
-    let mut current = Line::raw(" ");
+    let mut current = fresh();
     for (key, label) in items {
         let item_width = key.len() + 1 + label.len();
-        let fits = current.width() + 2 + item_width <= usize::from(width);
-        if current.width() > 1 && !fits {
-            lines.push(std::mem::replace(&mut current, Line::raw(" ")));
+        let fits = current.width() + 2 + item_width <= width;
+        if current.width() > indent && !fits {
+            lines.push(std::mem::replace(&mut current, fresh()));
         }
-        if current.width() > 1 {
+        if current.width() > indent {
             current.push_span(Span::raw("  "));
         }
         current.push_span(Span::styled(key, KEY));
@@ -196,5 +269,7 @@ fn gib(bytes: u64) -> String {
     format!("{gib:.1} GiB")
 }
 
+#[cfg(test)]
+mod dialog_tests;
 #[cfg(test)]
 mod tests;

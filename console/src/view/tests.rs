@@ -3,8 +3,13 @@ use ratatui::backend::TestBackend;
 use ratatui::Terminal;
 
 use super::*;
+use crate::app::Reconnect;
+use crate::host::{AddressMode, ClusterSummary, NetworkConfig, SshState};
 
 const GIB: u64 = 1 << 30;
+
+/// Unix seconds the tests' clock stands at.
+pub(super) const NOW: i64 = 1_700_000_000;
 
 fn node_info() -> NodeInfo {
     NodeInfo {
@@ -22,12 +27,36 @@ fn node_info() -> NodeInfo {
         vms_total: 5,
         vms_running: 2,
         data_dir: "/var/lib/quantix".into(),
+        ..NodeInfo::default()
     }
 }
 
-fn connected() -> App {
+pub(super) fn host() -> HostSummary {
+    HostSummary {
+        management_address: "192.0.2.10/24".into(),
+        management_url: "grpc://192.0.2.10:7443".into(),
+        network: Some(NetworkConfig {
+            interface: "eth0".into(),
+            mode: AddressMode::Static,
+            address: "192.0.2.10/24".into(),
+            gateway: "192.0.2.1".into(),
+            vlan: 0,
+            dns_servers: vec!["192.0.2.53".into()],
+        }),
+        ssh: SshState::default(),
+        cluster: ClusterSummary { state: Membership::Standalone, ..ClusterSummary::default() },
+    }
+}
+
+/// A node that answered both GetNodeInfo and GetHostStatus, at [`NOW`].
+pub(super) fn connected() -> App {
+    with_host(host())
+}
+
+fn with_host(host: HostSummary) -> App {
     let mut app = App::new("/run/quantix/node.sock", true);
-    app.set_snapshot(Snapshot::from_node_info(node_info()));
+    app.tick(NOW);
+    app.set_snapshot(Snapshot::from_node_info(node_info()).with_host(Ok(host)));
     app
 }
 
@@ -38,7 +67,7 @@ fn terminal(app: &App, width: u16, height: u16) -> Terminal<TestBackend> {
 }
 
 /// The buffer's text, one string per row, trailing blanks trimmed.
-fn text(app: &App, width: u16, height: u16) -> Vec<String> {
+pub(super) fn text(app: &App, width: u16, height: u16) -> Vec<String> {
     let terminal = terminal(app, width, height);
     let buffer = terminal.backend().buffer();
     (0..buffer.area.height)
@@ -65,9 +94,9 @@ fn connected_at_80x24() {
         "",
         "  Status:        standalone",
         "  Control plane: not joined",
-        "  Manage at:     https://host-a.lab/",
-        "  (the web interface is not available yet; use qxctl)",
-        "",
+        "  Management IP: 192.0.2.10/24 on eth0 (static)",
+        "  Manage at:     grpc://192.0.2.10:7443",
+        "  SSH:           disabled",
         "",
         "",
         "",
@@ -102,6 +131,8 @@ fn connected_at_120x40_fits_the_key_bar_on_one_line() {
     assert_eq!(lines[2], "  node-a");
     assert_eq!(lines[6], "  VMs:           2 / 5 running");
     assert_eq!(lines[11], "  Status:        standalone");
+    assert_eq!(lines[13], "  Management IP: 192.0.2.10/24 on eth0 (static)");
+    assert_eq!(lines[15], "  SSH:           disabled");
     assert_eq!(lines[38], "");
     assert_eq!(
         lines[39],
@@ -148,21 +179,93 @@ fn unreachable_daemon_shows_the_reason_instead_of_numbers() {
         "",
         "",
         "",
-        "  Status:        standalone",
-        "  Control plane: not joined",
-        "",
         "  Retrying every 2 s; press F5 to retry now.",
+        "",
     ];
     let lines = text(&app, 80, 24);
     assert_eq!(lines[..expected.len()], expected);
-    assert!(!lines.iter().any(|line| line.contains("VMs:") || line.contains("Memory:")), "{lines:#?}");
+    assert!(!lines.iter().any(|line| line.contains("VMs:") || line.contains("Status:")), "{lines:#?}");
+}
+
+#[test]
+fn a_cluster_member_with_vlan_and_an_ssh_timer() {
+    let mut host = host();
+    host.cluster = ClusterSummary {
+        state: Membership::Member,
+        control_plane_url: "https://cp.lab:8443".into(),
+        node_id: "n-42".into(),
+        cluster_name: "lab".into(),
+        last_heartbeat_unix: NOW - 4,
+        last_error: String::new(),
+    };
+    host.management_url = "https://cp.lab:8443".into();
+    host.network.as_mut().unwrap().vlan = 42;
+    host.ssh = SshState { enabled: true, disable_at_unix: NOW + 29 * 60 + 30 };
+    let expected = [
+        "  Status:        member of cluster \"lab\"",
+        "  Control plane: https://cp.lab:8443 (heartbeat 4 s ago)",
+        "  Management IP: 192.0.2.10/24 on eth0 (static, VLAN 42)",
+        "  Manage at:     https://cp.lab:8443",
+        "  SSH:           enabled, turns off in 30 min",
+    ];
+    assert_eq!(text(&with_host(host.clone()), 80, 24)[11..16], expected);
+
+    host.cluster.state = Membership::Disconnected;
+    host.cluster.last_error = "control plane unreachable".into();
+    host.ssh = SshState { enabled: true, disable_at_unix: 0 };
+    host.management_address = String::new();
+    host.network.as_mut().unwrap().mode = AddressMode::Dhcp;
+    let expected = [
+        "  Status:        member of cluster \"lab\", disconnected",
+        "  Control plane: https://cp.lab:8443 (heartbeat failed: control plane",
+        "  unreachable)",
+        "  Management IP: no address on eth0 (DHCP, VLAN 42)",
+        "  Manage at:     https://cp.lab:8443",
+        "  SSH:           enabled (no timer)",
+    ];
+    assert_eq!(text(&with_host(host), 80, 24)[11..17], expected);
+}
+
+#[test]
+fn a_daemon_without_host_status_says_why() {
+    let mut app = App::new("/run/quantix/node.sock", true);
+    let reason = "GetHostStatus failed: Unimplemented: Operation is not implemented or not supported";
+    app.set_snapshot(Snapshot::from_node_info(node_info()).with_host(Err(reason.into())));
+    let expected = [
+        "  Status:        unknown",
+        "  Host status:   GetHostStatus failed: Unimplemented: Operation is not",
+        "  implemented or not supported",
+        "",
+    ];
+    let lines = text(&app, 80, 24);
+    assert_eq!(lines[6], "  VMs:           2 / 5 running", "the node's numbers still show");
+    assert_eq!(lines[11..15], expected);
+}
+
+#[test]
+fn restarting_services_shows_reconnecting() {
+    let mut app = connected();
+    app.reconnecting = Some(Reconnect { since: NOW, lost: false });
+    assert_eq!(text(&app, 80, 24)[21], " Services are restarting; reconnecting to qx-node...");
+    app.set_snapshot(Snapshot::unreachable("cannot connect to qx-node at /run/quantix/node.sock: Connection refused"));
+    let expected = [
+        "",
+        "  Quantix 0.1.0",
+        "  qx-node: reconnecting...",
+        "",
+        "  Socket: /run/quantix/node.sock",
+        "  Services are restarting; VMs keep running.",
+    ];
+    let lines = text(&app, 80, 24);
+    assert_eq!(lines[..6], expected);
+    assert_eq!(lines[21], " Services are restarting; reconnecting to qx-node...");
 }
 
 #[test]
 fn notice_and_refreshing_lines() {
     let mut app = connected();
-    app.notice = Some("F3 SSH: not available yet".into());
-    assert_eq!(text(&app, 80, 24)[21], " F3 SSH: not available yet");
+    app.notice = Some("Network configuration applied: eth0, static 192.0.2.10/24".into());
+    assert_eq!(text(&app, 80, 24)[21], " Network configuration applied: eth0, static 192.0.2.10/24");
     app.refreshing = true;
     assert_eq!(text(&app, 80, 24)[21], " Refreshing...");
 }
