@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Quantix needs on a fresh Debian 12 machine: QEMU (system emulator and qemu-img at the same version),
-# and the tools the test guest build uses. Does nothing when everything is there already.
+# the tools the test guest build uses, and tmux for the console tests. Does nothing when everything is there already.
 set -euo pipefail
 
 need=()
