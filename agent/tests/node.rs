@@ -189,6 +189,10 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     let mut client = client(&daemon).await;
     create(&mut client, "existing").await;
     let running = pid(&start(&mut client, "existing").await);
+    // `running` reaches state.json just after StartVm answers.
+    let state_file = daemon.data_dir().join("vms/existing/state.json");
+    let written = || std::fs::read_to_string(&state_file).ok().filter(|s| s.contains("\"running\"")).map(|_| ());
+    assert!(wait_until(Duration::from_secs(10), written).is_some(), "state.json never said running");
     let before = snapshot(&daemon.data_dir());
     let guest = test_guest();
 

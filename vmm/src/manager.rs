@@ -199,6 +199,15 @@ impl Entry {
         self.status().record.state
     }
 
+    /// Sets the state in memory; returns the one before.
+    fn record_state(&self, state: VmState, reason: &str) -> VmState {
+        let mut status = self.status();
+        let previous = status.record.state;
+        status.record.state = state;
+        status.record.reason = reason.to_owned();
+        previous
+    }
+
     fn runtime(&self) -> Option<Arc<Runtime>> {
         self.status().runtime.clone()
     }
@@ -556,7 +565,7 @@ impl VmManager {
                     status.runtime = Some(Arc::clone(&runtime));
                 }
                 info!(vm = %name, pid = runtime.process.pid(), %accel, "started");
-                self.set_state(&entry, VmState::Running, "started").await;
+                self.set_state_deferred(&entry, VmState::Running, "started");
                 self.supervise(Arc::clone(&entry), runtime);
                 Ok(entry.info())
             }
@@ -1104,19 +1113,28 @@ impl VmManager {
 
     /// Records a new state: memory first, then `state.json`, then an event, then the waiters.
     async fn set_state(&self, entry: &Arc<Entry>, state: VmState, reason: &str) {
-        let previous = {
-            let mut status = entry.status();
-            let previous = status.record.state;
-            status.record.state = state;
-            status.record.reason = reason.to_owned();
-            previous
-        };
+        let previous = entry.record_state(state, reason);
         self.persist_state(entry).await;
+        self.announce(entry, previous, state, reason);
+    }
+
+    /// Like `set_state`, with `state.json` written in the background. Only for `running` at the end of a start:
+    /// `starting`, written before QEMU was spawned, already makes a restarted daemon look for the QEMU (through
+    /// its pidfile), so the caller need not wait for the disk. Writes stay in order (`Entry::persist`).
+    fn set_state_deferred(&self, entry: &Arc<Entry>, state: VmState, reason: &str) {
+        let previous = entry.record_state(state, reason);
+        let (manager, written) = (self.clone(), Arc::clone(entry));
+        tokio::spawn(async move { manager.persist_state(&written).await });
+        self.announce(entry, previous, state, reason);
+    }
+
+    fn announce(&self, entry: &Arc<Entry>, previous: VmState, state: VmState, reason: &str) {
         if previous != state {
             info!(vm = %entry.name, from = %previous, to = %state, reason, "state");
             self.emit(entry, Some(state), Some(previous), reason);
         }
-        // Waiters (a stop waiting for the exit) go on only once the state is on disk and announced.
+        // Waiters (a stop waiting for the exit) go on only once the state is announced (and, but for
+        // `set_state_deferred`, on disk).
         entry.state_tx.send_replace(state);
     }
 
