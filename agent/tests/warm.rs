@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use qx_proto::node::v1 as pb;
-use qx_test_infra::{test_guest, wait_until, Daemon};
+use qx_test_infra::{pid_alive, test_guest, wait_until, Daemon};
 
 const POOL_SIZE: u32 = 2;
 
@@ -59,7 +59,7 @@ async fn create_spec(client: &mut Client, name: &str, extra: &str) -> pb::Vm {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_start_from_the_warm_pool_and_see_the_same_machine_as_cold_ones() {
-    let daemon = warm_daemon();
+    let mut daemon = warm_daemon();
     let mut client = client(&daemon).await;
     wait_for_pool(&mut client, (POOL_SIZE, 0)).await;
     let warm_pids = daemon.qemu_pids();
@@ -84,6 +84,26 @@ async fn vms_start_from_the_warm_pool_and_see_the_same_machine_as_cold_ones() {
         .await
         .unwrap();
     console.expect(&uuid, Duration::from_secs(30)).await;
+
+    // A warm-started VM survives a daemon kill like any other; the ready QEMUs the old daemon left are stopped
+    // and replaced.
+    let warm_pid = pid(&started) as i32;
+    daemon.kill9();
+    daemon.restart();
+    client = common::client(&daemon).await;
+    let vm = get(&mut client, "warm1").await;
+    assert_eq!((state(&vm), pid(&vm) as i32), (pb::VmState::Running, warm_pid), "reattached");
+    for stale in warm_pids.iter().filter(|&&p| p != warm_pid) {
+        assert!(wait_until(Duration::from_secs(10), || (!pid_alive(*stale)).then_some(())).is_some(), "{stale}");
+    }
+    wait_for_pool(&mut client, (POOL_SIZE, 0)).await;
+    let mut console = Console::open(&mut client, "warm1").await;
+    console
+        .input
+        .send(pb::ConsoleInput { data: b"echo AFTER''-RESTART\n".to_vec(), ..Default::default() })
+        .await
+        .unwrap();
+    console.expect("AFTER-RESTART", Duration::from_secs(30)).await;
 
     // The same devices started cold (a given UUID never comes from the pool) look the same to the guest.
     let cold_uuid = uuid::Uuid::new_v4();

@@ -544,16 +544,21 @@ impl VmManager {
         let accel = self.resolve_accel(&spec)?;
         self.check_networks(&spec).await?;
         let spec = self.resolve_volumes(name, spec).await?;
-        self.set_state(&entry, VmState::Starting, "start requested").await;
+        let starting = self.set_state(&entry, VmState::Starting, "start requested");
         let launched = match self.inner.warm.take(&spec, accel) {
-            Some(warm) => match self.launch_warm(&entry, &spec, warm).await {
+            Some(warm) => match self.launch_warm(&entry, &spec, warm, starting).await {
                 Ok(runtime) => Ok(runtime),
                 Err(e) => {
                     warn!(vm = %name, error = %e, "warm start failed; starting cold");
+                    // The warm attempt may have ended before `starting` was written.
+                    self.set_state(&entry, VmState::Starting, "start requested").await;
                     self.launch(&entry, &spec, accel).await
                 }
             },
-            None => self.launch(&entry, &spec, accel).await,
+            None => {
+                starting.await;
+                self.launch(&entry, &spec, accel).await
+            }
         };
         match launched {
             Ok(runtime) => {
@@ -703,40 +708,64 @@ impl VmManager {
             }
             None => None,
         };
-        let (process, qmp) = self.spawn_qemu(&dir, spec, accel, seed, false).await.map_err(|failure| {
+        let qemu = self.spawn_qemu(&dir, spec, accel, seed, false).await.map_err(|failure| {
             let (stage, log, source) = failure;
             VmError::Start { name: entry.name.clone(), stage, log, source }
         })?;
-        self.run_guest(entry, spec, process, qmp, false).await
+        let ready = std::future::ready(Ok(()));
+        self.run_guest(entry, spec, qemu, &dir.serial_socket(), false, ready).await
     }
 
-    /// Warm start: the VM takes a pre-launched QEMU, whose sockets and log move into the VM's directory.
-    async fn launch_warm(&self, entry: &Arc<Entry>, spec: &VmSpec, warm: Warm) -> Result<Arc<Runtime>, VmError> {
+    /// Warm start: the VM takes a pre-launched QEMU. Its devices are plugged while `starting` is written (the
+    /// disk write is off the critical path); only once that is on disk do the QEMU's sockets, pidfile and log move
+    /// into the VM's directory, so a daemon that dies halfway either finds the QEMU there (and adopts it) or
+    /// finds it still in the pool's directory (and stops it at start).
+    async fn launch_warm(
+        &self,
+        entry: &Arc<Entry>,
+        spec: &VmSpec,
+        warm: Warm,
+        starting: impl std::future::Future<Output = ()>,
+    ) -> Result<Arc<Runtime>, VmError> {
         let (from, to) = (warm.dir.clone(), entry.dir.clone());
-        let moved = blocking(move || -> std::io::Result<()> {
-            to.remove_runtime_files();
-            rotate_console_log(&to)?;
-            for (a, b) in [
-                (from.qmp_socket(), to.qmp_socket()),
-                (from.serial_socket(), to.serial_socket()),
-                (from.pidfile(), to.pidfile()),
-                (from.qemu_log(), to.qemu_log()),
-            ] {
-                fs::rename(a, b)?;
-            }
-            fs::remove_dir_all(from.path())
-        })
-        .await;
-        if let Err(source) = moved {
+        let rotated = {
+            let to = to.clone();
+            blocking(move || {
+                to.remove_runtime_files();
+                rotate_console_log(&to)
+            })
+            .await
+        };
+        if let Err(source) = rotated {
             crate::warm::discard(warm);
-            return Err(VmError::Start {
-                name: entry.name.clone(),
-                stage: "taking a warm QEMU",
-                log: String::new(),
-                source: source.into(),
-            });
+            let (name, stage, log) = (entry.name.clone(), "taking a warm QEMU", String::new());
+            return Err(VmError::Start { name, stage, log, source: source.into() });
         }
-        self.run_guest(entry, spec, warm.process, warm.qmp, true).await
+        let moved = {
+            let from = from.clone();
+            async move {
+                starting.await;
+                blocking(move || -> std::io::Result<()> {
+                    for (a, b) in [
+                        (from.qmp_socket(), to.qmp_socket()),
+                        (from.serial_socket(), to.serial_socket()),
+                        (from.pidfile(), to.pidfile()),
+                        (from.qemu_log(), to.qemu_log()),
+                    ] {
+                        fs::rename(a, b)?;
+                    }
+                    fs::remove_dir_all(from.path())
+                })
+                .await
+                .map_err(BoxError::from)
+            }
+        };
+        let serial = from.serial_socket();
+        let started = self.run_guest(entry, spec, (warm.process, warm.qmp), &serial, true, moved).await;
+        if started.is_err() {
+            let _ = blocking(move || fs::remove_dir_all(from.path())).await;
+        }
+        started
     }
 
     /// Binds the sockets in `dir`, spawns QEMU and negotiates QMP. On failure QEMU is gone and the error carries
@@ -787,18 +816,22 @@ impl VmManager {
     /// Takes a QEMU that waits before its first instruction to a running guest: the console, the devices QEMU
     /// was not launched with (`hotplug`: disks and user NICs; always: network NICs), then `cont`. On failure QEMU
     /// is stopped and the VM's runtime files and taps are gone.
+    ///
+    /// `alongside` runs while the devices are plugged and must succeed before `cont`; `serial` is the serial
+    /// socket to attach the console to (logged to the VM's `console.log`).
     async fn run_guest(
         &self,
         entry: &Arc<Entry>,
         spec: &VmSpec,
-        process: QemuProcess,
-        qmp: QmpClient,
+        (process, qmp): (QemuProcess, QmpClient),
+        serial: &Path,
         hotplug: bool,
+        alongside: impl std::future::Future<Output = Result<(), BoxError>>,
     ) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
-        let prepared = async {
+        let plugged = async {
             let console = if spec.serial {
-                let console = SerialConsole::attach(&dir.serial_socket(), &dir.console_log()).await;
+                let console = SerialConsole::attach(serial, &dir.console_log()).await;
                 Some(console.map_err(|e: ConsoleError| ("serial console", e.into()))?)
             } else {
                 None
@@ -817,6 +850,12 @@ impl VmManager {
                 // bootindex at reset; the guest has not run yet, so this reset is invisible to it.
                 qmp.execute_raw("system_reset", None).await.map_err(|e| ("updating the boot order", e.into()))?;
             }
+            Ok::<_, (&'static str, BoxError)>(console)
+        };
+        let prepared = async {
+            let (console, alongside) = tokio::join!(plugged, alongside);
+            let console = console?;
+            alongside.map_err(|e| ("taking a warm QEMU", e))?;
             qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
             Ok::<_, (&'static str, BoxError)>(console)
         };
