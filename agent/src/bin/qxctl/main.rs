@@ -650,6 +650,7 @@ fn print_node(info: &pb::NodeInfo, json: bool) {
         ("accelerator", info.accelerator.clone()),
         ("accelerator_reason", info.accelerator_reason.clone()),
         ("vms", format!("{} running / {} total", info.vms_running, info.vms_total)),
+        ("warm_pool", format!("{} ready / {} reserved", info.warm_pool_ready, info.warm_pool_reserved)),
         ("data_dir", info.data_dir.clone()),
     ];
     if json {
@@ -662,6 +663,7 @@ fn print_node(info: &pb::NodeInfo, json: bool) {
                 "qemu_binary": info.qemu_binary, "qemu_version": info.qemu_version,
                 "accelerator": info.accelerator, "accelerator_reason": info.accelerator_reason,
                 "vms_total": info.vms_total, "vms_running": info.vms_running, "data_dir": info.data_dir,
+                "warm_pool_ready": info.warm_pool_ready, "warm_pool_reserved": info.warm_pool_reserved,
             })
         );
         return;
