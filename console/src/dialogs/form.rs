@@ -225,6 +225,20 @@ impl Form {
         FormKey::Edited(field.name)
     }
 
+    /// A refused request: qx-node's validation problems go onto the fields they name, any other reason (and
+    /// problems naming no field here) under the form, after `what` ("Joining failed").
+    pub fn on_refused(&mut self, error: &crate::rpc::RpcError, what: &str) {
+        self.status = Status::Editing;
+        let rest = if error.code == tonic::Code::InvalidArgument {
+            self.apply_server_errors(&error.message)
+        } else {
+            Some(error.message.clone())
+        };
+        if let Some(rest) = rest {
+            self.status = Status::Failed(format!("{what}: {rest}"));
+        }
+    }
+
     /// Spreads qx-node's validation message (`field: problem; field: problem`) over the fields it names. Problems
     /// naming no field of this form (or a disabled one) are returned, joined again, for the form's status line.
     pub fn apply_server_errors(&mut self, message: &str) -> Option<String> {

@@ -61,15 +61,7 @@ impl JoinDialog {
     /// JoinCluster failed: a validation message goes onto its fields, any other reason (the control plane is
     /// unreachable, refused the token, ...) under the form.
     pub fn on_refused(&mut self, error: &RpcError) {
-        self.form.status = Status::Editing;
-        let rest = if error.code == tonic::Code::InvalidArgument {
-            self.form.apply_server_errors(&error.message)
-        } else {
-            Some(error.message.clone())
-        };
-        if let Some(rest) = rest {
-            self.form.status = Status::Failed(format!("Joining failed: {rest}"));
-        }
+        self.form.on_refused(error, "Joining failed");
     }
 
     pub fn on_key(&mut self, key: KeyEvent) -> Outcome {

@@ -236,15 +236,7 @@ impl NetworkDialog {
 
     /// `SetNetworkConfig` was refused; a validation message goes onto the fields it names.
     pub fn on_refused(&mut self, error: &RpcError) {
-        self.form.status = Status::Editing;
-        let rest = if error.code == tonic::Code::InvalidArgument {
-            self.form.apply_server_errors(&error.message)
-        } else {
-            Some(error.message.clone())
-        };
-        if let Some(rest) = rest {
-            self.form.status = Status::Failed(format!("qx-node refused the configuration: {rest}"));
-        }
+        self.form.on_refused(error, "qx-node refused the configuration");
     }
 
     /// The problem with field `name` as it stands, if any.

@@ -62,15 +62,7 @@ impl SshDialog {
     }
 
     pub fn on_refused(&mut self, error: &RpcError) {
-        self.form.status = Status::Editing;
-        let rest = if error.code == tonic::Code::InvalidArgument {
-            self.form.apply_server_errors(&error.message)
-        } else {
-            Some(error.message.clone())
-        };
-        if let Some(rest) = rest {
-            self.form.status = Status::Failed(format!("SetSsh failed: {rest}"));
-        }
+        self.form.on_refused(error, "SetSsh failed");
     }
 
     pub fn on_key(&mut self, key: KeyEvent) -> Outcome {
