@@ -73,13 +73,9 @@ impl DiagnosticsView {
 
 #[cfg(test)]
 mod tests {
-    use ratatui::crossterm::event::KeyModifiers;
 
     use super::*;
-
-    fn key(code: KeyCode) -> KeyEvent {
-        KeyEvent::new(code, KeyModifiers::NONE)
-    }
+    use crate::dialogs::key;
 
     fn loaded(log_lines: usize) -> DiagnosticsView {
         let (mut view, request) = DiagnosticsView::open();

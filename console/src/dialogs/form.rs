@@ -269,10 +269,7 @@ impl Form {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(code: KeyCode) -> KeyEvent {
-        KeyEvent::new(code, KeyModifiers::NONE)
-    }
+    use crate::dialogs::key;
 
     fn form() -> Form {
         Form::new(vec![

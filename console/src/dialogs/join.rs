@@ -100,13 +100,10 @@ impl JoinDialog {
 
 #[cfg(test)]
 mod tests {
-    use ratatui::crossterm::event::{KeyCode, KeyModifiers};
+    use ratatui::crossterm::event::KeyCode;
 
     use super::*;
-
-    fn key(code: KeyCode) -> KeyEvent {
-        KeyEvent::new(code, KeyModifiers::NONE)
-    }
+    use crate::dialogs::key;
 
     fn type_text(dialog: &mut JoinDialog, text: &str) {
         for c in text.chars() {

@@ -59,3 +59,9 @@ impl Dialog {
         }
     }
 }
+
+/// A key press without modifiers, for the dialogs' tests.
+#[cfg(test)]
+pub(crate) fn key(code: ratatui::crossterm::event::KeyCode) -> KeyEvent {
+    KeyEvent::new(code, ratatui::crossterm::event::KeyModifiers::NONE)
+}

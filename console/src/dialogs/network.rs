@@ -325,10 +325,7 @@ mod tests {
     use ratatui::crossterm::event::{KeyCode, KeyModifiers};
 
     use super::*;
-
-    fn key(code: KeyCode) -> KeyEvent {
-        KeyEvent::new(code, KeyModifiers::NONE)
-    }
+    use crate::dialogs::key;
 
     fn type_text(dialog: &mut NetworkDialog, text: &str) {
         dialog.on_key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL));

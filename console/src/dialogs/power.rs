@@ -96,13 +96,9 @@ impl PowerDialog {
 
 #[cfg(test)]
 mod tests {
-    use ratatui::crossterm::event::KeyModifiers;
 
     use super::*;
-
-    fn key(code: KeyCode) -> KeyEvent {
-        KeyEvent::new(code, KeyModifiers::NONE)
-    }
+    use crate::dialogs::key;
 
     #[test]
     fn no_running_vms_one_confirmation() {
