@@ -233,7 +233,7 @@ pub struct FieldError {
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.value.is_empty() {
-            write!(f, "{} {}", self.field, self.problem)
+            write!(f, "{}: {}", self.field, self.problem)
         } else {
             write!(f, "{}: {:?} {}", self.field, self.value, self.problem)
         }

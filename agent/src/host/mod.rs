@@ -40,7 +40,7 @@ const DEFAULT_LOG_LINES: usize = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// Every problem, `field: "value" problem` joined by "; " (qx-console parses this).
-    #[error("{}", field_problems(.0))]
+    #[error("{0}")]
     Invalid(ValidationErrors),
     #[error("cannot read {path}")]
     NetworkRead {
@@ -90,24 +90,6 @@ fn vms_text(n: usize) -> String {
     } else {
         format!("{n} VMs are")
     }
-}
-
-/// Validation problems as qx-console expects them: each starts with the field name and ": ", and the problems
-/// are joined by "; ". (Unlike `ValidationErrors`' own `Display`, a problem without a value keeps the colon:
-/// `join_token: must not be empty`.)
-pub fn field_problems(errors: &ValidationErrors) -> String {
-    let parts: Vec<String> = errors
-        .0
-        .iter()
-        .map(|e| {
-            if e.value.is_empty() {
-                format!("{}: {}", e.field, e.problem)
-            } else {
-                format!("{}: {:?} {}", e.field, e.value, e.problem)
-            }
-        })
-        .collect();
-    parts.join("; ")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

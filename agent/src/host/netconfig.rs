@@ -291,7 +291,7 @@ mod tests {
     }
 
     fn problems(config: ManagementNetwork) -> String {
-        crate::host::field_problems(&config.validated().unwrap_err())
+        config.validated().unwrap_err().to_string()
     }
 
     #[test]
