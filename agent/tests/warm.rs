@@ -137,4 +137,13 @@ async fn vms_start_from_the_warm_pool_and_see_the_same_machine_as_cold_ones() {
     client.delete_vm(pb::VmRef { name: "never".into() }).await.unwrap();
     assert!(wait_until(Duration::from_secs(10), || (!reserved.exists()).then_some(())).is_some());
     wait_for_pool(&mut client, (POOL_SIZE, 0)).await;
+
+    // A daemon that exits stops its idle warm QEMUs (VMs, none running here, would keep running).
+    let ready = daemon.qemu_pids();
+    assert_eq!(ready.len(), POOL_SIZE as usize, "{ready:?}");
+    let daemon_pid = rustix::process::Pid::from_raw(daemon.pid().unwrap()).unwrap();
+    rustix::process::kill_process(daemon_pid, rustix::process::Signal::TERM).unwrap();
+    for pid in ready {
+        assert!(wait_until(Duration::from_secs(10), || (!pid_alive(pid)).then_some(())).is_some(), "{pid}");
+    }
 }

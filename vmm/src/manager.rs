@@ -919,6 +919,11 @@ impl VmManager {
         }
     }
 
+    /// Stops the warm pool's idle QEMUs (VMs keep running); for a daemon that exits.
+    pub async fn drain_warm_pool(&self) {
+        self.inner.warm.drain().await;
+    }
+
     /// Ready and reserved QEMUs in the warm pool.
     pub fn warm_pool_counts(&self) -> (usize, usize) {
         self.inner.warm.counts()

@@ -208,6 +208,14 @@ impl WarmPool {
         })
     }
 
+    /// Stops every QEMU of the pool, and waits for them, when the daemon exits.
+    pub async fn drain(&self) {
+        let warm: Vec<Warm> = self.entries().drain(..).collect();
+        for warm in warm {
+            stop(warm).await;
+        }
+    }
+
     /// Ready and reserved QEMUs.
     pub fn counts(&self) -> (usize, usize) {
         let entries = self.entries();
@@ -216,10 +224,17 @@ impl WarmPool {
     }
 }
 
-/// Stops a warm QEMU that will not be used and removes its directory.
+/// Stops a warm QEMU that will not be used, reaps it (it is our child) and removes its directory, in the
+/// background.
 pub(crate) fn discard(warm: Warm) {
+    tokio::spawn(stop(warm));
+}
+
+async fn stop(warm: Warm) {
     let _ = warm.process.kill();
-    let _ = std::fs::remove_dir_all(warm.dir.path());
+    warm.process.exited().await;
+    let dir = warm.dir.path().to_owned();
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
 }
 
 /// Stops the warm QEMUs an earlier qx-node left behind (they are not adopted: a fresh one costs little) and
@@ -233,6 +248,8 @@ pub(crate) fn clear_stale(root: &Path, host: &HostRoot) {
             if let Some(process) = rustix::process::Pid::from_raw(pid).filter(|_| is_qemu_of(host, pid, uuid)) {
                 tracing::info!(pid, %uuid, "stopping a warm QEMU left by an earlier qx-node");
                 let _ = rustix::process::kill_process(process, rustix::process::Signal::KILL);
+                // After a re-exec it is still our child: reap it. Otherwise this fails at once with ECHILD.
+                let _ = rustix::process::waitpid(Some(process), rustix::process::WaitOptions::empty());
             }
         }
         let _ = std::fs::remove_dir_all(&dir);

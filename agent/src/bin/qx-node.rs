@@ -18,8 +18,8 @@ use tracing::{info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// How long a restart waits for open calls (a console's event stream, say) to finish before re-executing anyway.
-const RESTART_GRACE: Duration = Duration::from_secs(2);
+/// How long a shutdown or restart waits for open calls (a console, an event stream) to finish before going ahead.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs and supervises QEMU VMs on this host and serves the Quantix node API.
 #[derive(Debug, Parser)]
@@ -103,7 +103,7 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let listener = server::bind_unix(&config.listen.unix).await?;
     let node = Arc::new(Node::open(config).await.context("cannot start the node")?);
     let mut restart = node.host().restart_requested();
-    let mut restart_grace = restart.clone();
+    let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
             return std::future::pending().await;
@@ -113,17 +113,21 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
             _ = int.recv() => info!("shutting down; VMs keep running"),
             _ = restart.wait_for(|requested| *requested) => info!("restarting; VMs keep running"),
         }
+        let _ = stopping_tx.send(true);
     };
+    // Streams (a console, an event watch) never end by themselves; they get a moment, not a veto.
     let grace = async move {
-        if restart_grace.wait_for(|requested| *requested).await.is_err() {
+        if stopping.wait_for(|stopping| *stopping).await.is_err() {
             std::future::pending::<()>().await;
         }
-        tokio::time::sleep(RESTART_GRACE).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
         served = server::serve(Arc::clone(&node), listener, shutdown) => served?,
-        () = grace => warn!("calls still open after {} s; restarting anyway", RESTART_GRACE.as_secs()),
+        () = grace => warn!("calls still open after {} s; going ahead", SHUTDOWN_GRACE.as_secs()),
     }
+    // VMs outlive the daemon; its idle warm QEMUs do not.
+    node.vms().drain_warm_pool().await;
     if *node.host().restart_requested().borrow() {
         drop(lock);
         return Err(anyhow::Error::new(re_exec()).context("cannot re-execute qx-node"));
