@@ -3,8 +3,8 @@
 //! Layout under the data directory: `vms/<name>/` holds `spec.json`, `state.json`, and while QEMU runs its
 //! `qemu.pid`, `qmp.sock`, `serial.sock`, plus the logs `qemu.log` and `console.log`.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -12,23 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::accel::Accel;
 use crate::state::VmState;
 
-/// Writes `data` to `path` so that readers see the old file or the new one, never a mix, even across a crash:
-/// a temp file in the same directory, fsync, rename over, fsync the directory.
+/// Writes `data` to `path` so that readers see the old file or the new one, never a mix, even across a crash
+/// (temp file in the same directory, fsync, rename over, fsync the directory): the storage crate's atomic write,
+/// with its error as an `io::Error` for the VM manager's `Persist` errors.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        file.write_all(data)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    qx_storage::atomic::write_atomic(path, data).map_err(io::Error::other)
 }
 
 /// The last known state of a VM, as `state.json` records it.
