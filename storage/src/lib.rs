@@ -1,9 +1,10 @@
 //! Storage for Quantix VMs: an io_uring image engine, pools of volumes with an image library, qcow2 overlays, and
 //! cloud-init NoCloud seeds.
 //!
-//! - [`Engine`]: sparse-aware copy, import with size and SHA-256 checks, SHA-256, zero, create and resize of raw
-//!   images, on threads of its own (never on tokio's runtime threads), with progress and cancellation through
-//!   [`OpControl`]. A failed or cancelled operation leaves nothing behind.
+//! - [`Engine`]: sparse-aware copy (reflink, `copy_file_range` or io_uring, as measured per pool: [`CopyPlan`]),
+//!   import with size and SHA-256 checks, SHA-256, zero, create and resize of raw images, on threads of its own
+//!   (never on tokio's runtime threads), with progress and cancellation through [`OpControl`]. A failed or
+//!   cancelled operation leaves nothing behind.
 //! - [`Pool`] and [`DirPool`]: volumes (empty, overlay on an image, full copy, clone; resize, delete) and library
 //!   images (ISOs, cloud images, templates), with metadata written atomically. Deleting or resizing a volume asks
 //!   the caller's [`InUse`] check first.
@@ -53,8 +54,9 @@ pub mod validate;
 pub mod volume;
 
 pub use engine::{
-    Cancel, CopyOptions, CopyReport, Digest, Engine, EngineConfig, EngineError, ImportOptions, OpControl,
-    Preallocation, Progress, ResizeOptions, ZeroReport,
+    Calibration, CalibrationKey, Cancel, CopyMethod, CopyOptions, CopyPlan, CopyReport, DataMethod, Digest, Engine,
+    EngineConfig, EngineError, ImportOptions, Mechanism, OpControl, Preallocation, Progress, ResizeOptions, Sample,
+    UringTuning, ZeroReport,
 };
 pub use pool::{BoxFuture, DirPool, DiskSource, ErrorKind, Pool, PoolError, PoolKind, PoolStats};
 pub use qcow2::{ImageFormat, ImageInfo, Qcow2Error, QemuImg};

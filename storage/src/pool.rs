@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! pool.json           metadata: volumes and images (written atomically)
+//! copy-calibration.json  which copy mechanism is fastest here, and why (measured on first copy, see `Engine::calibrate`)
 //! volumes/NAME.raw    volumes (.raw or .qcow2)
 //! images/NAME.EXT     the image library (.iso, .raw, .qcow2)
 //! ```
@@ -24,7 +25,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::{self, AtomicError, TempFile};
-use crate::engine::{CopyOptions, Engine, EngineError, ImportOptions, OpControl, Preallocation, ResizeOptions};
+use crate::engine::{
+    Calibration, CalibrationKey, CopyMethod, CopyOptions, CopyPlan, Engine, EngineError, ImportOptions, OpControl,
+    Preallocation, ResizeOptions,
+};
 use crate::qcow2::{ImageFormat, Qcow2Error, QemuImg};
 use crate::validate::{validate_name, Invalid, Problems};
 use crate::volume::{
@@ -233,9 +237,12 @@ pub trait Pool: Send + Sync + fmt::Debug {
     fn delete_image<'a>(&'a self, name: &'a str, in_use: &'a dyn InUse) -> BoxFuture<'a, Result<(), PoolError>>;
     /// How QEMU opens the image (an ISO as a CD-ROM, say).
     fn image_source<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DiskSource, PoolError>>;
+    /// How copies into this pool move data, and why; None until the first copy has measured it.
+    fn copy_plan(&self) -> Option<CopyPlan>;
 }
 
 const META_FILE: &str = "pool.json";
+const CALIBRATION_FILE: &str = "copy-calibration.json";
 const META_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -287,6 +294,8 @@ pub struct DirPool {
     qemu_img: QemuImg,
     meta: tokio::sync::Mutex<Meta>,
     holds: Arc<Mutex<Holds>>,
+    /// Set at open from the config or the cached calibration, else by the first copy's calibration.
+    copy_plan: tokio::sync::OnceCell<CopyPlan>,
 }
 
 impl fmt::Debug for DirPool {
@@ -319,7 +328,16 @@ impl DirPool {
         let pool = name.clone();
         let r = root.clone();
         let meta = blocking(&name, "open", move || open_dir(&pool, &r)).await??;
-        tracing::info!(pool = %name, root = %root.display(), volumes = meta.volumes.len(), images = meta.images.len(), "pool opened");
+        let copy_plan = tokio::sync::OnceCell::new();
+        if engine.config().copy_method == CopyMethod::Auto {
+            let (pool, r) = (name.clone(), root.clone());
+            if let Some(cached) = blocking(&name, "read calibration", move || cached_calibration(&pool, &r)).await? {
+                let _ = copy_plan.set(cached.plan);
+            }
+        } else {
+            let _ = copy_plan.set(engine.config().configured_plan());
+        }
+        tracing::info!(pool = %name, root = %root.display(), volumes = meta.volumes.len(), images = meta.images.len(), copy = %copy_plan.get().map_or("not measured yet".to_owned(), CopyPlan::summary), "pool opened");
         Ok(Self {
             name,
             root,
@@ -327,7 +345,36 @@ impl DirPool {
             qemu_img,
             meta: tokio::sync::Mutex::new(meta),
             holds: Arc::new(Mutex::new(Holds::default())),
+            copy_plan,
         })
+    }
+
+    /// The copy plan, measured now (about a second) if this is the pool's first copy and the config says `auto`.
+    /// A measurement that fails is logged and the engine's defaults are used, unmeasured (the next copy tries
+    /// again); a cancelled one cancels the copy.
+    async fn plan_for_copy(&self) -> Result<CopyPlan, PoolError> {
+        let measured = self
+            .copy_plan
+            .get_or_try_init(|| async {
+                let calibration = self.engine.calibrate(self.root.join("volumes"), &OpControl::new()).await?;
+                let data = serde_json::to_vec_pretty(&calibration).expect("calibration serializes");
+                // Not caching it only costs a measurement at the next open.
+                if let Err(e) = atomic::write_atomic_async(self.root.join(CALIBRATION_FILE), data).await {
+                    tracing::warn!(pool = %self.name, error = %e, "cannot cache the copy calibration");
+                }
+                Ok::<_, EngineError>(calibration.plan)
+            })
+            .await;
+        match measured {
+            Ok(plan) => Ok(plan.clone()),
+            Err(e) if e.is_cancelled() => Err(self.engine_err("calibrate copies", "")(e)),
+            Err(e) => {
+                tracing::warn!(pool = %self.name, error = %e, "copy calibration failed, copying with the engine defaults");
+                let mut plan = self.engine.config().configured_plan();
+                plan.reason = format!("calibration failed ({e}); engine defaults");
+                Ok(plan)
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -610,8 +657,9 @@ impl DirPool {
             FromImage::Copy => {
                 let path = self.volume_path(name, img.format);
                 let grow_to = (img.format == ImageFormat::Raw).then_some(size);
+                let plan = Some(self.plan_for_copy().await?);
                 self.engine
-                    .copy(&image_path, &path, CopyOptions { grow_to, ..CopyOptions::default() }, ctl)
+                    .copy(&image_path, &path, CopyOptions { grow_to, plan, ..CopyOptions::default() }, ctl)
                     .await
                     .map_err(self.engine_err("copy image into volume", name))?;
                 if img.format == ImageFormat::Qcow2 && size > img.virtual_size {
@@ -737,8 +785,9 @@ impl DirPool {
         };
         let from = self.volume_path(source, src.format);
         let to = self.volume_path(target, src.format);
+        let plan = Some(self.plan_for_copy().await?);
         self.engine
-            .copy(&from, &to, CopyOptions::default(), ctl)
+            .copy(&from, &to, CopyOptions { plan, ..CopyOptions::default() }, ctl)
             .await
             .map_err(self.engine_err("clone volume", source))?;
         let volume = Volume {
@@ -813,9 +862,10 @@ impl DirPool {
             (format, Some(info.virtual_size))
         };
         let path = self.root.join("images").join(Self::image_file_name(&name, req.kind, format));
+        let plan = Some(self.plan_for_copy().await?);
         let report = self
             .engine
-            .import(&req.source, &path, ImportOptions { size: req.size, sha256: req.sha256 }, ctl)
+            .import(&req.source, &path, ImportOptions { size: req.size, sha256: req.sha256, plan }, ctl)
             .await
             .map_err(self.engine_err("import image", &name))?;
         let image = Image {
@@ -932,6 +982,29 @@ impl Pool for DirPool {
     fn image_source<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<DiskSource, PoolError>> {
         Box::pin(self.do_image_source(name))
     }
+    fn copy_plan(&self) -> Option<CopyPlan> {
+        self.copy_plan.get().cloned()
+    }
+}
+
+/// The cached calibration of the pool at `root`, if there is one and it was measured on this filesystem and
+/// kernel; anything else (missing, unreadable, stale) means measuring again.
+fn cached_calibration(pool: &str, root: &Path) -> Option<Calibration> {
+    let path = root.join(CALIBRATION_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    let cached: Calibration = match serde_json::from_slice(&bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(pool, path = %path.display(), error = %e, "unreadable copy calibration, measuring again");
+            return None;
+        }
+    };
+    let current = CalibrationKey::of(&root.join("volumes")).ok()?;
+    if cached.key != current {
+        tracing::info!(pool, cached = ?cached.key, ?current, "copy calibration is for another setup, measuring again");
+        return None;
+    }
+    Some(cached)
 }
 
 /// Runs blocking filesystem work on tokio's blocking pool.

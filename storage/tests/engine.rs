@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use qx_storage::{
-    CopyOptions, Digest, Engine, EngineConfig, EngineError, ImportOptions, OpControl, Preallocation, ResizeOptions,
+    CopyOptions, CopyPlan, DataMethod, Digest, Engine, EngineConfig, EngineError, ImportOptions, Mechanism, OpControl,
+    Preallocation, ResizeOptions, UringTuning,
 };
 
 const MIB: u64 = 1 << 20;
@@ -31,28 +32,54 @@ fn sparse_source(dir: &std::path::Path) -> std::path::PathBuf {
     src
 }
 
+/// A plan that forces one data path (no reflink), and the mechanism its report must name.
+fn forced(data: DataMethod, direct: bool) -> (CopyPlan, Mechanism) {
+    let uring = UringTuning { direct, block_size: if direct { 1 << 20 } else { 64 << 10 }, queue_depth: 3 };
+    let plan = CopyPlan { reflink: false, data, uring, reason: "test".to_owned() };
+    let mechanism = match data {
+        DataMethod::CopyFileRange => Mechanism::CopyFileRange,
+        DataMethod::Uring => Mechanism::Uring(uring),
+    };
+    (plan, mechanism)
+}
+
+/// Every data path: io_uring with O_DIRECT, io_uring buffered, copy_file_range.
+fn data_paths() -> Vec<(CopyPlan, Mechanism)> {
+    vec![forced(DataMethod::Uring, true), forced(DataMethod::Uring, false), forced(DataMethod::CopyFileRange, false)]
+}
+
+fn with_plan(plan: &CopyPlan) -> CopyOptions {
+    CopyOptions { plan: Some(plan.clone()), ..CopyOptions::default() }
+}
+
 #[test]
-fn sparse_copy_keeps_holes_and_content() {
+fn every_data_path_keeps_holes_and_content() {
     let dir = tempfile::tempdir().unwrap();
     let src = sparse_source(dir.path());
     let rt = rt();
-    for (i, direct) in [true, false].into_iter().enumerate() {
-        let cfg = EngineConfig { direct, ..EngineConfig::default() };
-        let engine = Engine::new(cfg).unwrap();
+    let engine = engine();
+    for (i, (plan, mechanism)) in data_paths().into_iter().enumerate() {
         let dst = dir.path().join(format!("dst{i}.raw"));
         let ctl = OpControl::new();
-        let report =
-            rt.block_on(engine.copy(&src, &dst, CopyOptions { sha256: true, ..Default::default() }, &ctl)).unwrap();
+        let opts = CopyOptions { sha256: plan.data == DataMethod::Uring, ..with_plan(&plan) };
+        let report = rt.block_on(engine.copy(&src, &dst, opts, &ctl)).unwrap();
 
+        assert_eq!(report.mechanism, mechanism);
         assert_eq!(fs::metadata(&dst).unwrap().len(), fs::metadata(&src).unwrap().len());
-        assert_eq!(sha256_file(&dst), sha256_file(&src), "direct={direct}");
-        assert_eq!(report.sha256.unwrap().0, sha256_file(&src));
-        // 8 MiB of data plus the tail block; the allocated zeros at 15 MiB are not written.
+        assert_eq!(sha256_file(&dst), sha256_file(&src), "{mechanism}");
         let (a_src, a_dst) = (allocated(&src), allocated(&dst));
         assert!(a_src >= 8 * MIB + MIB / 2, "source allocates {a_src}");
-        assert!(a_dst <= 8 * MIB + 64 * 1024, "direct={direct}: copy allocates {a_dst}, source {a_src}");
-        assert!(a_dst >= 8 * MIB, "copy allocates {a_dst}");
-        assert_eq!(report.written_bytes, 8 * MIB + 4097, "{report:?}");
+        assert!(a_dst >= 8 * MIB, "{mechanism}: copy allocates {a_dst}");
+        if plan.data == DataMethod::Uring {
+            // 8 MiB of data plus the tail block; the allocated zeros at 15 MiB are not written.
+            assert_eq!(report.sha256.unwrap().0, sha256_file(&src));
+            assert!(a_dst <= 8 * MIB + 64 * 1024, "{mechanism}: copy allocates {a_dst}, source {a_src}");
+            assert_eq!(report.written_bytes, 8 * MIB + 4097, "{report:?}");
+        } else {
+            // The kernel copies the source's extents as they are, allocated zeros included; the holes stay.
+            assert!(a_dst <= a_src + 64 * 1024, "{mechanism}: copy allocates {a_dst}, source {a_src}");
+            assert_eq!(report.written_bytes, report.data_bytes, "{report:?}");
+        }
         assert_eq!(ctl.progress().done, report.size);
         assert_eq!(ctl.progress().total, report.size);
         assert_eq!(entries(dir.path()).len(), 2 + i, "no temporary files left: {:?}", entries(dir.path()));
@@ -86,19 +113,14 @@ fn sha256_streams_with_progress() {
     assert_eq!(seen.last().unwrap().done, seen.last().unwrap().total);
 }
 
-#[test]
-fn cancelled_copy_leaves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("big.raw");
-    sparse_file(&src, 64 * MIB, &[(0, 64 * MIB)], 3);
-    let out = tempfile::tempdir().unwrap();
-    let dst = out.path().join("copy.raw");
-    // Small blocks, one in flight: the copy takes long enough to be caught in the middle.
-    let engine = Engine::new(EngineConfig { queue_depth: 1, block_size: 64 << 10, ..Default::default() }).unwrap();
+/// Copies `src` into `out_dir` with a speed limit (so that the copy is certainly still running), cancels it once it
+/// has reported progress, and checks that it stopped with `Cancelled` and left nothing in `out_dir`.
+fn cancel_midway(engine: &Engine, plan: &CopyPlan, src: &std::path::Path, out_dir: &std::path::Path) {
+    let dst = out_dir.join("copy.raw");
     let ctl = OpControl::new();
+    ctl.set_speed_limit(16 * MIB);
     let mut rx = ctl.subscribe();
-    let rt = rt();
-    let err = rt
+    let err = rt()
         .block_on(async {
             let canceller = ctl.clone();
             tokio::spawn(async move {
@@ -109,13 +131,31 @@ fn cancelled_copy_leaves_nothing() {
                     }
                 }
             });
-            engine.copy(&src, &dst, CopyOptions::default(), &ctl).await
+            engine.copy(src, &dst, with_plan(plan), &ctl).await
         })
         .unwrap_err();
-    assert!(err.is_cancelled(), "{err:?}");
+    assert!(err.is_cancelled(), "{}: {err:?}", plan.summary());
     assert!(err.to_string().contains("copy of"), "{err}");
     assert!(ctl.progress().done < ctl.progress().total, "cancelled before the end: {:?}", ctl.progress());
-    assert_eq!(entries(out.path()), Vec::<String>::new());
+    assert_eq!(entries(out_dir), Vec::<String>::new(), "{}", plan.summary());
+}
+
+#[test]
+fn cancelled_copy_leaves_nothing_on_every_data_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.raw");
+    sparse_file(&src, 64 * MIB, &[(0, 64 * MIB)], 3);
+    let out = tempfile::tempdir().unwrap();
+    let engine = engine();
+    for (plan, _) in data_paths() {
+        cancel_midway(&engine, &plan, &src, out.path());
+        // Cancelled before it starts: nothing either.
+        let ctl = OpControl::new();
+        ctl.cancel();
+        let err = rt().block_on(engine.copy(&src, out.path().join("c.raw"), with_plan(&plan), &ctl)).unwrap_err();
+        assert!(err.is_cancelled(), "{err:?}");
+        assert_eq!(entries(out.path()), Vec::<String>::new());
+    }
 }
 
 #[test]
@@ -125,14 +165,20 @@ fn dropping_the_future_cancels_and_cleans_up() {
     sparse_file(&src, 64 * MIB, &[(0, 64 * MIB)], 4);
     let out = tempfile::tempdir().unwrap();
     let dst = out.path().join("copy.raw");
-    let engine = Engine::new(EngineConfig { queue_depth: 1, block_size: 64 << 10, ..Default::default() }).unwrap();
+    let engine = engine();
     let ctl = OpControl::new();
+    // Limited to 16 MiB/s, the copy takes 4 s: it is running when the future is dropped.
+    ctl.set_speed_limit(16 * MIB);
+    let mut rx = ctl.subscribe();
     let rt = rt();
-    let timed_out = rt.block_on(async {
-        tokio::time::timeout(Duration::from_millis(20), engine.copy(&src, &dst, CopyOptions::default(), &ctl)).await
+    let finished = rt.block_on(async {
+        tokio::select! {
+            r = engine.copy(&src, &dst, CopyOptions::default(), &ctl) => Some(r),
+            _ = async { while rx.changed().await.is_ok() && rx.borrow().done == 0 {} } => None,
+        }
     });
-    assert!(timed_out.is_err(), "the copy finished within 20 ms; make the source larger");
-    // The engine thread notices at its next block and removes the temporary file.
+    assert!(finished.is_none(), "the copy ended before it reported progress: {finished:?}");
+    // The engine thread notices at its next chunk and removes the temporary file.
     let clean = qx_test_infra::wait_until(Duration::from_secs(10), || entries(out.path()).is_empty().then_some(()));
     assert!(clean.is_some(), "left behind: {:?}", entries(out.path()));
     // The engine is still usable afterwards.
@@ -141,22 +187,95 @@ fn dropping_the_future_cancels_and_cleans_up() {
 }
 
 #[test]
-fn out_of_space_is_a_clear_error_and_leaves_nothing() {
+fn out_of_space_is_a_clear_error_and_leaves_nothing_on_every_data_path() {
     if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
+        return skip("out_of_space", "mounting a small tmpfs needs root");
     }
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     sparse_file(&src, 16 * MIB, &[(0, 16 * MIB)], 5);
     let small = Tmpfs::mount(4 * MIB).expect("mount tmpfs");
-    let dst = small.path().join("copy.raw");
-    let err = rt().block_on(engine().copy(&src, &dst, CopyOptions::default(), &OpControl::new())).unwrap_err();
-    assert!(matches!(err, EngineError::Write { .. }), "{err:?}");
-    assert_eq!(err.io_kind(), Some(io::ErrorKind::StorageFull), "{err:?}");
-    let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
-    assert!(msg.contains(&small.path().display().to_string()) && msg.contains("No space left on device"), "{msg}");
-    assert_eq!(entries(small.path()), Vec::<String>::new());
+    let engine = engine();
+    for (plan, _) in data_paths() {
+        let dst = small.path().join("copy.raw");
+        let err = rt().block_on(engine.copy(&src, &dst, with_plan(&plan), &OpControl::new())).unwrap_err();
+        assert!(matches!(err, EngineError::Write { .. } | EngineError::CopyRange { .. }), "{err:?}");
+        assert_eq!(err.io_kind(), Some(io::ErrorKind::StorageFull), "{err:?}");
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains(&small.path().display().to_string()) && msg.contains("No space left on device"), "{msg}");
+        assert_eq!(entries(small.path()), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn reflink_clones_within_a_filesystem_and_falls_back_across() {
+    let xfs = match Xfs::mount() {
+        Ok(x) => x,
+        Err(why) => return skip("reflink", &why),
+    };
+    let src = xfs.path().join("src.raw");
+    sparse_file(&src, 64 * MIB, &[(0, 16 * MIB), (32 * MIB, 40 * MIB)], 11);
+    let engine = engine();
+    let rt = rt();
+    let (data, _) = forced(DataMethod::CopyFileRange, false);
+    let plan = CopyPlan { reflink: true, ..data };
+
+    // Within the filesystem: shared blocks, nothing written.
+    let used = fs_used(xfs.path());
+    let dst = xfs.path().join("clone.raw");
+    let ctl = OpControl::new();
+    let report = rt.block_on(engine.copy(&src, &dst, with_plan(&plan), &ctl)).unwrap();
+    assert_eq!(report.mechanism, Mechanism::Reflink);
+    assert_eq!(sha256_file(&dst), sha256_file(&src));
+    assert_eq!(allocated(&dst), allocated(&src), "holes kept");
+    assert_eq!(report.data_bytes, 24 * MIB);
+    let grew = fs_used(xfs.path()) - used;
+    assert!(grew < 4 * MIB, "a clone of 24 MiB of data used {grew} bytes");
+    assert_eq!(ctl.progress().done, 64 * MIB);
+
+    // An import that checks a SHA-256 must see the bytes: io_uring, even here.
+    let want = Digest(sha256_file(&src));
+    let opts = ImportOptions { sha256: Some(want), plan: Some(plan.clone()), ..Default::default() };
+    let report = rt.block_on(engine.import(&src, xfs.path().join("imported.raw"), opts, &OpControl::new())).unwrap();
+    assert!(matches!(report.mechanism, Mechanism::Uring(_)), "{}", report.mechanism);
+    assert_eq!(report.sha256, Some(want));
+
+    // From another filesystem there is nothing to share: the data path copies.
+    let outside = tempfile::tempdir().unwrap();
+    let other = outside.path().join("other.raw");
+    sparse_file(&other, 8 * MIB, &[(MIB, 3 * MIB)], 12);
+    let report =
+        rt.block_on(engine.copy(&other, xfs.path().join("across.raw"), with_plan(&plan), &OpControl::new())).unwrap();
+    assert_ne!(report.mechanism, Mechanism::Reflink);
+    assert_eq!(sha256_file(&xfs.path().join("across.raw")), sha256_file(&other));
+
+    // Cancelled while cloning: nothing left.
+    let out = xfs.path().join("out");
+    fs::create_dir(&out).unwrap();
+    cancel_midway(&engine, &plan, &src, &out);
+}
+
+#[test]
+fn calibration_measures_every_candidate_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let calibration = rt().block_on(engine().calibrate(dir.path(), &OpControl::new())).unwrap();
+    assert_eq!(entries(dir.path()), Vec::<String>::new());
+    assert!(calibration.samples.len() >= 3, "{calibration:?}");
+    assert!(calibration.samples.iter().all(|s| s.seconds > 0.0), "{calibration:?}");
+    assert!(calibration.samples.iter().any(|s| s.mechanism == "copy_file_range"), "{calibration:?}");
+    let plan = &calibration.plan;
+    let winner = match plan.data {
+        DataMethod::CopyFileRange => Mechanism::CopyFileRange.to_string(),
+        DataMethod::Uring => Mechanism::Uring(plan.uring).to_string(),
+    };
+    let fastest = calibration.samples.iter().min_by(|a, b| a.seconds.total_cmp(&b.seconds)).unwrap();
+    assert_eq!(winner, fastest.mechanism, "{calibration:?}");
+    assert!(
+        plan.reason.starts_with(&format!("measured on {}: {winner} fastest", calibration.filesystem)),
+        "{}",
+        plan.reason
+    );
+    assert!(!calibration.reflink_supported || calibration.filesystem != "ext4");
 }
 
 #[test]
@@ -217,7 +336,7 @@ fn import_verifies_size_and_checksum() {
     let engine = engine();
     let rt = rt();
 
-    let wrong_size = ImportOptions { size: Some(size + 1), sha256: None };
+    let wrong_size = ImportOptions { size: Some(size + 1), ..Default::default() };
     let err = rt.block_on(engine.import(&src, lib.path().join("a.raw"), wrong_size, &OpControl::new())).unwrap_err();
     assert_eq!(err.to_string(), format!("{} is {size} bytes, expected {}", src.display(), size + 1));
 
@@ -226,7 +345,7 @@ fn import_verifies_size_and_checksum() {
         .block_on(engine.import(
             &src,
             lib.path().join("a.raw"),
-            ImportOptions { size: Some(size), sha256: Some(bad) },
+            ImportOptions { size: Some(size), sha256: Some(bad), plan: None },
             &OpControl::new(),
         ))
         .unwrap_err();
@@ -238,7 +357,7 @@ fn import_verifies_size_and_checksum() {
         .block_on(engine.import(
             &src,
             lib.path().join("a.raw"),
-            ImportOptions { size: Some(size), sha256: Some(good) },
+            ImportOptions { size: Some(size), sha256: Some(good), plan: None },
             &OpControl::new(),
         ))
         .unwrap();

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the qx-storage integration tests use, when missing: qemu-img/qemu-io (qemu-utils),
-# fsck.fat (dosfstools), mdir/mtype (mtools), blkid (util-linux), chattr (e2fsprogs). Needs root when it installs.
+# fsck.fat (dosfstools), mdir/mtype (mtools), blkid (util-linux), chattr (e2fsprogs), mkfs.xfs (xfsprogs: an XFS in a
+# file, loop-mounted, for the reflink tests). Needs root when it installs.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ command -v fsck.fat >/dev/null || [ -x /sbin/fsck.fat ] || need+=(dosfstools)
 command -v mdir >/dev/null || need+=(mtools)
 command -v blkid >/dev/null || [ -x /sbin/blkid ] || need+=(util-linux)
 command -v chattr >/dev/null || need+=(e2fsprogs)
+command -v mkfs.xfs >/dev/null || [ -x /sbin/mkfs.xfs ] || need+=(xfsprogs)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

@@ -1,8 +1,9 @@
 //! Progress and cancellation for long operations, shared between the caller (a tokio task that streams progress to
 //! a client, or cancels) and the engine thread doing the work.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -62,6 +63,8 @@ impl Cancel {
 pub struct OpControl {
     progress: Arc<watch::Sender<Progress>>,
     cancel: Cancel,
+    /// Bytes per second of data the operation may move; 0: no limit.
+    speed: Arc<AtomicU64>,
 }
 
 impl Default for OpControl {
@@ -72,7 +75,18 @@ impl Default for OpControl {
 
 impl OpControl {
     pub fn new() -> Self {
-        Self { progress: Arc::new(watch::Sender::new(Progress::default())), cancel: Cancel::new() }
+        Self {
+            progress: Arc::new(watch::Sender::new(Progress::default())),
+            cancel: Cancel::new(),
+            speed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Limits the operation to `bytes_per_second` of data moved (as QEMU's block jobs' `speed`), e.g. so that a
+    /// clone does not starve running VMs of the disk; 0 lifts the limit. Takes effect at the operation's next
+    /// chunk, also while it runs.
+    pub fn set_speed_limit(&self, bytes_per_second: u64) {
+        self.speed.store(bytes_per_second, Ordering::Relaxed);
     }
 
     /// A receiver that sees every progress update from now on.
@@ -118,11 +132,30 @@ impl OpControl {
 pub(crate) struct JobCtl {
     pub ctl: OpControl,
     pub dropped: Cancel,
+    pub started: Instant,
 }
 
 impl JobCtl {
+    pub fn new(ctl: OpControl, dropped: Cancel) -> Self {
+        Self { ctl, dropped, started: Instant::now() }
+    }
+
     pub fn cancelled(&self) -> bool {
         self.ctl.is_cancelled() || self.dropped.is_cancelled()
+    }
+
+    /// Waits, if a speed limit is set, until moving `moved` bytes since the start keeps to it. Returns early on
+    /// cancel; the caller checks for that next.
+    pub fn throttle(&self, moved: u64) {
+        loop {
+            let speed = self.ctl.speed.load(Ordering::Relaxed);
+            if speed == 0 || self.cancelled() {
+                return;
+            }
+            let due = Duration::from_secs_f64(moved as f64 / speed as f64);
+            let Some(wait) = due.checked_sub(self.started.elapsed()).filter(|w| !w.is_zero()) else { return };
+            std::thread::sleep(wait.min(Duration::from_millis(20)));
+        }
     }
 
     pub fn report(&self, done: u64, total: u64) {
@@ -157,6 +190,21 @@ mod tests {
         b.cancel();
         assert!(a.is_cancelled());
         assert_eq!(Progress::default().fraction(), 1.0);
+    }
+
+    #[test]
+    fn throttle_keeps_to_the_speed_limit_and_yields_to_cancel() {
+        let ctl = OpControl::new();
+        let job = JobCtl::new(ctl.clone(), Cancel::new());
+        job.throttle(u64::MAX);
+        ctl.set_speed_limit(10 << 20);
+        let t = Instant::now();
+        job.throttle(1 << 20);
+        assert!(t.elapsed() >= Duration::from_millis(90), "{:?}", t.elapsed());
+        ctl.cancel();
+        let t = Instant::now();
+        job.throttle(u64::MAX / 2);
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

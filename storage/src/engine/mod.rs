@@ -1,14 +1,18 @@
 //! The image engine: sparse-aware copy, import with verification, SHA-256, zeroing, creating and resizing raw
-//! images, on io_uring, on threads of its own so tokio's runtime threads never block on disk I/O.
+//! images, on threads of its own so tokio's runtime threads never block on disk I/O.
 //!
-//! Each engine thread owns one ring and runs one operation at a time with `queue_depth` blocks of `block_size`
-//! bytes in flight; operations queue for a free thread. The async methods hand an operation to a thread and await
+//! A copy walks the source's data extents (SEEK_DATA/SEEK_HOLE; holes stay holes) and moves them by the fastest
+//! mechanism that applies: reflink, `copy_file_range` or the io_uring pipeline, as a [`CopyPlan`] says; a pool
+//! chooses its plan by a short measurement ([`Engine::calibrate`], see `plan.rs`). Each engine thread owns one ring
+//! and runs one operation at a time; operations queue for a free thread. The async methods hand an operation to a thread and await
 //! its result. Dropping the returned future cancels the operation; either way (cancelled, failed) the operation
 //! removes what it wrote: it writes to a temporary name in the destination directory and renames on success only.
 
 mod control;
 mod ops;
+mod plan;
 mod ring;
+mod syscalls;
 
 use std::fmt;
 use std::io;
@@ -23,35 +27,60 @@ use tokio::sync::oneshot;
 pub use control::{Cancel, OpControl, Progress};
 use control::{CancelOnDrop, JobCtl};
 use ops::Worker;
+pub use plan::{Calibration, CalibrationKey, CopyPlan, DataMethod, Mechanism, Sample, UringTuning};
 
 use crate::atomic::AtomicError;
 use crate::validate::{Invalid, Problems};
 
-/// Engine tuning. The defaults come from the copy benchmark (`cargo bench -p qx-storage`, `QX_BENCH_SWEEP=1` for
-/// the grid) on a virtio disk with ext4, 2 cores, cold page cache; storage/README.md has the figures. In short:
-/// O_DIRECT beat buffered I/O (which was up to 2x slower and far noisier), and 2-4 MiB in flight was the sweet
-/// spot: 4 x 1 MiB took 1.07-1.34 s for the 2 GiB half-sparse image, 8 or 16 x 1 MiB 1.5-1.6 s, 4 x 4 MiB 1.6 s.
+/// How copies move data, in [`EngineConfig::copy_method`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyMethod {
+    /// Measured per pool on first use ([`Engine::calibrate`]) and cached with the pool. Default.
+    #[default]
+    Auto,
+    /// `copy_file_range`, always (io_uring where it does not apply, and for copies that hash).
+    CopyFileRange,
+    /// The io_uring pipeline with this config's `direct`, `block_size` and `queue_depth`, always.
+    Uring,
+}
+
+/// Engine settings. With `copy_method: auto` (the default) a pool measures which mechanism copies fastest on its
+/// filesystem and the io_uring settings below serve only operations outside pools and copies before the first
+/// measurement; set `copy_method` to fix the choice.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Engine threads, each with its own ring, each running one operation at a time. Default 2: a long copy does
     /// not hold up a short operation queued behind it.
     pub threads: usize,
-    /// Blocks in flight per operation. Default 4.
+    /// `auto` (default), `copy_file_range` or `uring`.
+    pub copy_method: CopyMethod,
+    /// Share blocks (reflink) where source and target are on a filesystem that can (XFS, btrfs); copies within a
+    /// pool then take milliseconds whatever their size. Default true.
+    pub reflink: bool,
+    /// io_uring: blocks in flight per operation. Default 4.
     pub queue_depth: usize,
-    /// Bytes per read or write; a multiple of 4096. Default 1 MiB.
+    /// io_uring: bytes per read or write; a multiple of 4096. Default 1 MiB.
     pub block_size: usize,
-    /// Bypass the page cache (O_DIRECT) where the filesystem allows it (tmpfs does not; then buffered I/O is used).
-    /// Default true: faster here, and a copy of a large image neither evicts the host's cache nor costs a memory
-    /// copy per byte.
+    /// io_uring: bypass the page cache (O_DIRECT) where the filesystem allows it (else buffered I/O is used).
+    /// Default true: a copy of a large image neither evicts the host's cache nor costs a memory copy per byte.
     pub direct: bool,
-    /// Leave blocks that read as all zeros unwritten, so they stay holes in the copy. Default true.
+    /// io_uring: leave blocks that read as all zeros unwritten, so they stay holes in the copy. Default true.
     pub detect_zeros: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { threads: 2, queue_depth: 4, block_size: 1 << 20, direct: true, detect_zeros: true }
+        Self {
+            threads: 2,
+            copy_method: CopyMethod::Auto,
+            reflink: true,
+            queue_depth: 4,
+            block_size: 1 << 20,
+            direct: true,
+            detect_zeros: true,
+        }
     }
 }
 
@@ -68,6 +97,22 @@ impl EngineConfig {
             p.push("block_size", self.block_size, "is not a multiple of 4096 between 4 KiB and 64 MiB");
         }
         p.into_result()
+    }
+
+    /// The io_uring settings of this config.
+    pub fn uring(&self) -> UringTuning {
+        UringTuning { direct: self.direct, block_size: self.block_size, queue_depth: self.queue_depth }
+    }
+
+    /// The plan this config gives without a measurement: what `copy_method` names (`auto`: io_uring with this
+    /// config's settings, until a pool has measured).
+    pub fn configured_plan(&self) -> CopyPlan {
+        let (data, reason) = match self.copy_method {
+            CopyMethod::Auto => (DataMethod::Uring, "engine defaults (not measured)"),
+            CopyMethod::CopyFileRange => (DataMethod::CopyFileRange, "configured: copy_method copy_file_range"),
+            CopyMethod::Uring => (DataMethod::Uring, "configured: copy_method uring"),
+        };
+        CopyPlan { reflink: self.reflink, data, uring: self.uring(), reason: reason.to_owned() }
     }
 }
 
@@ -139,11 +184,13 @@ pub struct CopyOptions {
     pub sha256: bool,
     /// Fsync the copy and its directory before returning. Default true; only benchmarks turn it off.
     pub sync: bool,
+    /// How to move the data; None: the engine config's [`EngineConfig::configured_plan`]. Pools pass theirs.
+    pub plan: Option<CopyPlan>,
 }
 
 impl Default for CopyOptions {
     fn default() -> Self {
-        Self { grow_to: None, sha256: false, sync: true }
+        Self { grow_to: None, sha256: false, sync: true, plan: None }
     }
 }
 
@@ -152,8 +199,10 @@ impl Default for CopyOptions {
 pub struct ImportOptions {
     /// The exact size the source must have.
     pub size: Option<u64>,
-    /// The SHA-256 the content must have.
+    /// The SHA-256 the content must have (checked while copying, which then goes through io_uring).
     pub sha256: Option<Digest>,
+    /// As [`CopyOptions::plan`].
+    pub plan: Option<CopyPlan>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,6 +223,8 @@ pub struct CopyReport {
     pub written_bytes: u64,
     /// The content's SHA-256, when asked for (import with a checksum, or [`CopyOptions::sha256`]).
     pub sha256: Option<Digest>,
+    /// What moved the data.
+    pub mechanism: Mechanism,
     pub elapsed: Duration,
 }
 
@@ -267,6 +318,22 @@ pub enum EngineError {
         #[source]
         source: io::Error,
     },
+    #[error("clone (reflink) {src} into {dst} at offset {offset}")]
+    Clone {
+        src: PathBuf,
+        dst: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("copy {src} to {dst} at offset {offset}")]
+    CopyRange {
+        src: PathBuf,
+        dst: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
     #[error("fsync {path}")]
     Sync {
         path: PathBuf,
@@ -323,6 +390,8 @@ impl EngineError {
             | Write { source, .. }
             | Truncate { source, .. }
             | Allocate { source, .. }
+            | Clone { source, .. }
+            | CopyRange { source, .. }
             | Sync { source, .. }
             | Rename { source, .. } => Some(source.kind()),
             Exists { .. } => Some(io::ErrorKind::AlreadyExists),
@@ -408,7 +477,7 @@ impl Engine {
     ) -> Result<T, EngineError> {
         let (tx, rx) = oneshot::channel();
         let dropped = Cancel::new();
-        let jctl = JobCtl { ctl: ctl.clone(), dropped: dropped.clone() };
+        let jctl = JobCtl::new(ctl.clone(), dropped.clone());
         let work: Work = Box::new(move |worker| {
             let _ = tx.send(job(worker, &jctl));
         });
@@ -419,8 +488,10 @@ impl Engine {
         result.map_err(|_| EngineError::Stopped)?
     }
 
-    /// Copies `src` to the new file `dst`: only the source's data extents are read, holes (and all-zero blocks)
-    /// stay holes. `dst` must not exist; it appears only once complete (and fsynced, unless `opts.sync` is off).
+    /// Copies `src` to the new file `dst`: only the source's data extents are copied, holes stay holes (and so do
+    /// all-zero blocks, on the io_uring path). `dst` must not exist; it appears only once complete (and fsynced,
+    /// file and directory, unless `opts.sync` is off). `opts.plan` says by which mechanism; the report says which
+    /// one ran.
     pub async fn copy(
         &self,
         src: impl AsRef<Path>,
@@ -443,6 +514,13 @@ impl Engine {
     ) -> Result<CopyReport, EngineError> {
         let (src, dst) = (src.as_ref().to_owned(), dst.as_ref().to_owned());
         self.run(ctl, move |w, job| ops::copy(w, job, &src, &dst, &CopyOptions::default(), Some(&expect))).await
+    }
+
+    /// Measures which copy mechanism is fastest in `dir` (a pool's directory, on the filesystem its copies write to):
+    /// about a second, 64 MiB written and copied a few times, all removed afterwards. Progress counts the runs.
+    pub async fn calibrate(&self, dir: impl AsRef<Path>, ctl: &OpControl) -> Result<Calibration, EngineError> {
+        let dir = dir.as_ref().to_owned();
+        self.run(ctl, move |w, job| plan::calibrate(w, job, &dir)).await
     }
 
     /// The SHA-256 of a file's content, reading only its data extents (holes hash as zeros).

@@ -1,5 +1,5 @@
 //! The operations, as they run on an engine thread: plain blocking code around one io_uring that keeps
-//! `queue_depth` blocks in flight.
+//! `queue_depth` blocks in flight, and the reflink and `copy_file_range` paths of a copy (see `plan.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -13,7 +13,9 @@ use rustix::fs::{FallocateFlags, SeekFrom};
 use sha2::{Digest as _, Sha256};
 
 use super::control::JobCtl;
+use super::plan::{DataMethod, Mechanism, UringTuning};
 use super::ring::{is_zero, AlignedBuf, Completion, Ring, DIRECT_ALIGN};
+use super::syscalls;
 use super::{
     CopyOptions, CopyReport, Digest, EngineConfig, EngineError, ImportOptions, Preallocation, ResizeOptions, ZeroReport,
 };
@@ -22,6 +24,14 @@ use crate::atomic::{rename_noreplace, sync_parent, temp_path_for, TempFile};
 /// Progress is published at most once per this many bytes, so that a fast copy does not spend its time waking
 /// watchers.
 const REPORT_STEP: u64 = 16 << 20;
+
+/// Bytes per `copy_file_range` call: small enough that progress and cancel stay responsive (a cold 16 MiB is tens of
+/// milliseconds), large enough that the calls cost nothing.
+const COPY_RANGE_CHUNK: u64 = 16 << 20;
+
+/// Bytes per `FICLONERANGE` call: sharing costs per extent, not per byte, so this only bounds the time to notice a
+/// cancel.
+const CLONE_CHUNK: u64 = 1 << 30;
 
 /// An engine thread's state: its ring and the buffers its operations reuse.
 pub(crate) struct Worker {
@@ -32,14 +42,18 @@ pub(crate) struct Worker {
 
 impl Worker {
     pub fn new(config: EngineConfig) -> io::Result<Self> {
-        let ring = Ring::new((config.queue_depth as u32).saturating_mul(2))?;
+        // Room for the deepest queue a calibrated plan picks (entries cost a few bytes each); a deeper configured
+        // queue still works, the ring is then submitted when full.
+        let ring = Ring::new((config.queue_depth.max(16) * 2) as u32)?;
         Ok(Self { ring, config, bufs: Vec::new() })
     }
 
-    /// The operation's buffers, allocated on first use and kept for the next operation.
-    fn take_bufs(&mut self) -> Vec<AlignedBuf> {
-        if self.bufs.len() != self.config.queue_depth {
-            self.bufs = (0..self.config.queue_depth).map(|_| AlignedBuf::new(self.config.block_size)).collect();
+    /// The operation's buffers, allocated on first use and kept for the next operation with the same tuning.
+    fn take_bufs(&mut self, tuning: &UringTuning) -> Vec<AlignedBuf> {
+        let fits = self.bufs.len() == tuning.queue_depth
+            && self.bufs.first().is_some_and(|b| b.as_slice().len() == tuning.block_size);
+        if !fits {
+            self.bufs = (0..tuning.queue_depth).map(|_| AlignedBuf::new(tuning.block_size)).collect();
         }
         std::mem::take(&mut self.bufs)
     }
@@ -53,23 +67,26 @@ fn align_down(v: u64) -> u64 {
     v / DIRECT_ALIGN as u64 * DIRECT_ALIGN as u64
 }
 
-/// Opens with O_DIRECT when asked and the filesystem allows it (tmpfs, for one, refuses with EINVAL).
-fn open_with(opts: &mut OpenOptions, path: &Path, direct: bool) -> io::Result<(File, bool)> {
-    if direct {
-        match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => return Ok((f, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                tracing::debug!(path = %path.display(), "O_DIRECT refused, using buffered I/O");
-            }
-            Err(e) => return Err(e),
+/// Switches an open file to O_DIRECT where the filesystem allows it (some refuse with EINVAL) and says whether it did.
+fn set_direct(file: &File, path: &Path) -> Result<bool, EngineError> {
+    use rustix::fs::OFlags;
+    let flags =
+        rustix::fs::fcntl_getfl(file).map_err(|e| EngineError::Open { path: path.to_owned(), source: e.into() })?;
+    match rustix::fs::fcntl_setfl(file, flags | OFlags::DIRECT) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::INVAL) => {
+            tracing::debug!(path = %path.display(), "O_DIRECT refused, using buffered I/O");
+            Ok(false)
         }
+        Err(e) => Err(EngineError::Open { path: path.to_owned(), source: e.into() }),
     }
-    opts.open(path).map(|f| (f, false))
 }
 
 /// Opens a regular file for reading and returns it with its size.
-fn open_source(path: &Path, direct: bool) -> Result<(File, u64, bool), EngineError> {
-    let (file, direct) = open_with(OpenOptions::new().read(true), path, direct)
+fn open_source(path: &Path) -> Result<(File, u64), EngineError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .open(path)
         .map_err(|source| EngineError::Open { path: path.to_owned(), source })?;
     let meta = file.metadata().map_err(|source| EngineError::Stat { path: path.to_owned(), source })?;
     if !meta.file_type().is_file() {
@@ -82,7 +99,7 @@ fn open_source(path: &Path, direct: bool) -> Result<(File, u64, bool), EngineErr
         };
         return Err(EngineError::NotRegular { path: path.to_owned(), kind });
     }
-    Ok((file, meta.len(), direct))
+    Ok((file, meta.len()))
 }
 
 fn refuse_existing(path: &Path) -> Result<(), EngineError> {
@@ -93,11 +110,15 @@ fn refuse_existing(path: &Path) -> Result<(), EngineError> {
 }
 
 /// A new temporary file beside `target` (removed again unless the operation succeeds).
-fn create_temp(target: &Path, direct: bool) -> Result<(TempFile, File, bool), EngineError> {
+fn create_temp(target: &Path) -> Result<(TempFile, File), EngineError> {
     let tmp = temp_path_for(target).map_err(|source| EngineError::Temp { path: target.to_owned(), source })?;
-    let (file, direct) = open_with(OpenOptions::new().write(true).create_new(true).mode(0o600), &tmp, direct)
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
         .map_err(|source| EngineError::Create { path: tmp.clone(), source })?;
-    Ok((TempFile::new(tmp), file, direct))
+    Ok((TempFile::new(tmp), file))
 }
 
 /// Fsyncs the temporary file, renames it to `target` (refusing to replace anything) and fsyncs the directory.
@@ -124,7 +145,32 @@ fn set_len(file: &File, path: &Path, size: u64) -> Result<(), EngineError> {
     file.set_len(size).map_err(|source| EngineError::Truncate { path: path.to_owned(), size, source })
 }
 
-/// Walks the data extents of a file (SEEK_DATA/SEEK_HOLE) and cuts them into blocks.
+/// The first data extent `[start, end)` of `file` at or after `from` (SEEK_DATA/SEEK_HOLE), clipped to `size`; None
+/// past the last. A filesystem without an extent map answers with the rest of the file as one extent.
+fn next_extent(file: &File, path: &Path, size: u64, from: u64) -> Result<Option<(u64, u64)>, EngineError> {
+    use rustix::io::Errno;
+    if from >= size {
+        return Ok(None);
+    }
+    let seek_err = |offset, source: Errno| EngineError::Seek { path: path.to_owned(), offset, source: source.into() };
+    let start = match rustix::fs::seek(file.as_fd(), SeekFrom::Data(from)) {
+        Ok(s) => s,
+        Err(Errno::NXIO) => return Ok(None),
+        Err(Errno::INVAL | Errno::OPNOTSUPP) => from,
+        Err(e) => return Err(seek_err(from, e)),
+    };
+    if start >= size {
+        return Ok(None);
+    }
+    let end = match rustix::fs::seek(file.as_fd(), SeekFrom::Hole(start)) {
+        Ok(e) => e.min(size),
+        Err(Errno::NXIO | Errno::INVAL | Errno::OPNOTSUPP) => size,
+        Err(e) => return Err(seek_err(start, e)),
+    };
+    Ok(Some((start, end)))
+}
+
+/// Walks the data extents of a file and cuts them into blocks (aligned for O_DIRECT when `direct`).
 struct Chunks<'a> {
     file: &'a File,
     path: &'a Path,
@@ -151,32 +197,9 @@ impl<'a> Chunks<'a> {
         // Loops only when an aligned extent lies wholly inside blocks already handed out (filesystems with blocks
         // smaller than the O_DIRECT alignment); SEEK_DATA from `pos` then moves past it.
         while self.pos >= self.extent_end {
-            if self.pos >= self.size {
-                return Ok(None);
-            }
-            let seek_err = |offset, source: rustix::io::Errno| EngineError::Seek {
-                path: self.path.to_owned(),
-                offset,
-                source: source.into(),
-            };
-            let start = match rustix::fs::seek(self.file.as_fd(), SeekFrom::Data(self.pos)) {
-                Ok(s) => s,
-                Err(rustix::io::Errno::NXIO) => {
-                    self.pos = self.size;
-                    return Ok(None);
-                }
-                // No extent map here: treat the rest as data (zero detection still keeps holes).
-                Err(rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => self.pos,
-                Err(e) => return Err(seek_err(self.pos, e)),
-            };
-            if start >= self.size {
+            let Some((start, end)) = next_extent(self.file, self.path, self.size, self.pos)? else {
                 self.pos = self.size;
                 return Ok(None);
-            }
-            let end = match rustix::fs::seek(self.file.as_fd(), SeekFrom::Hole(start)) {
-                Ok(e) => e.min(self.size),
-                Err(rustix::io::Errno::NXIO | rustix::io::Errno::INVAL | rustix::io::Errno::OPNOTSUPP) => self.size,
-                Err(e) => return Err(seek_err(start, e)),
             };
             let (start, end) = if self.direct { (align_down(start), align_up(end)) } else { (start, end) };
             self.pos = start.max(self.pos);
@@ -218,6 +241,8 @@ pub(crate) struct TransferOut {
     pub data_bytes: u64,
     pub written_bytes: u64,
     pub sha256: Option<[u8; 32]>,
+    /// Whether the destination was written with O_DIRECT (whole blocks, possibly past an unaligned end).
+    pub dst_direct: bool,
 }
 
 /// Where a transfer writes: the file, its path for errors, and whether it was opened O_DIRECT.
@@ -244,21 +269,28 @@ impl Drop for Transfer<'_> {
     }
 }
 
+/// Runs the io_uring pipeline from `src` (to `dst`, if any) with `tuning`, switching both files to O_DIRECT first
+/// when the tuning asks for it and their filesystems allow it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn transfer(
     worker: &mut Worker,
     job: &JobCtl,
     operation: &'static str,
-    src: (&File, &Path, bool),
+    src: (&File, &Path),
     size: u64,
-    dst: Option<Sink<'_>>,
+    dst: Option<(&File, &Path)>,
     hash: bool,
+    tuning: &UringTuning,
 ) -> Result<TransferOut, EngineError> {
     let detect_zeros = worker.config.detect_zeros;
-    let block = worker.config.block_size;
-    let bufs = worker.take_bufs();
-    let (src_file, src_path, src_direct) = src;
-    let dst_direct = dst.as_ref().is_some_and(|d| d.direct);
+    let (src_file, src_path) = src;
+    let src_direct = tuning.direct && set_direct(src_file, src_path)?;
+    let sink = match dst {
+        Some((file, path)) => Some(Sink { file, path, direct: tuning.direct && set_direct(file, path)? }),
+        None => None,
+    };
+    let dst_direct = sink.as_ref().is_some_and(|d| d.direct);
+    let bufs = worker.take_bufs(tuning);
     let mut t = Transfer {
         ring: &mut worker.ring,
         src_fd: src_file.as_raw_fd(),
@@ -272,15 +304,18 @@ pub(crate) fn transfer(
         src_path,
         src_direct || dst_direct,
         size,
-        dst.as_ref(),
+        sink.as_ref(),
         hash,
         detect_zeros,
-        block,
+        tuning.block_size,
     );
     t.ring.drain();
     worker.bufs = std::mem::take(&mut t.bufs);
     drop(t);
-    result
+    result.map(|mut out| {
+        out.dst_direct = dst_direct;
+        out
+    })
 }
 
 impl Transfer<'_> {
@@ -305,12 +340,14 @@ impl Transfer<'_> {
         let mut next_hash_seq = 0u64;
         let mut next_seq = 0u64;
         let mut written = 0u64;
+        let mut requested = 0u64;
         let mut reported = 0u64;
         let mut exhausted = false;
         let mut completions = Vec::with_capacity(self.slots.len() * 2);
         job.report(0, size);
 
         loop {
+            job.throttle(requested);
             if job.cancelled() {
                 return Err(EngineError::Cancelled { operation, path: src_path.to_owned() });
             }
@@ -334,6 +371,7 @@ impl Transfer<'_> {
                     ..Slot::default()
                 };
                 next_seq += 1;
+                requested += want;
                 self.submit_read(i)?;
             }
 
@@ -385,7 +423,7 @@ impl Transfer<'_> {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "transfer done"
         );
-        Ok(TransferOut { data_bytes: chunks.data_bytes, written_bytes: written, sha256 })
+        Ok(TransferOut { data_bytes: chunks.data_bytes, written_bytes: written, sha256, dst_direct: false })
     }
 
     /// Reads the rest of block `i` (all of it the first time; the remainder after a short read).
@@ -503,7 +541,7 @@ fn hash_zeros(h: &mut Sha256, mut n: u64) {
 }
 
 /// Copies `src` to a new file `dst` (see [`super::Engine::copy`]); also the body of import, which adds the size and
-/// checksum checks.
+/// checksum checks. Tries the plan's mechanisms in order (see `plan.rs`): reflink, the data method, io_uring.
 pub(crate) fn copy(
     worker: &mut Worker,
     job: &JobCtl,
@@ -514,30 +552,46 @@ pub(crate) fn copy(
 ) -> Result<CopyReport, EngineError> {
     let operation = if expect.is_some() { "import" } else { "copy" };
     let started = Instant::now();
-    let direct = worker.config.direct;
-    let (src_file, size, src_direct) = open_source(src, direct)?;
+    let plan = match expect.and_then(|e| e.plan.as_ref()).or(opts.plan.as_ref()) {
+        Some(plan) => plan.clone(),
+        None => worker.config.configured_plan(),
+    };
+    let (src_file, size) = open_source(src)?;
     if let Some(expected) = expect.and_then(|e| e.size) {
         if expected != size {
             return Err(EngineError::SizeMismatch { path: src.to_owned(), expected, actual: size });
         }
     }
     refuse_existing(dst)?;
-    let (tmp, file, dst_direct) = create_temp(dst, direct)?;
+    let (tmp, file) = create_temp(dst)?;
     let tmp_path = tmp.path().to_owned();
     set_len(&file, &tmp_path, size)?;
     let want_hash = expect.is_some_and(|e| e.sha256.is_some()) || opts.sha256;
-    let out = transfer(
-        worker,
-        job,
-        operation,
-        (&src_file, src, src_direct),
-        size,
-        Some(Sink { file: &file, path: &tmp_path, direct: dst_direct }),
-        want_hash,
-    )?;
+    let src_side = (&src_file, src);
+    let dst_side = (&file, tmp_path.as_path());
+
+    // Sharing and in-kernel copies never see the bytes: a copy that hashes goes through io_uring.
+    let mut done = None;
+    if !want_hash && plan.reflink {
+        done = by_kernel(job, operation, Kernel::Clone, src_side, dst_side, size)?.map(|d| (Mechanism::Reflink, d));
+    }
+    if done.is_none() && !want_hash && plan.data == DataMethod::CopyFileRange {
+        done = by_kernel(job, operation, Kernel::CopyRange, src_side, dst_side, size)?
+            .map(|d| (Mechanism::CopyFileRange, d));
+    }
+    let (mechanism, out) = match done {
+        Some((mechanism, data_bytes)) => {
+            let out = TransferOut { data_bytes, written_bytes: data_bytes, sha256: None, dst_direct: false };
+            (mechanism, out)
+        }
+        None => {
+            let out = transfer(worker, job, operation, src_side, size, Some(dst_side), want_hash, &plan.uring)?;
+            (Mechanism::Uring(UringTuning { direct: out.dst_direct, ..plan.uring }), out)
+        }
+    };
     // O_DIRECT writes whole blocks, which may have run past an unaligned end; growing makes the rest a hole.
     let final_size = opts.grow_to.map_or(size, |g| g.max(size));
-    if dst_direct || final_size != size {
+    if out.dst_direct || final_size != size {
         set_len(&file, &tmp_path, final_size)?;
     }
     let sha256 = out.sha256.map(Digest);
@@ -555,13 +609,77 @@ pub(crate) fn copy(
         data_bytes: out.data_bytes,
         written_bytes: out.written_bytes,
         sha256,
+        mechanism,
         elapsed: started.elapsed(),
     })
 }
 
+/// The two copies the kernel does without our buffers.
+#[derive(Clone, Copy)]
+enum Kernel {
+    Clone,
+    CopyRange,
+}
+
+/// Copies every data extent of `src` into `dst` at the same offsets by reflink or `copy_file_range`, in chunks
+/// (progress, cancel). Returns the bytes of data copied, or None when the mechanism does not apply here (refused
+/// before anything was copied), so that the caller moves on to the next one.
+fn by_kernel(
+    job: &JobCtl,
+    operation: &'static str,
+    how: Kernel,
+    (src, src_path): (&File, &Path),
+    (dst, dst_path): (&File, &Path),
+    size: u64,
+) -> Result<Option<u64>, EngineError> {
+    let chunk = match how {
+        Kernel::Clone => CLONE_CHUNK,
+        Kernel::CopyRange => COPY_RANGE_CHUNK,
+    };
+    let mut pos = 0;
+    let mut data = 0u64;
+    job.report(0, size);
+    while let Some((start, end)) = next_extent(src, src_path, size, pos)? {
+        let mut off = start;
+        while off < end {
+            if job.cancelled() {
+                return Err(EngineError::Cancelled { operation, path: src_path.to_owned() });
+            }
+            let len = chunk.min(end - off);
+            let result = match how {
+                Kernel::Clone => syscalls::clone_range(src, dst, off, len).map(|()| len),
+                Kernel::CopyRange => syscalls::copy_range(src, dst, off, len).map(|n| n as u64),
+            };
+            let n = match result {
+                Ok(0) => return Err(EngineError::ShortRead { path: src_path.to_owned(), offset: off }),
+                Ok(n) => n,
+                Err(e) if data == 0 && syscalls::unsupported(&e) => {
+                    tracing::debug!(path = %src_path.display(), error = %e, "in-kernel copy does not apply here");
+                    return Ok(None);
+                }
+                Err(source) => {
+                    let (src, dst) = (src_path.to_owned(), dst_path.to_owned());
+                    return Err(match how {
+                        Kernel::Clone => EngineError::Clone { src, dst, offset: off, source },
+                        Kernel::CopyRange => EngineError::CopyRange { src, dst, offset: off, source },
+                    });
+                }
+            };
+            off += n;
+            data += n;
+            job.report(off, size);
+            job.throttle(data);
+        }
+        pos = end;
+    }
+    job.report(size, size);
+    Ok(Some(data))
+}
+
 pub(crate) fn sha256(worker: &mut Worker, job: &JobCtl, path: &Path) -> Result<Digest, EngineError> {
-    let (file, size, direct) = open_source(path, worker.config.direct)?;
-    let out = transfer(worker, job, "sha256", (&file, path, direct), size, None, true)?;
+    let (file, size) = open_source(path)?;
+    let tuning = worker.config.uring();
+    let out = transfer(worker, job, "sha256", (&file, path), size, None, true, &tuning)?;
     Ok(Digest(out.sha256.expect("hash requested")))
 }
 
@@ -573,7 +691,7 @@ pub(crate) fn create_raw(
     prealloc: Preallocation,
 ) -> Result<(), EngineError> {
     refuse_existing(path)?;
-    let (tmp, file, _) = create_temp(path, false)?;
+    let (tmp, file) = create_temp(path)?;
     let tmp_path = tmp.path().to_owned();
     job.report(0, size);
     set_len(&file, &tmp_path, size)?;
@@ -709,7 +827,7 @@ mod tests {
         std::fs::write(&path, vec![0xa5u8; 300_001]).unwrap();
         let cfg = EngineConfig { queue_depth: 3, block_size: 64 << 10, ..EngineConfig::default() };
         let mut worker = Worker::new(cfg).unwrap();
-        let job = JobCtl { ctl: OpControl::new(), dropped: Cancel::new() };
+        let job = JobCtl::new(OpControl::new(), Cancel::new());
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         write_zeros(&mut worker, &job, &file, &path, 300_001).unwrap();
         let back = std::fs::read(&path).unwrap();

@@ -156,3 +156,69 @@ impl Drop for Immutable {
         }
     }
 }
+
+/// An XFS filesystem (which shares blocks: reflink) in a sparse file, loop-mounted on a fresh directory; unmounted
+/// on drop. Err says why there is none (not root, no mkfs.xfs, no loop device), for the caller's skip message.
+pub struct Xfs {
+    pub mnt: tempfile::TempDir,
+    _image: tempfile::TempDir,
+}
+
+impl Xfs {
+    pub fn mount() -> Result<Self, String> {
+        if !is_root() {
+            return Err("mounting a loop device needs root".to_owned());
+        }
+        let mkfs = find_tool("mkfs.xfs").or_else(|| {
+            let _ =
+                Command::new("bash").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/install-tools.sh")).status();
+            find_tool("mkfs.xfs")
+        });
+        let Some(mkfs) = mkfs else { return Err("mkfs.xfs is missing (xfsprogs)".to_owned()) };
+        let image = tempfile::tempdir().unwrap();
+        let file = image.path().join("xfs.img");
+        // 512 MiB of virtual size, a few MiB allocated: XFS wants at least 300 MiB.
+        OpenOptions::new().write(true).create_new(true).open(&file).unwrap().set_len(512 << 20).unwrap();
+        let out = Command::new(mkfs).args(["-q", "-m", "reflink=1"]).arg(&file).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("mkfs.xfs failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let mnt = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&file)
+            .arg(mnt.path())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "loop mount failed (no loop devices here?): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Self { mnt, _image: image })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.mnt.path()
+    }
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        // Detaches the loop device too (mount -o loop sets autoclear).
+        let _ = Command::new("umount").arg(self.mnt.path()).status();
+    }
+}
+
+/// Bytes used on the filesystem holding `path`.
+pub fn fs_used(path: &Path) -> u64 {
+    let st = rustix::fs::statvfs(path).unwrap();
+    (st.f_blocks - st.f_bfree) * st.f_frsize
+}
+
+/// Prints why a test is skipped; under CI (`CI` set) a skip is a failure, so that a missing tool is noticed.
+pub fn skip(test: &str, why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "{test}: cannot run under CI: {why}");
+    eprintln!("{test}: skipped: {why}");
+}
