@@ -32,6 +32,10 @@ pub struct NodeConfig {
     /// Pre-launched, paused QEMUs of these shapes, which new VMs of the same shape start from in milliseconds.
     /// Default: none (the pool costs nothing).
     pub warm_pool: Vec<WarmShape>,
+    /// The image engine behind the storage pools: `copy_method` (default `auto`: each pool measures reflink,
+    /// `copy_file_range` and io_uring on its filesystem at its first copy; `copy_file_range` or `uring` fix it),
+    /// `reflink`, threads and io_uring settings. See `qx_storage::EngineConfig`.
+    pub storage: qx_storage::EngineConfig,
 }
 
 /// How qx-node changes the host it runs on, for qx-console's host actions: the management network, SSH, power,
@@ -128,6 +132,7 @@ impl Default for NodeConfig {
             ovs: OvsConfig::default(),
             host: HostConfig::default(),
             warm_pool: Vec::new(),
+            storage: qx_storage::EngineConfig::default(),
         }
     }
 }
@@ -219,6 +224,13 @@ impl NodeConfig {
             if let Err(ValidationErrors(shape_errors)) = shape.validate(&format!("warm_pool[{i}]")) {
                 errors.extend(shape_errors);
             }
+        }
+        if let Err(invalid) = self.storage.validate() {
+            errors.extend(invalid.0.into_iter().map(|e| FieldError {
+                field: format!("storage.{}", e.field),
+                value: e.value,
+                problem: e.problem,
+            }));
         }
         if errors.is_empty() {
             Ok(())

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use qx_proto::node::v1 as pb;
 use qx_storage::cloudinit::{Addressing, Ethernet, NetworkConfig, RunCmd, User, UserData};
 use qx_storage::{
-    CreateVolume, FromImage, Image, ImageFormat, ImageKind, ImportImage, PoolKind, PoolStats, Preallocation, Volume,
-    VolumeOrigin, VolumeSource,
+    CopyPlan, CreateVolume, FromImage, Image, ImageFormat, ImageKind, ImportImage, PoolKind, PoolStats, Preallocation,
+    Volume, VolumeOrigin, VolumeSource,
 };
 use qx_vmm::spec::CloudInit;
 use qx_vmm::spec::{
@@ -257,7 +257,8 @@ pub fn image_to_pb(pool: &str, image: &Image) -> pb::Image {
     }
 }
 
-pub fn pool_to_pb(name: &str, kind: PoolKind, stats: &PoolStats) -> pb::Pool {
+/// A pool as GetPool answers it; `copy` is how copies into it move data (None: not measured yet).
+pub fn pool_to_pb(name: &str, kind: PoolKind, stats: &PoolStats, copy: Option<&CopyPlan>) -> pb::Pool {
     pb::Pool {
         name: name.to_owned(),
         kind: match kind {
@@ -270,6 +271,11 @@ pub fn pool_to_pb(name: &str, kind: PoolKind, stats: &PoolStats) -> pb::Pool {
         allocated_bytes: stats.allocated,
         volumes: stats.volumes as u32,
         images: stats.images as u32,
+        copy_method: copy.map_or_else(|| "not measured yet".to_owned(), CopyPlan::summary),
+        copy_method_reason: copy.map_or_else(
+            || "measured at the pool's first copy, import or clone".to_owned(),
+            |plan| plan.reason.clone(),
+        ),
     }
 }
 

@@ -258,7 +258,7 @@ impl NodeService for NodeApi {
         let mut pools = Vec::new();
         for pool in self.node.pools().all().await.map_err(volume_status)? {
             let stats = pool.stats().await.map_err(|e| volume_status(e.into()))?;
-            pools.push(pool_to_pb(pool.name(), pool.kind(), &stats));
+            pools.push(pool_to_pb(pool.name(), pool.kind(), &stats, pool.copy_plan().as_ref()));
         }
         Ok(Response::new(pb::ListPoolsResponse { pools }))
     }
@@ -267,7 +267,7 @@ impl NodeService for NodeApi {
         let name = pool_name(&request.into_inner().name).to_owned();
         let pool = self.node.pools().pool(&name).await.map_err(volume_status)?;
         let stats = pool.stats().await.map_err(|e| volume_status(e.into()))?;
-        Ok(Response::new(pool_to_pb(pool.name(), pool.kind(), &stats)))
+        Ok(Response::new(pool_to_pb(pool.name(), pool.kind(), &stats, pool.copy_plan().as_ref())))
     }
 
     type CreateVolumeStream = ServiceStream<pb::VolumeOperation>;

@@ -66,7 +66,7 @@ impl Node {
         let networks = Networks::open(&config.data_dir, config.ovs.clone())
             .map(Arc::new)
             .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
-        let pools = Arc::new(Pools::new(&config.data_dir));
+        let pools = Arc::new(Pools::new(&config.data_dir, config.storage.clone()));
         let backends = qx_vmm::Backends {
             network: Some(Arc::clone(&networks) as Arc<dyn qx_vmm::NetworkBackend>),
             volumes: Some(Arc::clone(&pools) as Arc<dyn qx_vmm::VolumeBackend>),

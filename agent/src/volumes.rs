@@ -27,6 +27,7 @@ pub enum VolumeError {
 /// io_uring engine threads come up on first use, so a node that never touches a volume pays nothing at start.
 pub struct Pools {
     root: PathBuf,
+    engine: EngineConfig,
     default: tokio::sync::OnceCell<DirPool>,
 }
 
@@ -37,9 +38,10 @@ impl std::fmt::Debug for Pools {
 }
 
 impl Pools {
-    /// The pools under `<data_dir>/pools/`; `default` is created on first use.
-    pub fn new(data_dir: &Path) -> Self {
-        Self { root: data_dir.join("pools").join(DEFAULT_POOL), default: tokio::sync::OnceCell::new() }
+    /// The pools under `<data_dir>/pools/`, copying with an engine of `engine`'s settings; `default` is created on
+    /// first use.
+    pub fn new(data_dir: &Path, engine: EngineConfig) -> Self {
+        Self { root: data_dir.join("pools").join(DEFAULT_POOL), engine, default: tokio::sync::OnceCell::new() }
     }
 
     /// The pool called `name`, opened on first use.
@@ -50,7 +52,8 @@ impl Pools {
         let pool = self
             .default
             .get_or_try_init(|| async {
-                let engine = tokio::task::spawn_blocking(|| Engine::new(EngineConfig::default()))
+                let config = self.engine.clone();
+                let engine = tokio::task::spawn_blocking(move || Engine::new(config))
                     .await
                     .expect("engine start-up task panicked")
                     .map_err(VolumeError::Engine)?;

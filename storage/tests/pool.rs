@@ -269,3 +269,52 @@ fn open_sweeps_temporary_files_and_rejects_bad_metadata() {
         .unwrap_err();
     assert!(err.to_string().contains(r#"pool: "a/b" contains '/'"#), "{err}");
 }
+
+#[test]
+fn first_copy_measures_the_copy_plan_which_is_cached_and_reported() {
+    require_tool("qemu-img");
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("pool");
+    let disk = work.path().join("disk.raw");
+    sparse_file(&disk, 8 * MIB, &[(0, 2 * MIB)], 31);
+    let rt = rt();
+    rt.block_on(async {
+        let pool = open(&root).await;
+        assert_eq!(pool.copy_plan(), None, "nothing measured before the first copy");
+        pool.import_image(import("base", ImageKind::CloudImage, &disk), &OpControl::new()).await.unwrap();
+        let plan = pool.copy_plan().expect("measured by the import");
+        assert!(plan.reason.starts_with("measured on "), "{}", plan.reason);
+        let cached: qx_storage::Calibration =
+            serde_json::from_slice(&fs::read(root.join("copy-calibration.json")).unwrap()).unwrap();
+        assert_eq!(cached.plan, plan);
+        // Nothing of the measurement is left in the pool.
+        assert_eq!(entries(&root.join("volumes")), Vec::<String>::new());
+        drop(pool);
+
+        // Reopened: the cached plan, not a new measurement.
+        let before = fs::metadata(root.join("copy-calibration.json")).unwrap().modified().unwrap();
+        let pool = open(&root).await;
+        assert_eq!(pool.copy_plan(), Some(plan.clone()));
+        pool.create_volume(from_image("v", "base", FromImage::Copy, None), &OpControl::new()).await.unwrap();
+        assert_eq!(fs::metadata(root.join("copy-calibration.json")).unwrap().modified().unwrap(), before);
+        drop(pool);
+
+        // A cache from another setup (here: another kernel) is measured again at the next copy.
+        let mut stale = cached.clone();
+        stale.key.kernel = "0.0.0-other".into();
+        fs::write(root.join("copy-calibration.json"), serde_json::to_vec(&stale).unwrap()).unwrap();
+        let pool = open(&root).await;
+        assert_eq!(pool.copy_plan(), None);
+        drop(pool);
+
+        // A copy method fixed in the config is used as is, and says so.
+        let config = EngineConfig { copy_method: qx_storage::CopyMethod::Uring, ..EngineConfig::default() };
+        let pool = DirPool::open("default", &root, Engine::new(config).unwrap(), QemuImg::new()).await.unwrap();
+        let plan = pool.copy_plan().unwrap();
+        assert_eq!(plan.reason, "configured: copy_method uring");
+        assert_eq!(plan.summary(), "reflink, else io_uring O_DIRECT 4x1 MiB");
+        pool.clone_volume("v", "w", &NotInUse, &OpControl::new()).await.unwrap();
+        let volumes = root.join("volumes");
+        assert_eq!(sha256_file(&volumes.join("w.raw")), sha256_file(&disk));
+    });
+}

@@ -118,7 +118,8 @@ pub async fn pool(node: &mut NodeServiceClient<Channel>, command: PoolCommand, j
             .map(|p| {
                 json!({ "name": p.name, "kind": p.kind, "capacity_bytes": p.capacity_bytes,
                         "available_bytes": p.available_bytes, "allocated_bytes": p.allocated_bytes,
-                        "volumes": p.volumes, "images": p.images })
+                        "volumes": p.volumes, "images": p.images, "copy_method": p.copy_method,
+                        "copy_method_reason": p.copy_method_reason })
             })
             .collect();
         println!("{}", Value::Array(list));
@@ -128,7 +129,7 @@ pub async fn pool(node: &mut NodeServiceClient<Channel>, command: PoolCommand, j
         "{:<12} {:<5} {:>10} {:>10} {:>10} {:>8} {:>7}",
         "NAME", "KIND", "CAPACITY", "FREE", "ALLOCATED", "VOLUMES", "IMAGES"
     );
-    for p in pools {
+    for p in &pools {
         println!(
             "{:<12} {:<5} {:>10} {:>10} {:>10} {:>8} {:>7}",
             p.name,
@@ -139,6 +140,9 @@ pub async fn pool(node: &mut NodeServiceClient<Channel>, command: PoolCommand, j
             p.volumes,
             p.images
         );
+    }
+    for p in &pools {
+        println!("{} copies by {}: {}", p.name, p.copy_method, p.copy_method_reason);
     }
     Ok(())
 }
