@@ -182,7 +182,7 @@ pub(crate) fn calibrate(worker: &mut Worker, job: &JobCtl, dir: &Path) -> Result
     );
     let src = write_calibration_source(src_tmp.path())?;
     let filesystem = syscalls::filesystem_name(&src);
-    let reflink_supported = reflink_works(&src, dir)?;
+    let reflink_supported = reflink_works(&src, src_tmp.path(), dir)?;
     let dst = dir.join("copy-calibration.out");
     let dst = temp_path_for(&dst).map_err(|source| EngineError::Temp { path: dst.clone(), source })?;
 
@@ -289,7 +289,7 @@ fn write_calibration_source(path: &Path) -> Result<File, EngineError> {
 }
 
 /// Whether `dir`'s filesystem shares blocks: clones the first 64 KiB of `src` into a scratch file.
-fn reflink_works(src: &File, dir: &Path) -> Result<bool, EngineError> {
+fn reflink_works(src: &File, src_path: &Path, dir: &Path) -> Result<bool, EngineError> {
     let probe = dir.join("reflink-probe");
     let probe = TempFile::new(temp_path_for(&probe).map_err(|source| EngineError::Temp { path: probe, source })?);
     let dst = OpenOptions::new()
@@ -302,7 +302,12 @@ fn reflink_works(src: &File, dir: &Path) -> Result<bool, EngineError> {
         Ok(()) => true,
         Err(e) if syscalls::unsupported(&e) => false,
         Err(source) => {
-            return Err(EngineError::Clone { src: dir.to_owned(), dst: probe.path().to_owned(), offset: 0, source })
+            return Err(EngineError::Clone {
+                src: src_path.to_owned(),
+                dst: probe.path().to_owned(),
+                offset: 0,
+                source,
+            })
         }
     })
 }
