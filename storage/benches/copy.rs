@@ -188,9 +188,9 @@ fn bench_shape(
         let by = if i < engines { format!(" by {}", mechanism[i]) } else { String::new() };
         println!("  {name:<20} {:>9.2?} ({min:.2?}-{max:.2?}){by}", median(s));
     }
-    for engine_i in 0..engines {
+    for (engine_i, name) in methods.iter().enumerate().take(engines) {
         if engines > 1 {
-            println!("{}:", methods[engine_i]);
+            println!("{name}:");
         }
         verdicts(&samples, engine_i, engines, position("limit: read"), rounds);
     }

@@ -170,8 +170,9 @@ fn volumes_and_images_lifecycle() {
         assert!(stats.allocated >= 3 * MIB, "{stats:?}");
     });
 
-    // Everything above survives a restart: the metadata was written, atomically, with no temporary files left.
-    assert_eq!(entries(&root), ["images", "pool.json", "volumes"]);
+    // Everything above survives a restart: the metadata (and the copy calibration the first import measured) was
+    // written, atomically, with no temporary files left.
+    assert_eq!(entries(&root), ["copy-calibration.json", "images", "pool.json", "volumes"]);
     rt.block_on(async {
         let pool: Arc<dyn Pool> = Arc::new(open(&root).await);
         let volumes = pool.list_volumes().await.unwrap();
