@@ -62,6 +62,19 @@ pub fn test_guest() -> &'static TestGuest {
     })
 }
 
+/// The reason a skipped test gives when the machine lacks the hardware it needs (an IOMMU, an SR-IOV card): the
+/// only reason a test may skip under CI.
+pub const NO_SUCH_HARDWARE: &str = "no such hardware";
+
+/// Skips the rest of a test, saying why on stderr. Under CI (`CI` set) only a missing piece of hardware is a reason:
+/// `reason` must then start with [`NO_SUCH_HARDWARE`], or the skip fails the test, so that CI never passes a test
+/// that did not run for a reason CI could have fixed (a package, a permission).
+pub fn skip(reason: &str) {
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+    assert!(!ci || reason.starts_with(NO_SUCH_HARDWARE), "test skipped under CI: {reason}");
+    eprintln!("skipped: {reason}");
+}
+
 /// Polls `condition` every 50 ms until it returns `Some`, or gives up after `timeout`.
 pub fn wait_until<T>(timeout: Duration, mut condition: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
