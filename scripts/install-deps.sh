@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Quantix needs on a fresh Debian 12 machine: QEMU (system emulator and qemu-img at the same version),
-# the tools the test guest build uses, and tmux for the console tests. Does nothing when everything is there already.
+# the tools the test guest build uses, tmux for the console tests, OVMF (UEFI and Secure Boot firmware) and swtpm
+# (the vTPM) for the devices crate. Does nothing when everything is there already.
 set -euo pipefail
 
 need=()
@@ -8,6 +9,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 for tool in busybox:busybox-static cpio:cpio depmod:kmod tmux:tmux; do
     [ -x "/bin/${tool%%:*}" ] || [ -x "/sbin/${tool%%:*}" ] || command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
+[ -f /usr/share/OVMF/OVMF_CODE_4M.secboot.fd ] || need+=(ovmf)
+command -v swtpm >/dev/null || need+=(swtpm)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 echo "installing: ${need[*]}" >&2

@@ -277,6 +277,9 @@ fn vfs_are_created_through_zero_and_refused_above_the_total_or_in_use() {
     let e = devices.set_vf_count(addr(NIC), 1).unwrap_err();
     assert_eq!(e.to_string(), format!("{NIC} is not an SR-IOV physical function"));
 
+    let e = devices.assign("vm-a", &[pf]).unwrap_err();
+    assert!(e.to_string().starts_with(&format!("cannot give {PF} to a VM: it has 2 SR-IOV VFs")), "{e}");
+
     let vf0 = devices.free_vf(pf, &[]).unwrap();
     assert_eq!(vf0, addr("0000:06:10.0"));
     let config =

@@ -29,6 +29,8 @@ pub enum DeviceError {
     HostUses { address: PciAddress, reason: String },
     #[error("{address} is already given to {owner}")]
     Taken { address: PciAddress, owner: String },
+    #[error("cannot give {address} to a VM: it has {count} SR-IOV VFs, which its driver would take away; set its VF count to 0 first")]
+    HasVfs { address: PciAddress, count: u32 },
     #[error("{address} is a PCI bridge, which stays with the host")]
     Bridge { address: PciAddress },
     #[error("cannot {step} for {address} ({path})")]
@@ -295,6 +297,9 @@ impl HostDevices {
         }
         if let Some(reason) = host_use.use_of(device) {
             return Err(DeviceError::HostUses { address, reason });
+        }
+        if let Some(sriov) = device.sriov.as_ref().filter(|s| s.num_vfs > 0) {
+            return Err(DeviceError::HasVfs { address, count: sriov.num_vfs });
         }
         if !pci::iommu_enabled(&self.root) {
             return Err(DeviceError::IommuOff { address });
