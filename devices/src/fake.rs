@@ -129,8 +129,8 @@ pub struct FakeKernel {
     pub native_drivers: BTreeMap<String, String>,
     /// Devices the VFIO open fails for (a group that is not viable).
     pub vfio_fails: BTreeSet<String>,
-    /// Paths (ending) whose write fails with EIO.
-    pub failing_writes: BTreeSet<String>,
+    /// Writes that fail with EIO: (path ending, value).
+    pub failing_writes: BTreeSet<(String, String)>,
     pub writes: Mutex<Vec<(String, String)>>,
     pub vf_settings: Mutex<Vec<(u32, u32, VfNetConfig)>>,
 }
@@ -198,7 +198,7 @@ impl Kernel for FakeKernel {
     fn write(&self, path: &Path, value: &str) -> io::Result<()> {
         let relative = path.strip_prefix(&self.root).expect("a write under the fake root").display().to_string();
         self.writes.lock().unwrap().push((relative.clone(), value.to_owned()));
-        if self.failing_writes.iter().any(|suffix| relative.ends_with(suffix.as_str())) {
+        if self.failing_writes.iter().any(|(suffix, v)| relative.ends_with(suffix.as_str()) && v == value) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let file = path.file_name().unwrap().to_str().unwrap();

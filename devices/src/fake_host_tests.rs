@@ -189,6 +189,24 @@ fn a_failure_half_way_leaves_nothing_bound() {
 }
 
 #[test]
+fn a_sysfs_write_failing_gives_back_what_was_bound() {
+    let (host, kernel) = host();
+    state_dir(&host);
+    let mut k = Arc::into_inner(kernel).unwrap();
+    k.failing_writes.insert(("drivers/igb/unbind".into(), NIC_FN1.into()));
+    let kernel = Arc::new(k);
+    let devices = open(&host, &kernel);
+    let e = devices.assign("vm-a", &[addr(NIC), addr(NIC_FN1)]).unwrap_err();
+    let path = host.path("sys/bus/pci/drivers/igb/unbind");
+    assert_eq!(e.to_string(), format!("cannot unbind the driver for {NIC_FN1} ({})", path.display()));
+    for a in [NIC, NIC_FN1] {
+        assert_eq!(host.driver_of(a).as_deref(), Some("igb"), "{a} given back");
+        assert_eq!(host.override_of(a), "(null)");
+    }
+    assert!(devices.claims().is_empty());
+}
+
+#[test]
 fn iommu_groups_go_whole_and_bridges_stay_with_the_host() {
     let (host, kernel) = host();
     state_dir(&host);

@@ -132,7 +132,7 @@ pub fn is_swtpm_of(root: &HostRoot, pid: i32, swtpm: &Swtpm) -> bool {
         .ok()
         .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
         .unwrap_or(true);
-    is_swtpm && args.iter().any(|a| *a == state.as_bytes()) && !zombie
+    is_swtpm && args.contains(&state.as_bytes()) && !zombie
 }
 
 #[cfg(test)]

@@ -119,14 +119,11 @@ pub fn read(root: &HostRoot, ids: &PciIds, address: PciAddress) -> Result<PciDev
         Some(group) => group_members(root, group)?.into_iter().filter(|a| *a != address).collect(),
         None => Vec::new(),
     };
-    let sriov = match read_trimmed(&dir.join("sriov_totalvfs")).and_then(|n| n.parse().ok()) {
-        Some(total_vfs) => Some(Sriov {
-            total_vfs,
-            num_vfs: read_trimmed(&dir.join("sriov_numvfs")).and_then(|n| n.parse().ok()).unwrap_or(0),
-            vfs: virtfns(&dir).into_iter().map(|(_, vf)| vf).collect(),
-        }),
-        None => None,
-    };
+    let sriov = read_trimmed(&dir.join("sriov_totalvfs")).and_then(|n| n.parse().ok()).map(|total_vfs| Sriov {
+        total_vfs,
+        num_vfs: read_trimmed(&dir.join("sriov_numvfs")).and_then(|n| n.parse().ok()).unwrap_or(0),
+        vfs: virtfns(&dir).into_iter().map(|(_, vf)| vf).collect(),
+    });
     let physfn = link_name(&dir.join("physfn")).and_then(|name| name.parse::<PciAddress>().ok()).and_then(|pf| {
         virtfns(&sysfs_dir(root, pf)).into_iter().find(|(_, vf)| *vf == address).map(|(index, _)| (pf, index))
     });
