@@ -29,6 +29,7 @@ pub struct NodeConfig {
     pub host_root: PathBuf,
     pub ovs: OvsConfig,
     pub host: HostConfig,
+    pub update: UpdateConfig,
     /// Pre-launched, paused QEMUs of these shapes, which new VMs of the same shape start from in milliseconds.
     /// Default: none (the pool costs nothing).
     pub warm_pool: Vec<WarmShape>,
@@ -87,6 +88,28 @@ impl Default for HostConfig {
     }
 }
 
+/// A/B system updates (UpdateHost) of a host booted from the Quantix image. Elsewhere (no `quantix.slot=` on the
+/// kernel command line, no GRUB environment block) UpdateHost is refused, saying which.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdateConfig {
+    /// The GRUB environment block with the A/B boot state. Default: `/boot/efi/EFI/quantix/grubenv` (the image's
+    /// EFI partition).
+    pub grubenv: PathBuf,
+    /// Seconds a newly installed system has to report healthy before the watchdog reboots into the previous one,
+    /// unless the update names its own (10..=86400). Default: 300.
+    pub health_timeout_seconds: u32,
+    /// A file holding an ed25519 public key as 64 hex digits; when set, UpdateHost requires a signature of the
+    /// image's SHA-256 digest by its private key. Default: none.
+    pub public_key: Option<PathBuf>,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self { grubenv: PathBuf::from("/boot/efi/EFI/quantix/grubenv"), health_timeout_seconds: 300, public_key: None }
+    }
+}
+
 /// Where Open vSwitch is. qx-node connects on first use, so it starts (and runs VMs without networks) when OVS
 /// is down; network operations then say so.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -131,6 +154,7 @@ impl Default for NodeConfig {
             host_root: PathBuf::from("/"),
             ovs: OvsConfig::default(),
             host: HostConfig::default(),
+            update: UpdateConfig::default(),
             warm_pool: Vec::new(),
             storage: qx_storage::EngineConfig::default(),
         }
@@ -184,9 +208,10 @@ impl NodeConfig {
             ("host_root", &self.host_root),
             ("ovs.socket", &self.ovs.socket),
             ("host.network_config", &self.host.network_config),
+            ("update.grubenv", &self.update.grubenv),
         ];
-        for (field, path) in
-            paths.into_iter().chain(self.host.interfaces_file.iter().map(|p| ("host.interfaces_file", p)))
+        let optional = [("host.interfaces_file", &self.host.interfaces_file), ("update.public_key", &self.update.public_key)];
+        for (field, path) in paths.into_iter().chain(optional.into_iter().filter_map(|(f, p)| Some((f, p.as_ref()?))))
         {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
@@ -219,6 +244,9 @@ impl NodeConfig {
         }
         if self.stop_timeout_seconds == 0 || self.stop_timeout_seconds > 3600 {
             problem("stop_timeout_seconds", self.stop_timeout_seconds.to_string(), "is outside 1..=3600");
+        }
+        if !(10..=86_400).contains(&self.update.health_timeout_seconds) {
+            problem("update.health_timeout_seconds", self.update.health_timeout_seconds.to_string(), "is outside 10..=86400");
         }
         for (i, shape) in self.warm_pool.iter().enumerate() {
             if let Err(ValidationErrors(shape_errors)) = shape.validate(&format!("warm_pool[{i}]")) {

@@ -498,6 +498,7 @@ pub fn node_info_to_pb(info: NodeInfo) -> pb::NodeInfo {
         warm_pool_ready: info.warm_ready,
         warm_pool_reserved: info.warm_reserved,
         data_dir: info.data_dir,
+        system: Some(crate::grpc_update::system_status_to_pb(info.system)),
     }
 }
 

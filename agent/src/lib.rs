@@ -19,6 +19,7 @@ pub mod config;
 mod convert;
 pub mod grpc;
 pub mod grpc_host;
+pub mod grpc_update;
 pub mod host;
 pub mod network;
 pub mod node;

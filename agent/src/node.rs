@@ -43,6 +43,8 @@ pub struct NodeInfo {
     /// Warm-pool QEMUs ready for new VMs, and those kept for created VMs' first start.
     pub warm_ready: u32,
     pub warm_reserved: u32,
+    /// The A/B systems and the last update.
+    pub system: crate::host::update::SystemStatus,
 }
 
 /// A Quantix host: its configuration, what it found out about itself at start, and its VMs.
@@ -188,6 +190,7 @@ impl Node {
         let vms = self.vms.list();
         let running = vms.iter().filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused)).count();
         let (warm_ready, warm_reserved) = self.vms.warm_pool_counts();
+        let system = self.host.updates().status().await;
         NodeInfo {
             node_name: self.config.node_name.clone(),
             hostname: rustix::system::uname().nodename().to_string_lossy().into_owned(),
@@ -203,6 +206,7 @@ impl Node {
             warm_ready: warm_ready as u32,
             warm_reserved: warm_reserved as u32,
             data_dir: self.config.data_dir.display().to_string(),
+            system,
         }
     }
 }

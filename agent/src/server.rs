@@ -1,5 +1,5 @@
 //! Serving the API: `NodeService` on the unix socket (always, mode 0600) and a TCP listener (when configured),
-//! `HostService` on the unix socket only, and the standard gRPC health service.
+//! `HostService` on the unix socket only, `UpdateService` on both, and the standard gRPC health service.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
+use qx_proto::node::v1::update_service_server::UpdateServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::info;
 
 use crate::grpc::NodeApi;
 use crate::grpc_host::HostApi;
+use crate::grpc_update::UpdateApi;
 use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +78,14 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
     health.set_serving::<HostServiceServer<HostApi>>().await;
+    health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
     let host_api = HostServiceServer::new(HostApi::new(Arc::clone(&node)));
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
-    let tcp_router = tonic::transport::Server::builder().add_service(health_service).add_service(api);
+    // UpdateService on both: a control plane pushes system updates.
+    let updates = UpdateServiceServer::new(UpdateApi::new(Arc::clone(&node)));
+    let tcp_router =
+        tonic::transport::Server::builder().add_service(health_service).add_service(api).add_service(updates);
     let router = tcp_router.clone().add_service(host_api);
 
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);

@@ -48,6 +48,10 @@ pub struct NodeSummary {
     pub qemu_version: String,
     pub accelerator: String,
     pub accelerator_reason: String,
+    /// The A/B systems, e.g. "A 0.2.0, fallback B 0.1.0"; empty off the Quantix image.
+    pub system: String,
+    /// The last update's version, system and outcome; empty when there was none.
+    pub last_update: String,
 }
 
 impl NodeSummary {
@@ -70,8 +74,43 @@ impl From<NodeInfo> for NodeSummary {
             qemu_version: info.qemu_version,
             accelerator: info.accelerator,
             accelerator_reason: info.accelerator_reason,
+            system: info.system.as_ref().map(system_text).unwrap_or_default(),
+            last_update: info.system.and_then(|s| s.last_update).map(|u| last_update_text(&u)).unwrap_or_default(),
         }
     }
+}
+
+fn system_text(status: &qx_proto::node::v1::SystemStatus) -> String {
+    if !status.unavailable.is_empty() {
+        return String::new();
+    }
+    let slot = |s: &qx_proto::node::v1::SystemSlot| format!("{} {}", s.slot.to_uppercase(), s.version);
+    let mut text = status.active.as_ref().map(slot).unwrap_or_else(|| "unknown".into());
+    if status.trial {
+        text.push_str(" (on trial)");
+    }
+    match &status.fallback {
+        Some(fallback) => text.push_str(&format!(", fallback {}", slot(fallback))),
+        None => text.push_str(", no fallback"),
+    }
+    if !status.pending.is_empty() {
+        text.push_str(&format!(", next boot tries {}", status.pending.to_uppercase()));
+    }
+    text
+}
+
+fn last_update_text(update: &qx_proto::node::v1::UpdateRecord) -> String {
+    use qx_proto::node::v1::UpdateOutcome;
+    let outcome = match UpdateOutcome::try_from(update.outcome) {
+        Ok(UpdateOutcome::Installing) => "installing",
+        Ok(UpdateOutcome::Pending) => "installed, waiting for a reboot",
+        Ok(UpdateOutcome::Succeeded) => "succeeded",
+        Ok(UpdateOutcome::RolledBack) => "FAILED, rolled back",
+        Ok(UpdateOutcome::Failed) => "failed",
+        Ok(UpdateOutcome::Cancelled) => "cancelled",
+        Ok(UpdateOutcome::Unspecified) | Err(_) => "unknown",
+    };
+    format!("{} on {}: {outcome}", update.version, update.slot.to_uppercase())
 }
 
 /// One answer from qx-node, or the reason there was none.

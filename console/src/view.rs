@@ -165,6 +165,12 @@ fn body_lines(app: &App) -> Vec<Line<'static>> {
             lines.push(labelled("Host status:", reason.to_owned(), None));
         }
     }
+    if let Some(node) = snap.node.as_ref().filter(|node| !node.system.is_empty()) {
+        lines.push(labelled("System:", node.system.clone(), None));
+        if !node.last_update.is_empty() {
+            lines.push(labelled("Last update:", node.last_update.clone(), None));
+        }
+    }
     lines
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use qx_agent::config::NodeConfig;
-use qx_agent::host::logring;
+use qx_agent::host::{logring, update};
 use qx_agent::node::Node;
 use qx_agent::server;
 use qx_vmm::spec::AccelChoice;
@@ -102,6 +102,10 @@ async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let lock = server::lock_data_dir(&config.data_dir)?;
     let listener = server::bind_unix(&config.listen.unix).await?;
     let node = Arc::new(Node::open(config).await.context("cannot start the node")?);
+    // An update's first boot becomes the default once this daemon answers on its socket.
+    let health = Arc::clone(&node);
+    let socket = health.config().listen.unix.clone();
+    tokio::spawn(async move { update::report_health_when_serving(health.host().updates(), socket).await });
     let mut restart = node.host().restart_requested();
     let (stopping_tx, mut stopping) = tokio::sync::watch::channel(false);
     let shutdown = async move {

@@ -7,10 +7,13 @@
 
 pub mod cluster;
 mod command;
+pub mod grubenv;
 pub mod hardware;
 pub mod logring;
 pub mod netconfig;
 pub mod ssh;
+pub mod sysimage;
+pub mod update;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -28,6 +31,7 @@ use self::logring::LogRing;
 pub use self::netconfig::{AddressMode, ManagementNetwork};
 use self::ssh::Ssh;
 pub use self::ssh::SshStatus;
+use self::update::{SystemStatus, UpdateControl, UpdateError, UpdateRequest, Updates};
 use crate::config::{HostConfig, NodeConfig};
 
 /// How long the apply command may take (a networking restart waits for DHCP).
@@ -133,6 +137,7 @@ pub struct Host {
     cluster: Cluster,
     restart: watch::Sender<bool>,
     logs: Arc<LogRing>,
+    updates: Updates,
 }
 
 impl Host {
@@ -156,6 +161,7 @@ impl Host {
             vms,
             restart: watch::Sender::new(false),
             logs: logring::global(),
+            updates: Updates::open(config.update.clone(), config.host_root.clone(), &config.data_dir).await,
         }
     }
 
@@ -295,10 +301,31 @@ impl Host {
         Diagnostics { log_lines: self.logs.recent(n), hardware: blocking(hardware::summary).await }
     }
 
+    /// A/B system updates: the systems' status, the health report.
+    pub fn updates(&self) -> &Updates {
+        &self.updates
+    }
+
+    /// Installs a system image on the inactive system partition and points the next boot at it once (see
+    /// [`Updates::install`]); then reboots shortly after the caller is answered when the request asks to.
+    pub async fn update_system(&self, request: UpdateRequest, ctl: &UpdateControl) -> Result<SystemStatus, UpdateError> {
+        let reboot = request.reboot;
+        let status = self.updates.install(request, self.running_vms(), ctl).await?;
+        if reboot {
+            info!("update installed; rebooting into it");
+            command::spawn_detached(self.config.reboot_command.clone(), AFTER_REPLY);
+        }
+        Ok(status)
+    }
+
+    fn running_vms(&self) -> usize {
+        self.vms.list().iter().filter(|vm| vm.state.is_active()).count()
+    }
+
     /// Reboots or shuts the host down shortly after the caller is answered. Refused while VMs run unless
     /// `confirm_running_vms`.
     pub fn power(&self, action: PowerAction, confirm_running_vms: bool) -> Result<(), HostError> {
-        let running = self.vms.list().iter().filter(|vm| vm.state.is_active()).count();
+        let running = self.running_vms();
         if running > 0 && !confirm_running_vms {
             return Err(HostError::VmsRunning { running });
         }

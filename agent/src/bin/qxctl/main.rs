@@ -18,6 +18,7 @@ use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
 mod progress;
 mod storage;
+mod system;
 
 /// Ctrl-]: leaves `vm console` without touching the guest, as telnet and virsh do.
 const DETACH_KEY: u8 = 0x1d;
@@ -67,6 +68,11 @@ enum Command {
     Image {
         #[command(subcommand)]
         command: ImageCommand,
+    },
+    /// The host's A/B systems: status and updates.
+    System {
+        #[command(subcommand)]
+        command: system::SystemCommand,
     },
     /// Follow VM state changes.
     Events {
@@ -233,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
+        Command::System { command } => system::run(qx_agent::client::channel(&cli.socket).await?, command, json).await?,
     }
     Ok(())
 }
@@ -653,6 +660,7 @@ fn print_node(info: &pb::NodeInfo, json: bool) {
         ("warm_pool", format!("{} ready / {} reserved", info.warm_pool_ready, info.warm_pool_reserved)),
         ("data_dir", info.data_dir.clone()),
     ];
+    let system = info.system.clone().unwrap_or_default();
     if json {
         println!(
             "{}",
@@ -664,11 +672,15 @@ fn print_node(info: &pb::NodeInfo, json: bool) {
                 "accelerator": info.accelerator, "accelerator_reason": info.accelerator_reason,
                 "vms_total": info.vms_total, "vms_running": info.vms_running, "data_dir": info.data_dir,
                 "warm_pool_ready": info.warm_pool_ready, "warm_pool_reserved": info.warm_pool_reserved,
+                "system": system::status_json(&system),
             })
         );
         return;
     }
     for (key, value) in rows {
+        println!("{key:<19} {value}");
+    }
+    for (key, value) in system::status_lines(&system) {
         println!("{key:<19} {value}");
     }
 }
