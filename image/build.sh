@@ -167,6 +167,7 @@ build_system() {
         -e 's|^  # tcp: 0.0.0.0:7443|  tcp: 0.0.0.0:9443|' \
         -e 's|^  network_config: .*|  network_config: /quantix/network.yaml|' \
         -e 's|^  interfaces_file: .*|  interfaces_file: /quantix/interfaces|' \
+        -e 's|^  shell_command: .*|  shell_command: [/bin/sh, -l]|' \
         "$root/etc/quantix/node.yaml" >"$root/usr/share/quantix/defaults/node.yaml"
     rm -rf "$root/etc/quantix"
     ln -s /quantix "$root/etc/quantix"

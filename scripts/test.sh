@@ -10,4 +10,15 @@ storage/tests/install-tools.sh >&2
 export QX_REQUIRE_OVS=1
 # Build the test guest once up front (cached), so parallel tests find it ready.
 test_infra/guest/build.sh >/dev/null
+# The host images the nested test boots and updates to (cached under ~/.cache/quantix/image; image/build.sh says
+# how): a first system, a second good one, and one whose qx-node does not start. QX_SKIP_HOST_IMAGE=1 leaves the
+# nested test out (it then says it was skipped).
+if [[ ${QX_SKIP_HOST_IMAGE:-0} != 1 ]]; then
+    start=$(date +%s)
+    QX_HOST_IMAGE=$(image/build.sh --version 1.0.0-test)
+    QX_HOST_IMAGE_UPDATE=$(image/build.sh --version 1.0.1-test)
+    QX_HOST_IMAGE_BROKEN=$(image/build.sh --version 1.0.2-broken --variant broken-node)
+    export QX_HOST_IMAGE QX_HOST_IMAGE_UPDATE QX_HOST_IMAGE_BROKEN
+    echo "host images ready in $(($(date +%s) - start)) s" >&2
+fi
 cargo test --workspace "$@"

@@ -808,3 +808,273 @@ pub async fn report_health_when_serving(updates: &Updates, socket: PathBuf) {
         error!(error = %crate::grpc::error_chain(&e), "cannot report this system healthy");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::sysimage::tests::ext4_start;
+    use crate::host::sysimage::PAYLOAD_LABEL;
+
+    const PAYLOAD: u64 = 1 << 20;
+
+    /// A host root booted from `booted` (with `quantix.pending=1` when `trial`), partitions A and B as 4 MiB files,
+    /// and a GRUB environment with A holding version 1.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        updates: Updates,
+    }
+
+    impl Fixture {
+        async fn new(cmdline: &str, public_key: Option<PathBuf>) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("root");
+            std::fs::create_dir_all(root.join("proc")).unwrap();
+            std::fs::write(root.join("proc/cmdline"), format!("{cmdline} quiet\n")).unwrap();
+            for (dev, part) in [("vda2", "QUANTIX-A"), ("vda3", "QUANTIX-B")] {
+                let sys = root.join("sys/class/block").join(dev);
+                std::fs::create_dir_all(&sys).unwrap();
+                std::fs::write(sys.join("uevent"), format!("MAJOR=254\nDEVNAME={dev}\nDEVTYPE=partition\nPARTNAME={part}\n"))
+                    .unwrap();
+                std::fs::create_dir_all(root.join("dev")).unwrap();
+                let f = File::create(root.join("dev").join(dev)).unwrap();
+                f.set_len(4 * PAYLOAD).unwrap();
+            }
+            let grubenv = dir.path().join("grubenv");
+            let mut env = GrubEnv::default();
+            for (k, v) in [("qx_default", "a"), ("qx_pending", ""), ("qx_trying", ""), ("qx_a_version", "1"), ("qx_b_version", "")] {
+                env.set(k, v);
+            }
+            env.write(&grubenv).unwrap();
+            let config = UpdateConfig { grubenv, health_timeout_seconds: 300, public_key };
+            let updates = Updates::open(config, root, &dir.path().join("data")).await;
+            Self { dir, updates }
+        }
+
+        fn env(&self) -> GrubEnv {
+            GrubEnv::read(&self.dir.path().join("grubenv")).unwrap()
+        }
+
+        fn partition_b(&self) -> Vec<u8> {
+            std::fs::read(self.dir.path().join("root/dev/vda3")).unwrap()
+        }
+
+        fn write_image(&self, name: &str, bytes: &[u8]) -> PathBuf {
+            let path = self.dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            path
+        }
+    }
+
+    /// A system image of `version` with a 1 MiB payload.
+    fn image(version: &str) -> Vec<u8> {
+        let mut payload = ext4_start(PAYLOAD, PAYLOAD_LABEL);
+        payload.resize(PAYLOAD as usize, 0x5a);
+        let header = Header { version: version.into(), payload_size: PAYLOAD, payload_sha256: hex(&Sha256::digest(&payload)) };
+        let mut bytes = header.render();
+        bytes.extend_from_slice(&payload);
+        bytes
+    }
+
+    fn request(source: UpdateSource, bytes: &[u8]) -> UpdateRequest {
+        UpdateRequest {
+            source,
+            size: bytes.len() as u64,
+            sha256: hex(&Sha256::digest(bytes)),
+            signature: String::new(),
+            reboot: false,
+            confirm_running_vms: false,
+            health_timeout_seconds: 0,
+        }
+    }
+
+    fn stream_of(bytes: &[u8]) -> UpdateSource {
+        let (tx, rx) = mpsc::channel(64);
+        for chunk in bytes.chunks(300_000) {
+            tx.try_send(chunk.to_vec()).unwrap();
+        }
+        UpdateSource::Stream(rx)
+    }
+
+    #[tokio::test]
+    async fn installs_on_the_inactive_system_and_points_the_next_boot_there_once() {
+        let f = Fixture::new("quantix.slot=a", None).await;
+        let bytes = image("2.0");
+        let ctl = UpdateControl::new();
+        let status = f.updates.install(request(stream_of(&bytes), &bytes), 0, &ctl).await.unwrap();
+        assert_eq!(&f.partition_b()[..PAYLOAD as usize], &bytes[HEADER_SIZE as usize..]);
+        let env = f.env();
+        assert_eq!((env.get("qx_pending"), env.get("qx_b_version"), env.get("qx_default")), ("b", "2.0", "a"));
+        assert_eq!(env.get("qx_health_timeout"), "300");
+        assert_eq!(status.active, Some(SlotVersion { slot: Slot::A, version: "1".into() }));
+        assert_eq!(status.fallback, Some(SlotVersion { slot: Slot::B, version: "2.0".into() }));
+        assert_eq!(status.pending, Some(Slot::B));
+        let last = status.last_update.unwrap();
+        assert_eq!((last.outcome, last.version.as_str(), last.slot), (Outcome::Pending, "2.0", Slot::B));
+        assert_eq!(ctl.subscribe().borrow().phase, Phase::Done);
+        assert!(!f.dir.path().join("data/update/incoming.qxi").exists(), "the staged image is removed");
+    }
+
+    #[tokio::test]
+    async fn bad_images_are_refused_before_anything_changes() {
+        let f = Fixture::new("quantix.slot=a", None).await;
+        let before = (f.env(), f.partition_b());
+        let good = image("2.0");
+        let path = f.write_image("good.qxi", &good);
+        let refused = |r: Result<SystemStatus, UpdateError>| match r {
+            Err(UpdateError::Refused { field, problem }) => format!("{field}: {problem}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let ctl = UpdateControl::new();
+
+        let mut wrong_sha = request(UpdateSource::Path(path.clone()), &good);
+        wrong_sha.sha256 = "0".repeat(64);
+        assert!(refused(f.updates.install(wrong_sha, 0, &ctl).await).starts_with("sha256: is 0000"));
+
+        let mut wrong_size = request(UpdateSource::Path(path.clone()), &good);
+        wrong_size.size += 1;
+        assert!(refused(f.updates.install(wrong_size, 0, &ctl).await).contains("but the image has"));
+
+        let truncated = request(stream_of(&good[..good.len() - 10]), &good);
+        assert!(refused(f.updates.install(truncated, 0, &ctl).await).contains("the stream ended after"));
+
+        let mut longer = good.clone();
+        longer.push(0);
+        let long = UpdateRequest { source: stream_of(&longer), ..request(UpdateSource::Path(path.clone()), &good) };
+        assert!(refused(f.updates.install(long, 0, &ctl).await).contains("carried more"));
+
+        let not_an_image = vec![7u8; 2 * PAYLOAD as usize];
+        let other = f.write_image("other.bin", &not_an_image);
+        let message = refused(f.updates.install(request(UpdateSource::Path(other), &not_an_image), 0, &ctl).await);
+        assert!(message.starts_with("image: not a Quantix system image"), "{message}");
+
+        let mut bad_payload = good.clone();
+        bad_payload[HEADER_SIZE as usize + 1024 + 0x78] = b'X'; // the filesystem label
+        let bad = f.write_image("bad.qxi", &bad_payload);
+        let message = refused(f.updates.install(request(UpdateSource::Path(bad), &bad_payload), 0, &ctl).await);
+        assert!(message.contains("labelled \"Xuantix-system\""), "{message}");
+
+        let invalid = UpdateRequest { sha256: "xyz".into(), health_timeout_seconds: 5, ..request(stream_of(&good), &good) };
+        match f.updates.install(invalid, 0, &ctl).await {
+            Err(UpdateError::Invalid(e)) => assert_eq!(
+                e.to_string(),
+                "sha256: \"xyz\" is not 64 hex digits; health_timeout_seconds: \"5\" is outside 10..=86400 (0: the configured one)"
+            ),
+            other => panic!("{other:?}"),
+        }
+        let reboot = UpdateRequest { reboot: true, ..request(UpdateSource::Path(path), &good) };
+        assert!(matches!(f.updates.install(reboot, 2, &ctl).await, Err(UpdateError::VmsRunning { running: 2 })));
+
+        assert_eq!((f.env(), f.partition_b()), before, "neither the boot pointer nor a system changed");
+        assert_eq!(f.updates.status().await.last_update, None);
+    }
+
+    #[tokio::test]
+    async fn a_configured_key_requires_a_good_signature() {
+        use ring::signature::KeyPair;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("update.pub");
+        std::fs::write(&key_file, format!("{}\n", hex(key.public_key().as_ref()))).unwrap();
+        let f = Fixture::new("quantix.slot=b", Some(key_file)).await;
+        let bytes = image("3");
+        let path = f.write_image("signed.qxi", &bytes);
+        let ctl = UpdateControl::new();
+
+        let unsigned = request(UpdateSource::Path(path.clone()), &bytes);
+        assert!(matches!(f.updates.install(unsigned, 0, &ctl).await, Err(UpdateError::Invalid(_))));
+        let other = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let other = ring::signature::Ed25519KeyPair::from_pkcs8(other.as_ref()).unwrap();
+        let digest = Sha256::digest(&bytes);
+        let forged = UpdateRequest { signature: hex(other.sign(&digest).as_ref()), ..request(UpdateSource::Path(path.clone()), &bytes) };
+        match f.updates.install(forged, 0, &ctl).await {
+            Err(UpdateError::Refused { field: "signature", .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.env().get("qx_pending"), "");
+        let signed = UpdateRequest { signature: hex(key.sign(&digest).as_ref()), ..request(UpdateSource::Path(path), &bytes) };
+        f.updates.install(signed, 0, &ctl).await.unwrap();
+        assert_eq!((f.env().get("qx_pending"), f.env().get("qx_a_version")), ("a", "3"));
+    }
+
+    #[tokio::test]
+    async fn cancelling_leaves_the_target_empty_and_says_so() {
+        let f = Fixture::new("quantix.slot=a", None).await;
+        let bytes = image("2.0");
+        let ctl = UpdateControl::new();
+        ctl.cancel();
+        let result = f.updates.install(request(stream_of(&bytes), &bytes), 0, &ctl).await;
+        assert!(matches!(result, Err(UpdateError::Cancelled)), "{result:?}");
+        assert_eq!(f.env().get("qx_pending"), "");
+    }
+
+    #[tokio::test]
+    async fn a_healthy_trial_becomes_the_default() {
+        let f = Fixture::new("quantix.slot=b quantix.pending=1", None).await;
+        let mut env = f.env();
+        env.set("qx_trying", "b");
+        env.set("qx_b_version", "2.0");
+        env.write(&f.dir.path().join("grubenv")).unwrap();
+        let status = f.updates.status().await;
+        assert!(status.trial);
+        f.updates.report_healthy().await.unwrap();
+        let env = f.env();
+        assert_eq!((env.get("qx_default"), env.get("qx_trying")), ("b", ""));
+        let status = f.updates.status().await;
+        assert!(!status.trial);
+        assert_eq!(status.fallback, Some(SlotVersion { slot: Slot::A, version: "1".into() }));
+        let last = status.last_update.unwrap();
+        assert_eq!((last.outcome, last.slot, last.version.as_str()), (Outcome::Succeeded, Slot::B, "2.0"));
+    }
+
+    #[tokio::test]
+    async fn the_previous_system_records_a_trial_that_never_reported() {
+        let f = Fixture::new("quantix.slot=a", None).await;
+        let mut env = f.env();
+        env.set("qx_trying", "b");
+        env.set("qx_b_version", "2.0-broken");
+        env.set("qx_health_timeout", "30");
+        env.write(&f.dir.path().join("grubenv")).unwrap();
+        f.updates.report_healthy().await.unwrap();
+        let env = f.env();
+        assert_eq!((env.get("qx_default"), env.get("qx_trying"), env.get("qx_b_version")), ("a", "", ""));
+        let status = f.updates.status().await;
+        assert_eq!(status.fallback, None, "the failed system is not offered as a fallback");
+        let last = status.last_update.unwrap();
+        assert_eq!((last.outcome, last.slot, last.version.as_str()), (Outcome::RolledBack, Slot::B, "2.0-broken"));
+        assert!(last.message.contains("did not report healthy within 30 s"), "{}", last.message);
+    }
+
+    #[tokio::test]
+    async fn an_install_cut_short_by_a_stopped_daemon_is_explained_at_start() {
+        let f = Fixture::new("quantix.slot=a", None).await;
+        let record_file = f.dir.path().join("data/update.json");
+        let installing = UpdateRecord { version: "2.0".into(), slot: Slot::B, outcome: Outcome::Installing, message: String::new(), at_unix: 1 };
+        write_record(&record_file, &installing).unwrap();
+        let config = f.updates.paths.config.clone();
+        let reopened = Updates::open(config.clone(), f.dir.path().join("root"), &f.dir.path().join("data")).await;
+        let last = reopened.status().await.last_update.unwrap();
+        assert_eq!(last.outcome, Outcome::Failed);
+        assert!(last.message.contains("qx-node stopped while writing system B"), "{}", last.message);
+
+        // Stopped after the boot pointer was written: the install is finished.
+        write_record(&record_file, &installing).unwrap();
+        let mut env = f.env();
+        env.set("qx_pending", "b");
+        env.set("qx_b_version", "2.0");
+        env.write(&config.grubenv).unwrap();
+        let reopened = Updates::open(config, f.dir.path().join("root"), &f.dir.path().join("data")).await;
+        assert_eq!(reopened.status().await.last_update.unwrap().outcome, Outcome::Pending);
+    }
+
+    #[tokio::test]
+    async fn off_the_image_updates_are_unavailable() {
+        let f = Fixture::new("root=/dev/sda1", None).await;
+        let status = f.updates.status().await;
+        assert!(status.unavailable.unwrap().contains("no quantix.slot"));
+        let bytes = image("2");
+        let result = f.updates.install(request(stream_of(&bytes), &bytes), 0, &UpdateControl::new()).await;
+        assert!(matches!(result, Err(UpdateError::Unavailable(_))), "{result:?}");
+    }
+}

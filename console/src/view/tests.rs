@@ -321,3 +321,33 @@ fn draw_respects_an_offset_area() {
     assert_eq!(buf[(9, 4)].symbol(), " ");
     assert_eq!(buf[(9, 4)].bg, Color::Reset);
 }
+
+#[test]
+fn the_systems_and_the_last_update_are_shown() {
+    use qx_proto::node::v1::{SystemSlot, SystemStatus, UpdateOutcome, UpdateRecord};
+    let system = SystemStatus {
+        active: Some(SystemSlot { slot: "b".into(), version: "1.1".into() }),
+        last_update: Some(UpdateRecord {
+            version: "1.2".into(),
+            slot: "a".into(),
+            outcome: UpdateOutcome::RolledBack.into(),
+            ..UpdateRecord::default()
+        }),
+        ..SystemStatus::default()
+    };
+    let mut app = App::new("/run/quantix/node.sock", true);
+    app.tick(NOW);
+    let info = NodeInfo { system: Some(system), ..node_info() };
+    app.set_snapshot(Snapshot::from_node_info(info).with_host(Ok(host())));
+    let screen = text(&app, 100, 40).join("\n");
+    assert!(screen.contains("System:") && screen.contains("B 1.1, no fallback"), "{screen}");
+    assert!(screen.contains("1.2 on A: FAILED, rolled back"), "{screen}");
+
+    // Off the image (no A/B systems) there is no such line.
+    let off = NodeInfo {
+        system: Some(SystemStatus { unavailable: "not booted from the image".into(), ..SystemStatus::default() }),
+        ..node_info()
+    };
+    app.set_snapshot(Snapshot::from_node_info(off).with_host(Ok(host())));
+    assert!(!text(&app, 100, 40).join("\n").contains("System:"));
+}
