@@ -49,7 +49,7 @@ hash_tree() { # a content hash of files (names, modes, contents)
         sha256sum | cut -c1-64
 }
 key_of() { printf '%s\n' "$@" | sha256sum | cut -c1-16; }
-script_hash=$(sha256sum "$here/build.sh" | cut -c1-64)
+stage_hash() { sed -n "/^# --- stage $1/,/^# --- stage $(($1 + 1))/p" "$here/build.sh" | sha256sum; }
 
 # --- tools -------------------------------------------------------------------------------------------------------
 need=()
@@ -68,7 +68,7 @@ fi
 
 # --- stage 1: the Debian root filesystem ---------------------------------------------------------------------
 packages=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/packages.txt" | sort -u | paste -sd, -)
-rootfs_key=$(key_of rootfs "$suite" "$packages" "$(sed -n '/^# --- stage 1/,/^# --- stage 2/p' "$here/build.sh" | sha256sum)")
+rootfs_key=$(key_of rootfs "$suite" "$packages" "$(stage_hash 1)")
 rootfs=$cache/rootfs-$rootfs_key
 if [[ ! -f $rootfs/.complete ]]; then
     log "stage 1: Debian $suite root filesystem (mmdebstrap), key $rootfs_key"
@@ -111,7 +111,7 @@ else
 fi
 for b in qx-node qxctl qx-console; do [[ -x $bindir/$b ]] || die "$bindir/$b is missing"; done
 bin_hash=$(cat "$bindir/qx-node" "$bindir/qxctl" "$bindir/qx-console" | sha256sum | cut -c1-64)
-squash_key=$(key_of squashfs "$rootfs_key" "$script_hash" "$(hash_tree "$repo/overlay")" "$(hash_tree "$here/rootfs")" \
+squash_key=$(key_of squashfs "$rootfs_key" "$(stage_hash 2)" "$(hash_tree "$repo/overlay")" "$(hash_tree "$here/rootfs")" \
     "$(hash_tree "$here/initramfs")" "$bin_hash" "$variant")
 squash_dir=$cache/system-$squash_key
 build_version=${version:-$(cd "$repo" && git describe --always --dirty 2>/dev/null || echo unknown)}
@@ -140,6 +140,7 @@ decompress_module() { # in out
 
 build_system() {
     local work=$1 root=$1/root start
+    mkdir -p "$work"
     start=$(date +%s)
     log "stage 2: root tree from rootfs-$rootfs_key"
     cp -a "$rootfs" "$root"
@@ -213,7 +214,8 @@ build_system() {
     local ir=$work/initramfs m kind path rel out
     mkdir -p "$ir"/{bin,sbin,proc,sys,dev,run,newroot,lib/modules/"$krel"}
     cp /bin/busybox "$ir/bin/busybox"
-    for applet in $(/bin/busybox --list); do ln -sf busybox "$ir/bin/$applet"; done
+    for applet in $(/bin/busybox --list); do [[ $applet == busybox ]] || ln -s busybox "$ir/bin/$applet"; done
+    mknod -m 600 "$ir/dev/console" c 5 1
     install -m 0755 "$here/initramfs/init" "$ir/init"
     : >"$ir/lib/modules/$krel/quantix-modules"
     declare -A have=()
@@ -255,7 +257,7 @@ fi
 find "$cache" -mindepth 1 -maxdepth 1 -name 'system-*' ! -name "system-$squash_key" -mtime +7 -exec rm -rf {} +
 
 # --- stage 3: the system image (one system partition) and the disk image --------------------------------------
-image_key=$(key_of image "$squash_key" "$build_version" "$(hash_tree "$here/grub")")
+image_key=$(key_of image "$squash_key" "$build_version" "$(hash_tree "$here/grub")" "$(stage_hash 3)")
 out=$cache/out-$image_key
 if [[ -f $out/.complete ]]; then
     log "cached: $out"
@@ -301,18 +303,28 @@ sectors_per_mib=2048
 total_mib=$((1 + efi_mib + 2 * system_mib + config_mib + data_mib + 1))
 truncate -s 0 "$work/disk.img"
 truncate -s "${total_mib}M" "$work/disk.img"
-sgdisk -q -Z "$work/disk.img" >/dev/null 2>&1 || true
-sgdisk -q \
+# Alignment 1 for the BIOS boot partition in the gap before 1 MiB; the others start on MiB boundaries anyway.
+sgdisk -a 1 \
     -n 6:34:2047 -t 6:EF02 -c 6:BIOS-BOOT \
     -n 1:1M:+${efi_mib}M -t 1:EF00 -c 1:QUANTIX-EFI \
     -n 2:0:+${system_mib}M -t 2:8300 -c 2:QUANTIX-A \
     -n 3:0:+${system_mib}M -t 3:8300 -c 3:QUANTIX-B \
     -n 4:0:+${config_mib}M -t 4:8300 -c 4:QUANTIX-CFG \
     -n 5:0:0 -t 5:8300 -c 5:QUANTIX-DATA \
-    "$work/disk.img"
-part_start() { sgdisk -i "$1" "$work/disk.img" | awk '/^First sector:/ {print $3}'; }
-part_sectors() { sgdisk -i "$1" "$work/disk.img" | awk '/^Partition size:/ {print $3}'; }
-put() { dd if="$2" of="$work/disk.img" bs=1M conv=notrunc,sparse oflag=seek_bytes seek=$(($(part_start "$1") * 512)) status=none; }
+    "$work/disk.img" >/dev/null
+part_field() { # partition, "First sector" or "Partition size": its number of sectors
+    local v
+    v=$(sgdisk -i "$1" "$work/disk.img" | awk -v f="$2:" 'index($0, f) == 1 {print $3}')
+    [[ $v =~ ^[0-9]+$ ]] || die "sgdisk shows no partition $1"
+    echo "$v"
+}
+part_start() { part_field "$1" "First sector"; }
+part_sectors() { part_field "$1" "Partition size"; }
+put() { # partition, filesystem image
+    local start
+    start=$(part_start "$1")
+    dd if="$2" of="$work/disk.img" bs=1M conv=notrunc,sparse oflag=seek_bytes seek=$((start * 512)) status=none
+}
 
 mkfs.vfat -C -F 32 -S 512 -s 1 -n QUANTIX-EFI "$work/efi.img" $((efi_mib * 1024)) >/dev/null
 mmd -i "$work/efi.img" ::/EFI ::/EFI/BOOT ::/EFI/quantix
@@ -323,7 +335,8 @@ put 2 "$work/system.ext4"
 mkdir -p "$work/empty"
 mkfs.ext4 -q -F -L quantix-config -E root_owner=0:0 -d "$work/empty" "$work/config.ext4" "${config_mib}M"
 put 4 "$work/config.ext4"
-mkfs.ext4 -q -F -L quantix-data -E root_owner=0:0 -d "$work/empty" "$work/data.ext4" "$(($(part_sectors 5) / 2))K"
+data_sectors=$(part_sectors 5)
+mkfs.ext4 -q -F -L quantix-data -E root_owner=0:0 -d "$work/empty" "$work/data.ext4" "$((data_sectors / 2))K"
 put 5 "$work/data.ext4"
 
 # BIOS: GRUB's boot.img in the protective MBR, core.img in the BIOS boot partition (what grub-bios-setup does,

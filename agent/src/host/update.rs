@@ -509,7 +509,15 @@ async fn receive(
     let dir = staged.parent().unwrap_or(Path::new("."));
     tokio::fs::create_dir_all(dir).await.map_err(UpdateError::io(format!("cannot create {}", dir.display())))?;
     let write_error = UpdateError::io(format!("cannot write {}", staged.display()));
-    let mut out = tokio::fs::File::create(staged).await.map_err(write_error)?;
+    // Read back for verification, so readable too.
+    let mut out = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(staged)
+        .await
+        .map_err(write_error)?;
     let mut received = 0u64;
     let result = async {
         ctl.report(Phase::Receiving, 0, size);
