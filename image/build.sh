@@ -157,13 +157,14 @@ build_system() {
 
     # busybox provides init and the small tools Debian's Essential set lacks; existing programs stay.
     local applet
-    for applet in init reboot poweroff halt ifup ifdown udhcpc watchdog vi less ps; do
+    for applet in init reboot poweroff halt mount umount ifup ifdown udhcpc watchdog vi less ps; do
         [[ -e $root/sbin/$applet || -e $root/bin/$applet || -e $root/usr/bin/$applet || -e $root/usr/sbin/$applet ]] ||
             ln -s /bin/busybox "$root/sbin/$applet"
     done
 
     # /etc/quantix is the config partition; the defaults first boot copies there come from overlay/.
     mkdir -p "$root/usr/share/quantix/defaults" "$root/quantix" "$root/data" "$root/boot/efi"
+    mkdir -p "$root"/etc/network/if-{pre-up,up,down,post-down}.d
     sed -e 's|^data_dir: .*|data_dir: /data/quantix|' \
         -e 's|^  # tcp: 0.0.0.0:7443|  tcp: 0.0.0.0:9443|' \
         -e 's|^  network_config: .*|  network_config: /quantix/network.yaml|' \
