@@ -120,7 +120,7 @@ build_version=${version:-$(cd "$repo" && git describe --always --dirty 2>/dev/nu
 initramfs_modules=(
     virtio_pci virtio_blk virtio_scsi sd_mod ahci ata_piix nvme
     xhci_pci ehci_pci usb_storage uas
-    crc32c_generic ext4 squashfs loop overlay vfat nls_cp437 nls_utf8 nls_iso8859_1
+    crc32c_generic ext4 squashfs loop overlay vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1
 )
 # Kernel module trees the host has no use for (sound, cameras, wireless, desktop GPUs, staging drivers).
 prune_modules=(

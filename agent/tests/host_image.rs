@@ -314,7 +314,7 @@ async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     // A VM inside the host: the test guest under nested TCG, its ready marker through the API's console.
     let guest = test_guest();
     let spec_text = format!(
-        "name: nested\nmemory_mib: 256\nkernel:\n  kernel: {GUEST_DIR}/vmlinux\n  initrd: {GUEST_DIR}/initrd.img\n  cmdline: \"{}\"\n",
+        "name: nested\nmemory_mib: 256\naccelerator: tcg\nkernel:\n  kernel: {GUEST_DIR}/vmlinux\n  initrd: {GUEST_DIR}/initrd.img\n  cmdline: \"{}\"\n",
         guest.cmdline
     );
     node.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm inside the host");
