@@ -210,9 +210,9 @@ impl NodeConfig {
             ("host.network_config", &self.host.network_config),
             ("update.grubenv", &self.update.grubenv),
         ];
-        let optional = [("host.interfaces_file", &self.host.interfaces_file), ("update.public_key", &self.update.public_key)];
-        for (field, path) in paths.into_iter().chain(optional.into_iter().filter_map(|(f, p)| Some((f, p.as_ref()?))))
-        {
+        let optional =
+            [("host.interfaces_file", &self.host.interfaces_file), ("update.public_key", &self.update.public_key)];
+        for (field, path) in paths.into_iter().chain(optional.into_iter().filter_map(|(f, p)| Some((f, p.as_ref()?)))) {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
             }
@@ -246,7 +246,11 @@ impl NodeConfig {
             problem("stop_timeout_seconds", self.stop_timeout_seconds.to_string(), "is outside 1..=3600");
         }
         if !(10..=86_400).contains(&self.update.health_timeout_seconds) {
-            problem("update.health_timeout_seconds", self.update.health_timeout_seconds.to_string(), "is outside 10..=86400");
+            problem(
+                "update.health_timeout_seconds",
+                self.update.health_timeout_seconds.to_string(),
+                "is outside 10..=86400",
+            );
         }
         for (i, shape) in self.warm_pool.iter().enumerate() {
             if let Err(ValidationErrors(shape_errors)) = shape.validate(&format!("warm_pool[{i}]")) {

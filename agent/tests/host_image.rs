@@ -80,7 +80,11 @@ impl Host {
         let disk = d.join("disk.img");
         std::fs::copy(disk_image, &disk).unwrap();
         seed_test_guest(&disk, d);
-        run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"]).arg(&disk).arg(d.join("host.qcow2")).arg("8G"));
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&disk)
+            .arg(d.join("host.qcow2"))
+            .arg("8G"));
         std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", d.join("vars.fd")).unwrap();
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-machine", "q35", "-cpu", "max", "-m", "3072", "-smp", "2", "-nodefaults"])
@@ -91,10 +95,19 @@ impl Host {
             .arg(format!("if=pflash,format=raw,file={}", d.join("vars.fd").display()))
             .arg("-drive")
             .arg(format!("if=virtio,format=qcow2,file={}", d.join("host.qcow2").display()))
-            .args(["-netdev", &format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{port}-:9443"), "-device", "virtio-net-pci,netdev=mgmt"])
+            .args([
+                "-netdev",
+                &format!("user,id=mgmt,hostfwd=tcp:127.0.0.1:{port}-:9443"),
+                "-device",
+                "virtio-net-pci,netdev=mgmt",
+            ])
             .args(["-netdev", "user,id=vms", "-device", "virtio-net-pci,netdev=vms"])
             .arg("-chardev")
-            .arg(format!("socket,id=ser,path={},server=on,wait=off,logfile={}", d.join("serial.sock").display(), d.join("serial.log").display()))
+            .arg(format!(
+                "socket,id=ser,path={},server=on,wait=off,logfile={}",
+                d.join("serial.sock").display(),
+                d.join("serial.log").display()
+            ))
             .args(["-serial", "chardev:ser"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", d.join("qmp.sock").display()))
@@ -208,8 +221,16 @@ fn seed_test_guest(disk: &Path, work: &Path) {
     };
     let (start, sectors) = (field("First sector:"), field("Partition size:"));
     let data = work.join("data.ext4");
-    run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "quantix-data", "-E", "root_owner=0:0", "-d"]).arg(&stage).arg(&data).arg(format!("{}K", sectors / 2)));
-    run(Command::new("dd").arg(format!("if={}", data.display())).arg(format!("of={}", disk.display())).args(["bs=1M", "conv=notrunc,sparse", "oflag=seek_bytes", "status=none"]).arg(format!("seek={}", start * 512)));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "quantix-data", "-E", "root_owner=0:0", "-d"])
+        .arg(&stage)
+        .arg(&data)
+        .arg(format!("{}K", sectors / 2)));
+    run(Command::new("dd")
+        .arg(format!("if={}", data.display()))
+        .arg(format!("of={}", disk.display()))
+        .args(["bs=1M", "conv=notrunc,sparse", "oflag=seek_bytes", "status=none"])
+        .arg(format!("seek={}", start * 512)));
     std::fs::remove_file(data).unwrap();
 }
 
@@ -260,7 +281,8 @@ async fn update(
     tx.send(pb::UpdateHostRequest { message: Some(pb::update_host_request::Message::Start(start)) }).await.unwrap();
     tokio::spawn(async move {
         for chunk in bytes.chunks(1 << 20) {
-            let chunk = pb::UpdateHostRequest { message: Some(pb::update_host_request::Message::Chunk(chunk.to_vec())) };
+            let chunk =
+                pb::UpdateHostRequest { message: Some(pb::update_host_request::Message::Chunk(chunk.to_vec())) };
             if tx.send(chunk).await.is_err() {
                 return;
             }
@@ -348,10 +370,14 @@ async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     let truncated = update(&channel, good[..good.len() / 2].to_vec(), size, sha.clone(), false, 0).await.unwrap_err();
     assert!(truncated.message().contains("the stream ended after"), "{}", truncated.message());
     let junk = vec![0x42u8; 8 << 20];
-    let not_an_image = update(&channel, junk.clone(), junk.len() as u64, sha256_hex(&junk), false, 0).await.unwrap_err();
+    let not_an_image =
+        update(&channel, junk.clone(), junk.len() as u64, sha256_hex(&junk), false, 0).await.unwrap_err();
     assert!(not_an_image.message().starts_with("image: not a Quantix system image"), "{}", not_an_image.message());
     let unchanged = system_of(&node.get_node_info(pb::GetNodeInfoRequest {}).await.unwrap().into_inner());
-    assert_eq!((slot(&unchanged.active), unchanged.fallback.clone(), unchanged.pending.clone()), (("a".into(), v1.clone()), None, String::new()));
+    assert_eq!(
+        (slot(&unchanged.active), unchanged.fallback.clone(), unchanged.pending.clone()),
+        (("a".into(), v1.clone()), None, String::new())
+    );
 
     // A good update: written to B, booted once, healthy, the default; A is the fallback; the VM is still defined.
     let started = Instant::now();
@@ -372,7 +398,10 @@ async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     assert_eq!(slot(&system.fallback), ("a".into(), v1.clone()));
     assert!(!system.trial);
     let vms = node.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner().vms;
-    assert!(vms.iter().any(|vm| vm.spec.as_ref().is_some_and(|s| s.name == "nested")), "the VM is still defined: {vms:?}");
+    assert!(
+        vms.iter().any(|vm| vm.spec.as_ref().is_some_and(|s| s.name == "nested")),
+        "the VM is still defined: {vms:?}"
+    );
 
     // A broken update (qx-node exits at once): the watchdog reboots into B, which records the failed attempt.
     let bad = std::fs::read(images.broken.join("system.qxi")).unwrap();

@@ -308,7 +308,11 @@ impl Host {
 
     /// Installs a system image on the inactive system partition and points the next boot at it once (see
     /// [`Updates::install`]); then reboots shortly after the caller is answered when the request asks to.
-    pub async fn update_system(&self, request: UpdateRequest, ctl: &UpdateControl) -> Result<SystemStatus, UpdateError> {
+    pub async fn update_system(
+        &self,
+        request: UpdateRequest,
+        ctl: &UpdateControl,
+    ) -> Result<SystemStatus, UpdateError> {
         let reboot = request.reboot;
         let status = self.updates.install(request, self.running_vms(), ctl).await?;
         if reboot {

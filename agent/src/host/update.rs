@@ -304,7 +304,6 @@ impl Updates {
         let paths = self.paths.clone();
         blocking(move || paths.status()).await
     }
-
 }
 
 impl Paths {
@@ -322,7 +321,9 @@ impl Paths {
             }
         }
         let slot = slot.ok_or_else(|| {
-            UpdateError::Unavailable("the kernel command line has no quantix.slot=a|b (not booted by the Quantix image's GRUB)".into())
+            UpdateError::Unavailable(
+                "the kernel command line has no quantix.slot=a|b (not booted by the Quantix image's GRUB)".into(),
+            )
         })?;
         Ok(Boot { slot, trial })
     }
@@ -335,9 +336,7 @@ impl Paths {
         let last_update = read_record(&self.record_file);
         let (boot, env) = match self.boot().and_then(|boot| Ok((boot, self.env()?))) {
             Ok(found) => found,
-            Err(e) => {
-                return SystemStatus { unavailable: Some(e.to_string()), last_update, ..SystemStatus::default() }
-            }
+            Err(e) => return SystemStatus { unavailable: Some(e.to_string()), last_update, ..SystemStatus::default() },
         };
         let version = |slot: Slot| env.get(slot.version_var()).to_owned();
         let other = boot.slot.other();
@@ -479,8 +478,7 @@ fn validate(request: &UpdateRequest, key_configured: bool) -> Result<(), UpdateE
     if !sysimage::is_sha256(&request.sha256) {
         add("sha256", &request.sha256, "is not 64 hex digits");
     }
-    if key_configured && !(request.signature.len() == 128 && request.signature.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
+    if key_configured && !(request.signature.len() == 128 && request.signature.bytes().all(|b| b.is_ascii_hexdigit())) {
         add("signature", &request.signature, "must be 128 hex digits (ed25519) since update.public_key is set");
     }
     if request.health_timeout_seconds != 0 && !(10..=86_400).contains(&request.health_timeout_seconds) {
@@ -532,7 +530,10 @@ async fn receive(
         }
         ctl.check()?;
         if received < size {
-            return Err(UpdateError::refused("size", format!("is {size}, but the stream ended after {received} bytes")));
+            return Err(UpdateError::refused(
+                "size",
+                format!("is {size}, but the stream ended after {received} bytes"),
+            ));
         }
         out.flush().await.map_err(UpdateError::io(format!("cannot write {}", staged.display())))?;
         Ok(())
@@ -580,7 +581,11 @@ fn verify(
     if header.payload_size > capacity {
         return Err(UpdateError::refused(
             "image",
-            format!("its system needs {} bytes, the partition {} has {capacity}", header.payload_size, device.display()),
+            format!(
+                "its system needs {} bytes, the partition {} has {capacity}",
+                header.payload_size,
+                device.display()
+            ),
         ));
     }
 
@@ -635,7 +640,8 @@ fn install_verified(
             UpdateError::Cancelled => (Outcome::Cancelled, "cancelled"),
             _ => (Outcome::Failed, "failed"),
         };
-        let message = format!("{what} while writing system {target}, which is left empty: {}", crate::grpc::error_chain(&e));
+        let message =
+            format!("{what} while writing system {target}, which is left empty: {}", crate::grpc::error_chain(&e));
         warn!(system = %target, "update: {message}");
         if let Err(record_error) = write_record(record_file, &record(outcome, message)) {
             warn!(error = %crate::grpc::error_chain(&record_error), "cannot record the update's outcome");
@@ -651,7 +657,10 @@ fn install_verified(
     info!(system = %target, version = %header.version, "update: installed; the next boot tries it once");
     write_record(
         record_file,
-        &record(Outcome::Pending, format!("installed on system {target}; the next boot tries it (health timeout {timeout} s)")),
+        &record(
+            Outcome::Pending,
+            format!("installed on system {target}; the next boot tries it (health timeout {timeout} s)"),
+        ),
     )
 }
 
@@ -665,9 +674,10 @@ fn write_payload(
     let device_error = || UpdateError::io(format!("cannot write {}", device.display()));
     let mut out = std::fs::OpenOptions::new().write(true).open(device).map_err(device_error())?;
     file.seek(SeekFrom::Start(HEADER_SIZE)).map_err(UpdateError::io("cannot read the image"))?;
-    let digest = hash_with_progress(&mut file.take(header.payload_size), header.payload_size, Phase::Writing, ctl, |chunk| {
-        out.write_all(chunk).map_err(device_error())
-    })?;
+    let digest =
+        hash_with_progress(&mut file.take(header.payload_size), header.payload_size, Phase::Writing, ctl, |chunk| {
+            out.write_all(chunk).map_err(device_error())
+        })?;
     if hex(&digest) != header.payload_sha256 {
         return Err(UpdateError::SourceChanged { slot: target, actual: hex(&digest) });
     }
@@ -677,8 +687,13 @@ fn write_payload(
     // Read back what the partition holds, not what the page cache remembers.
     let mut back = File::open(device).map_err(UpdateError::io(format!("cannot read {}", device.display())))?;
     let _ = rustix::fs::fadvise(&back, 0, None, rustix::fs::Advice::DontNeed);
-    let digest =
-        hash_with_progress(&mut (&mut back).take(header.payload_size), header.payload_size, Phase::Checking, ctl, |_| Ok(()))?;
+    let digest = hash_with_progress(
+        &mut (&mut back).take(header.payload_size),
+        header.payload_size,
+        Phase::Checking,
+        ctl,
+        |_| Ok(()),
+    )?;
     if hex(&digest) != header.payload_sha256 {
         return Err(UpdateError::WriteMismatch { slot: target, actual: hex(&digest) });
     }
@@ -752,7 +767,9 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 fn read_record(path: &Path) -> Option<UpdateRecord> {
     let bytes = std::fs::read(path).ok()?;
-    serde_json::from_slice(&bytes).map_err(|e| warn!(path = %path.display(), error = %e, "ignoring an unreadable update record")).ok()
+    serde_json::from_slice(&bytes)
+        .map_err(|e| warn!(path = %path.display(), error = %e, "ignoring an unreadable update record"))
+        .ok()
 }
 
 fn write_record(path: &Path, record: &UpdateRecord) -> Result<(), UpdateError> {
@@ -780,7 +797,10 @@ fn reconcile(record_file: &Path, staging_dir: &Path, grubenv: &Path) {
     } else {
         (
             Outcome::Failed,
-            format!("qx-node stopped while writing system {}, which is left empty; install the update again", record.slot),
+            format!(
+                "qx-node stopped while writing system {}, which is left empty; install the update again",
+                record.slot
+            ),
         )
     };
     record.at_unix = now_unix();
@@ -841,15 +861,24 @@ mod tests {
             for (dev, part) in [("vda2", "QUANTIX-A"), ("vda3", "QUANTIX-B")] {
                 let sys = root.join("sys/class/block").join(dev);
                 std::fs::create_dir_all(&sys).unwrap();
-                std::fs::write(sys.join("uevent"), format!("MAJOR=254\nDEVNAME={dev}\nDEVTYPE=partition\nPARTNAME={part}\n"))
-                    .unwrap();
+                std::fs::write(
+                    sys.join("uevent"),
+                    format!("MAJOR=254\nDEVNAME={dev}\nDEVTYPE=partition\nPARTNAME={part}\n"),
+                )
+                .unwrap();
                 std::fs::create_dir_all(root.join("dev")).unwrap();
                 let f = File::create(root.join("dev").join(dev)).unwrap();
                 f.set_len(4 * PAYLOAD).unwrap();
             }
             let grubenv = dir.path().join("grubenv");
             let mut env = GrubEnv::default();
-            for (k, v) in [("qx_default", "a"), ("qx_pending", ""), ("qx_trying", ""), ("qx_a_version", "1"), ("qx_b_version", "")] {
+            for (k, v) in [
+                ("qx_default", "a"),
+                ("qx_pending", ""),
+                ("qx_trying", ""),
+                ("qx_a_version", "1"),
+                ("qx_b_version", ""),
+            ] {
                 env.set(k, v);
             }
             env.write(&grubenv).unwrap();
@@ -877,7 +906,8 @@ mod tests {
     fn image(version: &str) -> Vec<u8> {
         let mut payload = ext4_start(PAYLOAD, PAYLOAD_LABEL);
         payload.resize(PAYLOAD as usize, 0x5a);
-        let header = Header { version: version.into(), payload_size: PAYLOAD, payload_sha256: hex(&Sha256::digest(&payload)) };
+        let header =
+            Header { version: version.into(), payload_size: PAYLOAD, payload_sha256: hex(&Sha256::digest(&payload)) };
         let mut bytes = header.render();
         bytes.extend_from_slice(&payload);
         bytes
@@ -961,7 +991,8 @@ mod tests {
         let message = refused(f.updates.install(request(UpdateSource::Path(bad), &bad_payload), 0, &ctl).await);
         assert!(message.contains("labelled \"Xuantix-system\""), "{message}");
 
-        let invalid = UpdateRequest { sha256: "xyz".into(), health_timeout_seconds: 5, ..request(stream_of(&good), &good) };
+        let invalid =
+            UpdateRequest { sha256: "xyz".into(), health_timeout_seconds: 5, ..request(stream_of(&good), &good) };
         match f.updates.install(invalid, 0, &ctl).await {
             Err(UpdateError::Invalid(e)) => assert_eq!(
                 e.to_string(),
@@ -995,13 +1026,17 @@ mod tests {
         let other = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
         let other = ring::signature::Ed25519KeyPair::from_pkcs8(other.as_ref()).unwrap();
         let digest = Sha256::digest(&bytes);
-        let forged = UpdateRequest { signature: hex(other.sign(&digest).as_ref()), ..request(UpdateSource::Path(path.clone()), &bytes) };
+        let forged = UpdateRequest {
+            signature: hex(other.sign(&digest).as_ref()),
+            ..request(UpdateSource::Path(path.clone()), &bytes)
+        };
         match f.updates.install(forged, 0, &ctl).await {
             Err(UpdateError::Refused { field: "signature", .. }) => {}
             other => panic!("{other:?}"),
         }
         assert_eq!(f.env().get("qx_pending"), "");
-        let signed = UpdateRequest { signature: hex(key.sign(&digest).as_ref()), ..request(UpdateSource::Path(path), &bytes) };
+        let signed =
+            UpdateRequest { signature: hex(key.sign(&digest).as_ref()), ..request(UpdateSource::Path(path), &bytes) };
         f.updates.install(signed, 0, &ctl).await.unwrap();
         assert_eq!((f.env().get("qx_pending"), f.env().get("qx_a_version")), ("a", "3"));
     }
@@ -1058,7 +1093,13 @@ mod tests {
     async fn an_install_cut_short_by_a_stopped_daemon_is_explained_at_start() {
         let f = Fixture::new("quantix.slot=a", None).await;
         let record_file = f.dir.path().join("data/update.json");
-        let installing = UpdateRecord { version: "2.0".into(), slot: Slot::B, outcome: Outcome::Installing, message: String::new(), at_unix: 1 };
+        let installing = UpdateRecord {
+            version: "2.0".into(),
+            slot: Slot::B,
+            outcome: Outcome::Installing,
+            message: String::new(),
+            at_unix: 1,
+        };
         write_record(&record_file, &installing).unwrap();
         let config = f.updates.paths.config.clone();
         let reopened = Updates::open(config.clone(), f.dir.path().join("root"), &f.dir.path().join("data")).await;

@@ -239,7 +239,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
-        Command::System { command } => system::run(qx_agent::client::channel(&cli.socket).await?, command, json).await?,
+        Command::System { command } => {
+            system::run(qx_agent::client::channel(&cli.socket).await?, command, json).await?
+        }
     }
     Ok(())
 }

@@ -56,7 +56,16 @@ pub async fn run(channel: Channel, command: SystemCommand, json: bool) -> anyhow
             let status = client.get_system_status(pb::GetSystemStatusRequest {}).await?.into_inner();
             print_status(&status, json);
         }
-        SystemCommand::Update { image, on_node, size, sha256, signature, reboot, confirm_running_vms, health_timeout } => {
+        SystemCommand::Update {
+            image,
+            on_node,
+            size,
+            sha256,
+            signature,
+            reboot,
+            confirm_running_vms,
+            health_timeout,
+        } => {
             let (size, sha256) = if on_node {
                 match (size, sha256) {
                     (Some(size), Some(sha256)) => (size, sha256),
@@ -77,8 +86,7 @@ pub async fn run(channel: Channel, command: SystemCommand, json: bool) -> anyhow
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             tx.send(pb::UpdateHostRequest { message: Some(pb::update_host_request::Message::Start(start)) }).await?;
             let sender = (!on_node).then(|| tokio::spawn(stream_file(image, tx)));
-            let mut progress =
-                client.update_host(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            let mut progress = client.update_host(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
             let mut bar = ProgressBar::new("update", json);
             let mut last = None;
             while let Some(message) = progress.next().await {
@@ -118,10 +126,7 @@ async fn hash_file(path: &PathBuf) -> anyhow::Result<(u64, String)> {
     Ok((size, hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()))
 }
 
-async fn stream_file(
-    path: PathBuf,
-    tx: tokio::sync::mpsc::Sender<pb::UpdateHostRequest>,
-) -> anyhow::Result<()> {
+async fn stream_file(path: PathBuf, tx: tokio::sync::mpsc::Sender<pb::UpdateHostRequest>) -> anyhow::Result<()> {
     let mut file = tokio::fs::File::open(&path).await.with_context(|| format!("cannot open {}", path.display()))?;
     loop {
         let mut buf = vec![0u8; CHUNK];
@@ -169,7 +174,13 @@ pub fn status_lines(status: &pb::SystemStatus) -> Vec<(&'static str, String)> {
     if let Some(last) = &status.last_update {
         lines.push((
             "last update",
-            format!("{} on {}: {} ({})", last.version, last.slot.to_uppercase(), outcome_text(last.outcome), last.message),
+            format!(
+                "{} on {}: {} ({})",
+                last.version,
+                last.slot.to_uppercase(),
+                outcome_text(last.outcome),
+                last.message
+            ),
         ));
     }
     lines
