@@ -10,6 +10,8 @@ storage/tests/install-tools.sh >&2
 export QX_REQUIRE_OVS=1
 # Build the test guest once up front (cached), so parallel tests find it ready.
 test_infra/guest/build.sh >/dev/null
+# And the Debian guest (cloud-init, SSH, the guest agent): minutes on the first run, then cached.
+test_infra/guest/build-debian.sh >/dev/null
 # The host images the nested test boots and updates to (cached under ~/.cache/quantix/image; image/build.sh says
 # how): a first system, a second good one, and one whose qx-node does not start. QX_SKIP_HOST_IMAGE=1 leaves the
 # nested test out (it then says it was skipped).

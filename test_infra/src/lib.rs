@@ -1,5 +1,5 @@
-//! What Quantix integration tests share: the test guest (built once from Debian's packages and cached), a
-//! `wait_until` helper, and guards that stop what a test started, by PID, even when the test fails.
+//! What Quantix integration tests share: the test guest and the Debian guest (each built once from Debian's packages
+//! and cached), a `wait_until` helper, and guards that stop what a test started, by PID, even when the test fails.
 //!
 //! Not for production code: nothing outside `[dev-dependencies]` may use it.
 //!
@@ -48,18 +48,55 @@ impl TestGuest {
 pub fn test_guest() -> &'static TestGuest {
     static GUEST: OnceLock<TestGuest> = OnceLock::new();
     GUEST.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-        let output = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(output.status.success(), "{} failed: {}", script.display(), output.status);
-        let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        let dir = run_build_script("guest/build.sh");
         let cmdline = std::fs::read_to_string(dir.join("cmdline"))
             .unwrap_or_else(|e| panic!("test guest at {} has no cmdline: {e}", dir.display()));
         TestGuest { kernel: dir.join("vmlinux"), initrd: dir.join("initrd.img"), cmdline: cmdline.trim().to_owned() }
     })
+}
+
+/// The Debian guest: a Debian 12 qcow2 disk (systemd, udev, cloud-init with the NoCloud datasource,
+/// qemu-guest-agent, openssh-server) booted directly from its kernel and initramfs, for tests that need a real
+/// distribution: cloud-init, SSH, the guest agent.
+#[derive(Debug, Clone)]
+pub struct DebianGuest {
+    /// One ext4 filesystem labelled `qx-root`, no partition table, no bootloader. Import it; never boot it in place.
+    pub disk: PathBuf,
+    /// The uncompressed kernel (PVH entry) when the build could extract it, else the bzImage.
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// `root=LABEL=qx-root`, the serial console on ttyS0, fast boot under TCG.
+    pub cmdline: String,
+}
+
+/// Builds the Debian guest the first time any test asks (minutes, needs root and Debian's package mirror; a cached
+/// no-op afterwards, keyed by the build script) and returns it.
+pub fn debian_guest() -> &'static DebianGuest {
+    static GUEST: OnceLock<DebianGuest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let dir = run_build_script("guest/build-debian.sh");
+        let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+            .unwrap_or_else(|e| panic!("Debian guest at {} has no cmdline: {e}", dir.display()));
+        let vmlinux = dir.join("vmlinux");
+        DebianGuest {
+            disk: dir.join("disk.qcow2"),
+            kernel: if vmlinux.exists() { vmlinux } else { dir.join("vmlinuz") },
+            initrd: dir.join("initrd.img"),
+            cmdline: cmdline.trim().to_owned(),
+        }
+    })
+}
+
+/// Runs one of test_infra's build scripts and returns the directory it prints.
+fn run_build_script(relative: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(output.status.success(), "{} failed: {}", script.display(), output.status);
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
 }
 
 /// The reason a skipped test gives when the machine lacks the hardware it needs (an IOMMU, an SR-IOV card): the
