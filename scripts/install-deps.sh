@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what Quantix needs on a fresh Debian 12 machine: QEMU (system emulator and qemu-img at the same version),
 # the tools the test guest build uses, tmux for the console tests, OVMF (UEFI and Secure Boot firmware) and swtpm
-# (the vTPM) for the devices crate, disk tools for the nested host test (image/build.sh installs what the image
-# build itself needs), and the SSH client the Debian guest tests log in with. Does nothing when everything is there
-# already.
+# (the vTPM) for the devices crate, the guest agent (qemu-ga) for the QGA tests, disk tools for the nested host
+# test (image/build.sh installs what the image build itself needs), and the SSH client the Debian guest tests log
+# in with. Does nothing when everything is there already.
 set -euo pipefail
 
 need=()
@@ -15,6 +15,8 @@ for tool in busybox:busybox-static cpio:cpio depmod:kmod tmux:tmux sgdisk:gdisk 
 done
 [ -f /usr/share/OVMF/OVMF_CODE_4M.secboot.fd ] || need+=(ovmf)
 command -v swtpm >/dev/null || need+=(swtpm)
+# qx-qmp's QGA tests run a real guest agent on the host (`qemu-ga --method unix-listen`).
+command -v qemu-ga >/dev/null || need+=(qemu-guest-agent)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 echo "installing: ${need[*]}" >&2

@@ -142,16 +142,7 @@ where
 }
 
 /// The error and its causes in one line: gRPC carries a message, not a chain.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
-}
+pub(crate) use qx_common::error_chain;
 
 fn vm_reply(result: Result<qx_vmm::VmInfo, VmError>) -> Result<Response<pb::Vm>, Status> {
     result.map(|vm| Response::new(vm_to_pb(&vm))).map_err(status)

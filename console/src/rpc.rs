@@ -187,20 +187,7 @@ async fn call(socket: &Path, request: &Request) -> Result<Reply, RpcError> {
 }
 
 /// The error and its causes on one line, each said once.
-pub(crate) fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        // Some transport errors repeat their cause in their own message.
-        if !text.ends_with(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use qx_common::error_chain as causes;
 
 /// Performs each request from `requests` as it comes, concurrently (a slow join never holds up diagnostics), and
 /// hands every reply to `publish`. Returns when `requests` is closed.

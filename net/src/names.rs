@@ -28,70 +28,8 @@ pub const MAX_MTU: u32 = 65535;
 /// Longest `external_ids` value (OVN logical port names are UUIDs or short names; this is generous).
 pub const MAX_EXTERNAL_ID_LEN: usize = 255;
 
-/// One problem with one field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// Path of the field, e.g. `ports[2].vlan.tag`.
-    pub field: String,
-    /// The offending value as the caller gave it.
-    pub value: String,
-    /// What is wrong with it, e.g. `is outside 1..=4094`.
-    pub problem: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {:?} {}", self.field, self.value, self.problem)
-    }
-}
-
-/// Every problem found in a request, in field order.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ValidationErrors(pub Vec<FieldError>);
-
-impl fmt::Display for ValidationErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&parts.join("; "))
-    }
-}
-
-impl ValidationErrors {
-    /// A single-problem error.
-    pub fn one(field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) -> Self {
-        Self(vec![FieldError { field: field.into(), value: value.to_string(), problem: problem.into() }])
-    }
-
-    /// The first offending field, for protocols that carry one (gRPC's `BadRequest`).
-    pub fn first_field(&self) -> &str {
-        self.0.first().map_or("", |e| e.field.as_str())
-    }
-}
-
-/// Collects problems while walking a request.
-#[derive(Debug, Default)]
-pub(crate) struct Problems(Vec<FieldError>);
-
-impl Problems {
-    pub(crate) fn add(&mut self, field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), value: value.to_string(), problem: problem.into() });
-    }
-
-    /// Records `check`'s problem, if any, under `field`.
-    pub(crate) fn check(&mut self, field: impl Into<String>, value: impl fmt::Display, check: Result<(), String>) {
-        if let Err(problem) = check {
-            self.add(field, value, problem);
-        }
-    }
-
-    pub(crate) fn into_result(self) -> Result<(), ValidationErrors> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ValidationErrors(self.0))
-        }
-    }
-}
+pub(crate) use qx_common::Problems;
+pub use qx_common::{FieldError, ValidationErrors};
 
 /// Checks a Linux interface name (tap, bridge, OVS port): 1..=15 bytes of ASCII letters, digits, `.`, `_`, `-`,
 /// starting with a letter or digit.

@@ -207,7 +207,7 @@ impl SeedConfig {
         let mut p = Problems::default();
         let id = &self.meta_data.instance_id;
         if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control()) {
-            p.push("meta_data.instance_id", id, "must be 1 to 255 printable characters");
+            p.add("meta_data.instance_id", id, "must be 1 to 255 printable characters");
         }
         check_hostname(&mut p, "meta_data.local_hostname", &self.meta_data.local_hostname);
         let u = &self.user_data;
@@ -217,16 +217,16 @@ impl SeedConfig {
         for (i, user) in u.users.iter().enumerate() {
             let f = |s: &str| format!("user_data.users[{i}].{s}");
             if !is_unix_name(&user.name) {
-                p.push(f("name"), &user.name, "is not a user name ([a-z_][a-z0-9_-]*, at most 32)");
+                p.add(f("name"), &user.name, "is not a user name ([a-z_][a-z0-9_-]*, at most 32)");
             }
             for (k, key) in user.ssh_authorized_keys.iter().enumerate() {
                 if !is_ssh_public_key(key) {
-                    p.push(f(&format!("ssh_authorized_keys[{k}]")), key, "is not one OpenSSH public key line");
+                    p.add(f(&format!("ssh_authorized_keys[{k}]")), key, "is not one OpenSSH public key line");
                 }
             }
             if let Some(hash) = &user.password_hash {
                 if !is_crypt_hash(hash) {
-                    p.push_secret(
+                    p.secret(
                         f("password_hash"),
                         "is not a crypt(3) hash like $6$salt$hash (plain passwords are refused)",
                     );
@@ -234,33 +234,31 @@ impl SeedConfig {
             }
             if let Some(sudo) = &user.sudo {
                 if sudo.is_empty() || sudo.chars().any(|c| c.is_control()) {
-                    p.push(f("sudo"), sudo, "must be one non-empty line");
+                    p.add(f("sudo"), sudo, "must be one non-empty line");
                 }
             }
             for (g, group) in user.groups.iter().enumerate() {
                 if !is_unix_name(group) {
-                    p.push(f(&format!("groups[{g}]")), group, "is not a group name");
+                    p.add(f(&format!("groups[{g}]")), group, "is not a group name");
                 }
             }
             if let Some(shell) = &user.shell {
                 if !shell.starts_with('/') || shell.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                    p.push(f("shell"), shell, "is not an absolute path");
+                    p.add(f("shell"), shell, "is not an absolute path");
                 }
             }
         }
         for (i, pkg) in u.packages.iter().enumerate() {
             if pkg.is_empty() || pkg.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                p.push(format!("user_data.packages[{i}]"), pkg, "is not a package name");
+                p.add(format!("user_data.packages[{i}]"), pkg, "is not a package name");
             }
         }
         for (i, cmd) in u.runcmd.iter().enumerate() {
             let field = format!("user_data.runcmd[{i}]");
             match cmd {
-                RunCmd::Shell(s) if s.is_empty() || s.contains('\0') => {
-                    p.push(field, "<command>", "is empty or contains NUL")
-                }
+                RunCmd::Shell(s) if s.is_empty() || s.contains('\0') => p.secret(field, "is empty or contains NUL"),
                 RunCmd::Argv(v) if v.is_empty() || v.iter().any(|a| a.contains('\0')) => {
-                    p.push(field, "<command>", "is empty or contains NUL")
+                    p.secret(field, "is empty or contains NUL")
                 }
                 _ => {}
             }
@@ -403,7 +401,7 @@ fn check_hostname(p: &mut Problems, field: &str, h: &str) {
                 && !l.ends_with('-')
         });
     if !ok {
-        p.push(field, h, "is not a hostname (dot-separated labels of letters, digits and '-')");
+        p.add(field, h, "is not a hostname (dot-separated labels of letters, digits and '-')");
     }
 }
 
@@ -432,7 +430,7 @@ fn is_crypt_hash(h: &str) -> bool {
 
 fn check_network(p: &mut Problems, net: &NetworkConfig) {
     if net.ethernets.is_empty() {
-        p.push("network_config.ethernets", "[]", "is empty (omit network_config for DHCP on the first NIC)");
+        p.add("network_config.ethernets", "[]", "is empty (omit network_config for DHCP on the first NIC)");
     }
     let mut seen = std::collections::HashSet::new();
     for (i, e) in net.ethernets.iter().enumerate() {
@@ -441,39 +439,39 @@ fn check_network(p: &mut Problems, net: &NetworkConfig) {
             && e.id.len() <= 15
             && e.id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
         if !id_ok {
-            p.push(f("id"), &e.id, "is not an interface name (1 to 15 of letters, digits, '-', '_', '.')");
+            p.add(f("id"), &e.id, "is not an interface name (1 to 15 of letters, digits, '-', '_', '.')");
         } else if !seen.insert(e.id.as_str()) {
-            p.push(f("id"), &e.id, "is used twice");
+            p.add(f("id"), &e.id, "is used twice");
         }
         if let Some(mac) = &e.mac {
             let parts: Vec<&str> = mac.split(':').collect();
             if parts.len() != 6 || !parts.iter().all(|x| x.len() == 2 && x.bytes().all(|b| b.is_ascii_hexdigit())) {
-                p.push(f("mac"), mac, "is not a MAC address like 52:54:00:12:34:56");
+                p.add(f("mac"), mac, "is not a MAC address like 52:54:00:12:34:56");
             }
         }
         if let Some(mtu) = e.mtu {
             if !(576..=9216).contains(&mtu) {
-                p.push(f("mtu"), mtu, "is outside 576..=9216");
+                p.add(f("mtu"), mtu, "is outside 576..=9216");
             }
         }
         match &e.addressing {
             Addressing::Dhcp { dhcp4: false, dhcp6: false } => {
-                p.push(f("addressing"), "dhcp", "enables neither dhcp4 nor dhcp6");
+                p.add(f("addressing"), "dhcp", "enables neither dhcp4 nor dhcp6");
             }
             Addressing::Dhcp { .. } => {}
             Addressing::Static { addresses, search, gateway4, .. } => {
                 if addresses.is_empty() {
-                    p.push(f("addressing.addresses"), "[]", "is empty");
+                    p.add(f("addressing.addresses"), "[]", "is empty");
                 }
                 let mut has_v4 = false;
                 for (k, a) in addresses.iter().enumerate() {
                     match parse_cidr(a) {
                         Some(ip) => has_v4 |= ip.is_ipv4(),
-                        None => p.push(f(&format!("addressing.addresses[{k}]")), a, "is not an address/prefix"),
+                        None => p.add(f(&format!("addressing.addresses[{k}]")), a, "is not an address/prefix"),
                     }
                 }
-                if gateway4.is_some() && !has_v4 && !addresses.is_empty() {
-                    p.push(f("addressing.gateway4"), gateway4, "is set without an IPv4 address");
+                if let Some(gateway4) = gateway4.filter(|_| !has_v4 && !addresses.is_empty()) {
+                    p.add(f("addressing.gateway4"), gateway4, "is set without an IPv4 address");
                 }
                 for (k, s) in search.iter().enumerate() {
                     check_hostname(p, &f(&format!("addressing.search[{k}]")), s);

@@ -45,7 +45,7 @@
 //! A seed is attached read-only; with the vfat image this crate writes, QEMU 7.2 takes
 //! `-drive if=none,id=seed,file=SEED,format=raw,readonly=on -device virtio-blk-pci,drive=seed`.
 
-pub mod atomic;
+pub use qx_common::atomic;
 pub mod cloudinit;
 pub mod engine;
 pub mod pool;

@@ -18,7 +18,6 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -37,7 +36,7 @@ use crate::volume::{
 };
 
 /// A boxed future, so that [`Pool`] can be used as `dyn Pool`.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use qx_common::BoxFuture;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -322,7 +321,7 @@ impl DirPool {
         validate_name("pool", &name).map_err(|problems| PoolError::Invalid { pool: name.clone(), problems })?;
         if !root.is_absolute() {
             let mut p = Problems::default();
-            p.push("root", &root, "is not an absolute path");
+            p.add("root", root.display(), "is not an absolute path");
             return Err(PoolError::Invalid { pool: name, problems: p.into_result().unwrap_err() });
         }
         let pool = name.clone();
@@ -582,7 +581,7 @@ impl DirPool {
                 let size = size.unwrap_or(img.virtual_size);
                 if size < img.virtual_size {
                     let mut p = Problems::default();
-                    p.push("source.size", size, format!("is below the image's virtual size {}", img.virtual_size));
+                    p.add("source.size", size, format!("is below the image's virtual size {}", img.virtual_size));
                     return Err(self.invalid(p.into_result().unwrap_err()));
                 }
                 self.volume_from_image(&name, &img, *mode, size, ctl).await?

@@ -1,61 +1,10 @@
-//! Request validation that reports every problem at once, each with the field and the offending value.
+//! Request validation that reports every problem at once, each with the field and the offending value: the shared
+//! types of `qx-common` (one message format for every crate), and the name check of files this crate creates.
 
-use std::fmt;
-
-/// One problem with one field: `name: "a/b" contains '/'`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// The field's path in the request, e.g. `users[1].name`.
-    pub field: String,
-    /// The offending value, quoted as Rust would, or `<redacted>` for secrets.
-    pub value: String,
-    pub problem: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} {}", self.field, self.value, self.problem)
-    }
-}
-
-/// Every problem found in a request; never empty.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct Invalid(pub Vec<FieldError>);
-
-impl fmt::Display for Invalid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Collects problems while a request is checked.
-#[derive(Debug, Default)]
-pub(crate) struct Problems(Vec<FieldError>);
-
-impl Problems {
-    pub fn push(&mut self, field: impl Into<String>, value: impl fmt::Debug, problem: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), value: format!("{value:?}"), problem: problem.into() });
-    }
-
-    /// Records a problem with a secret field without echoing the secret.
-    pub fn push_secret(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), value: "<redacted>".into(), problem: problem.into() });
-    }
-
-    pub fn into_result(self) -> Result<(), Invalid> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(Invalid(self.0))
-        }
-    }
-}
+pub use qx_common::FieldError;
+pub(crate) use qx_common::Problems;
+/// Every problem found in a request; never empty. `qx_common`'s type under this crate's name for it.
+pub use qx_common::ValidationErrors as Invalid;
 
 /// The longest volume or image name: leaves room for an extension and a temporary suffix within NAME_MAX (255).
 pub const MAX_NAME_LEN: usize = 128;
@@ -66,23 +15,23 @@ pub const MAX_NAME_LEN: usize = 128;
 pub(crate) fn check_name(problems: &mut Problems, field: &str, value: &str) {
     let before = problems.0.len();
     if value.is_empty() {
-        problems.push(field, value, "is empty");
+        problems.add(field, value, "is empty");
     } else if value.len() > MAX_NAME_LEN {
-        problems.push(field, value, format!("is {} bytes long, more than {MAX_NAME_LEN}", value.len()));
+        problems.add(field, value, format!("is {} bytes long, more than {MAX_NAME_LEN}", value.len()));
     }
     if value.contains('/') {
-        problems.push(field, value, "contains '/'");
+        problems.add(field, value, "contains '/'");
     }
     if value == ".." || value.contains("..") {
-        problems.push(field, value, "contains '..'");
+        problems.add(field, value, "contains '..'");
     } else if value.starts_with('.') {
-        problems.push(field, value, "starts with '.'");
+        problems.add(field, value, "starts with '.'");
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
-        problems.push(field, value, format!("contains the control character {c:?}"));
+        problems.add(field, value, format!("contains the control character {c:?}"));
     }
     if problems.0.len() == before && value.trim() != value {
-        problems.push(field, value, "starts or ends with whitespace");
+        problems.add(field, value, "starts or ends with whitespace");
     }
 }
 

@@ -122,7 +122,11 @@ impl CreateVolume {
             VolumeSource::Empty { size, format, preallocation } => {
                 check_size(&mut p, "source.size", *size);
                 if *format == ImageFormat::Qcow2 && *preallocation != Preallocation::Off {
-                    p.push("source.preallocation", preallocation, "is only supported for raw volumes");
+                    p.add(
+                        "source.preallocation",
+                        format!("{preallocation:?}").to_lowercase(),
+                        "is only supported for raw volumes",
+                    );
                 }
             }
             VolumeSource::Image { image, size, .. } => {
@@ -138,9 +142,9 @@ impl CreateVolume {
 
 pub(crate) fn check_size(p: &mut Problems, field: &str, size: u64) {
     if size < MIN_VOLUME_SIZE {
-        p.push(field, size, format!("is below the minimum {MIN_VOLUME_SIZE}"));
+        p.add(field, size, format!("is below the minimum {MIN_VOLUME_SIZE}"));
     } else if size % 512 != 0 {
-        p.push(field, size, "is not a multiple of 512");
+        p.add(field, size, "is not a multiple of 512");
     }
 }
 
@@ -168,10 +172,10 @@ impl ImportImage {
         let mut p = Problems::default();
         check_name(&mut p, "name", &self.name);
         if !self.source.is_absolute() {
-            p.push("source", &self.source, "is not an absolute path");
+            p.add("source", self.source.display(), "is not an absolute path");
         }
         if self.kind == ImageKind::Iso && self.format == Some(ImageFormat::Qcow2) {
-            p.push("format", ImageFormat::Qcow2, "is not possible for an ISO");
+            p.add("format", ImageFormat::Qcow2, "is not possible for an ISO");
         }
         p.into_result()
     }
@@ -224,8 +228,8 @@ mod tests {
         let err = req.validate().unwrap_err().to_string();
         assert!(err.contains(r#"name: "../x" contains '/'"#), "{err}");
         assert!(err.contains(r#"name: "../x" contains '..'"#), "{err}");
-        assert!(err.contains("source.size: 1000 is not a multiple of 512"), "{err}");
-        assert!(err.contains("source.preallocation: Full is only supported for raw volumes"), "{err}");
+        assert!(err.contains("source.size: \"1000\" is not a multiple of 512"), "{err}");
+        assert!(err.contains("source.preallocation: \"full\" is only supported for raw volumes"), "{err}");
     }
 
     #[test]
@@ -264,6 +268,6 @@ mod tests {
         };
         let err = req.validate().unwrap_err().to_string();
         assert!(err.contains(r#"source: "rel.iso" is not an absolute path"#), "{err}");
-        assert!(err.contains("format: Qcow2 is not possible for an ISO"), "{err}");
+        assert!(err.contains("format: \"qcow2\" is not possible for an ISO"), "{err}");
     }
 }

@@ -96,7 +96,10 @@ fn volumes_and_images_lifecycle() {
         assert!(matches!(err, PoolError::IsoNotABase { .. }), "{err}");
         let err = pool.create_volume(from_image("x", "debian", FromImage::Overlay, Some(MIB)), &ctl).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-        assert!(err.to_string().contains("source.size: 1048576 is below the image's virtual size 16777216"), "{err}");
+        assert!(
+            err.to_string().contains("source.size: \"1048576\" is below the image's virtual size 16777216"),
+            "{err}"
+        );
         let err = pool.create_volume(from_image("x", "nope", FromImage::Copy, None), &ctl).await.unwrap_err();
         assert_eq!(err.to_string(), "image default/nope not found");
         let err = pool.create_volume(empty("scratch", MIB, ImageFormat::Raw), &ctl).await.unwrap_err();

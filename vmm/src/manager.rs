@@ -30,6 +30,7 @@ use crate::spec::{AccelChoice, RealFiles, ValidationErrors, VmSpec};
 use crate::state::{VmEvent, VmState};
 use crate::volumes::VolumeBackend;
 use crate::warm::{launch_key, Warm, WarmPool, WarmShape};
+use qx_common::blocking;
 use uuid::Uuid;
 
 /// Fd numbers QEMU finds its pre-bound sockets at.
@@ -276,11 +277,6 @@ fn now_unix_ms() -> i64 {
 
 fn qmp_options() -> ConnectOptions {
     ConnectOptions { connect_timeout: Duration::from_secs(10), command_timeout: Duration::from_secs(30) }
-}
-
-/// Runs blocking filesystem work off the runtime threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking filesystem task panicked")
 }
 
 impl VmManager {

@@ -1,13 +1,11 @@
 //! The seam between VM NICs on node networks and what provides those networks. The daemon implements
 //! [`NetworkBackend`] over Open vSwitch; this crate only asks for a tap's fds at start and gives them to QEMU.
 
-use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
 
 use crate::spec::{NicKind, ValidationErrors, VmSpec};
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use qx_common::BoxFuture;
 
 /// The host side of NICs of kind `network`.
 pub trait NetworkBackend: Send + Sync {

@@ -13,10 +13,10 @@ use crate::accel::Accel;
 use crate::state::VmState;
 
 /// Writes `data` to `path` so that readers see the old file or the new one, never a mix, even across a crash
-/// (temp file in the same directory, fsync, rename over, fsync the directory): the storage crate's atomic write,
+/// (temp file in the same directory, fsync, rename over, fsync the directory): `qx_common::atomic`'s write,
 /// with its error as an `io::Error` for the VM manager's `Persist` errors.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    qx_storage::atomic::write_atomic(path, data).map_err(io::Error::other)
+    qx_common::atomic::write_atomic(path, data).map_err(io::Error::other)
 }
 
 /// The last known state of a VM, as `state.json` records it.

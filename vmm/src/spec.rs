@@ -220,63 +220,14 @@ macro_rules! display_as_serde {
 }
 display_as_serde!(AccelChoice, Firmware, DiskFormat, CacheMode, AioMode, NicKind);
 
-/// One problem with one field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    /// Path of the field, e.g. `disks[1].path`.
-    pub field: String,
-    /// The offending value as the operator wrote it.
-    pub value: String,
-    pub problem: String,
-}
-
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.value.is_empty() {
-            write!(f, "{}: {}", self.field, self.problem)
-        } else {
-            write!(f, "{}: {:?} {}", self.field, self.value, self.problem)
-        }
-    }
-}
-
-/// Every problem found in a spec, in field order.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ValidationErrors(pub Vec<FieldError>);
-
-impl fmt::Display for ValidationErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
-        f.write_str(&parts.join("; "))
-    }
-}
-
-impl ValidationErrors {
-    /// A single-problem error, for checks made outside `validate` (duplicate names, say).
-    pub fn one(field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) -> Self {
-        Self(vec![FieldError { field: field.into(), value: value.to_string(), problem: problem.into() }])
-    }
-
-    /// The first offending field, for protocols that carry one (gRPC's BadRequest style).
-    pub fn first_field(&self) -> &str {
-        self.0.first().map_or("", |e| e.field.as_str())
-    }
-}
+// One type and one message format for every crate's validation problems.
+use qx_common::Problems;
+pub use qx_common::{FieldError, ValidationErrors};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecParseError {
     #[error("spec is not valid YAML or JSON: {0}")]
     Syntax(String),
-}
-
-/// Collects problems while walking a spec.
-#[derive(Default)]
-struct Problems(Vec<FieldError>);
-
-impl Problems {
-    fn add(&mut self, field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), value: value.to_string(), problem: problem.into() });
-    }
 }
 
 /// How `validate` looks at the host: real files in the daemon, anything in unit tests.

@@ -359,10 +359,7 @@ fn listener_url(tcp: SocketAddr, management_address: &str) -> Option<String> {
     Some(format!("grpc://{}", SocketAddr::new(ip, tcp.port())))
 }
 
-/// Runs blocking work off the runtime threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-}
+use qx_common::blocking;
 
 pub(crate) fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)

@@ -239,24 +239,25 @@ impl Form {
         }
     }
 
-    /// Spreads qx-node's validation message (`field: problem; field: problem`) over the fields it names. Problems
-    /// naming no field of this form (or a disabled one) are returned, joined again, for the form's status line.
+    /// Spreads qx-node's validation message (`field: "value" problem; field: problem`, the format of
+    /// `qx_common::ValidationErrors`) over the fields it names. Problems naming no field of this form (or a disabled
+    /// one) are returned, joined again, for the form's status line.
     pub fn apply_server_errors(&mut self, message: &str) -> Option<String> {
         let mut unplaced = Vec::new();
-        for problem in message.split("; ").map(str::trim).filter(|p| !p.is_empty()) {
-            let placed = problem.split_once(": ").and_then(|(name, text)| {
-                // `dns_servers[1]` or `network.address` still name a field of the form.
-                let name = name.split('[').next().unwrap_or(name);
-                let name = name.rsplit('.').next().unwrap_or(name);
-                let field = self.fields.iter_mut().find(|f| f.name == name && f.enabled)?;
-                field.error = Some(match field.error.take() {
-                    Some(earlier) => format!("{earlier}; {text}"),
-                    None => text.to_owned(),
-                });
-                Some(())
-            });
-            if placed.is_none() {
-                unplaced.push(problem);
+        for problem in qx_common::ValidationErrors::parse(message) {
+            // `dns_servers[1]` or `network.address` still name a field of the form.
+            let name = problem.field.split('[').next().unwrap_or(&problem.field);
+            let name = name.rsplit('.').next().unwrap_or(name);
+            let text = problem.without_field();
+            match self.fields.iter_mut().find(|f| f.name == name && f.enabled && !name.is_empty()) {
+                Some(field) => {
+                    field.error = Some(match field.error.take() {
+                        Some(earlier) => format!("{earlier}; {text}"),
+                        None => text,
+                    })
+                }
+                None if problem.field.is_empty() => unplaced.push(problem.problem),
+                None => unplaced.push(problem.to_string()),
             }
         }
         if let Some(first) = self.fields.iter().position(|f| f.error.is_some()) {
@@ -334,5 +335,18 @@ mod tests {
         assert_eq!(form.field("mode").unwrap().error.as_deref(), Some("\"three\" is unknown"));
         assert_eq!(form.focused().unwrap().name, "mode", "focus goes to the first field in error");
         assert_eq!(form.apply_server_errors("no field named at all"), Some("no field named at all".into()));
+    }
+
+    #[test]
+    fn server_values_holding_separators_stay_whole() {
+        // qx-node quotes values, so `; ` or `: ` inside one (a kernel command line, a path) splits nothing.
+        let mut form = form();
+        let problems = qx_common::ValidationErrors(vec![
+            qx_common::FieldError::new("a", "x; b: \"y\"", "contains control characters"),
+            qx_common::FieldError::new("b", "", "is required"),
+        ]);
+        assert_eq!(form.apply_server_errors(&problems.to_string()), None);
+        assert_eq!(form.field("a").unwrap().error.as_deref(), Some(r#""x; b: \"y\"" contains control characters"#));
+        assert_eq!(form.field("b").unwrap().error.as_deref(), Some("is required"));
     }
 }

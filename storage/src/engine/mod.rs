@@ -88,13 +88,13 @@ impl EngineConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
         let mut p = Problems::default();
         if !(1..=64).contains(&self.threads) {
-            p.push("threads", self.threads, "is outside 1..=64");
+            p.add("threads", self.threads, "is outside 1..=64");
         }
         if !(1..=256).contains(&self.queue_depth) {
-            p.push("queue_depth", self.queue_depth, "is outside 1..=256");
+            p.add("queue_depth", self.queue_depth, "is outside 1..=256");
         }
         if self.block_size == 0 || self.block_size % 4096 != 0 || self.block_size > 64 << 20 {
-            p.push("block_size", self.block_size, "is not a multiple of 4096 between 4 KiB and 64 MiB");
+            p.add("block_size", self.block_size, "is not a multiple of 4096 between 4 KiB and 64 MiB");
         }
         p.into_result()
     }
@@ -138,7 +138,7 @@ impl std::str::FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Invalid> {
         let bad = || {
             let mut p = Problems::default();
-            p.push("sha256", s, "is not 64 hexadecimal digits");
+            p.add("sha256", s, "is not 64 hexadecimal digits");
             p.into_result().unwrap_err()
         };
         if s.len() != 64 || !s.is_ascii() {
@@ -579,9 +579,9 @@ mod tests {
         EngineConfig::default().validate().unwrap();
         let bad = EngineConfig { threads: 0, queue_depth: 1000, block_size: 1000, ..EngineConfig::default() };
         let err = bad.validate().unwrap_err().to_string();
-        assert!(err.contains("threads: 0 is outside"), "{err}");
-        assert!(err.contains("queue_depth: 1000"), "{err}");
-        assert!(err.contains("block_size: 1000"), "{err}");
+        assert!(err.contains("threads: \"0\" is outside"), "{err}");
+        assert!(err.contains("queue_depth: \"1000\""), "{err}");
+        assert!(err.contains("block_size: \"1000\""), "{err}");
     }
 
     #[test]

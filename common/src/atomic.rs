@@ -1,8 +1,8 @@
 //! Crash-safe file replacement: write a temporary file in the same directory, fsync it, rename it over the target,
 //! fsync the directory. A reader sees the old file or the new one, never a torn mix, even across power loss.
 //!
-//! Also the temporary-name scheme every long operation in this crate uses, and the guard that removes a temporary
-//! file unless the operation that made it succeeded.
+//! Also the temporary-name scheme every long operation uses (storage pools sweep its leftovers), and the guard that
+//! removes a temporary file unless the operation that made it succeeded.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{renameat_with, RenameFlags, CWD};
 
-/// The marker in every temporary name this crate creates; pools sweep files carrying it at start-up, because only an
+/// The marker in every temporary name this module creates; pools sweep files carrying it at start-up, because only an
 /// operation that was killed half-way leaves one behind.
 pub const TEMP_MARKER: &str = ".qx-tmp.";
 
@@ -136,20 +136,23 @@ pub fn sweep_temp_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
 /// Removes the file at `path` when dropped, unless [`TempFile::disarm`] was called: a failed or cancelled
 /// operation leaves nothing behind, whichever way it returns.
 #[derive(Debug)]
-pub(crate) struct TempFile {
+pub struct TempFile {
     path: PathBuf,
     armed: bool,
 }
 
 impl TempFile {
+    /// A guard that removes `path` when dropped.
     pub fn new(path: PathBuf) -> Self {
         Self { path, armed: true }
     }
 
+    /// The guarded file.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Keeps the file: the operation that made it succeeded.
     pub fn disarm(&mut self) {
         self.armed = false;
     }
