@@ -1,47 +1,25 @@
-//! [`QmpClient`]: one QMP connection, shared by cheap clones.
+//! [`QmpClient`]: the QMP front end on a [`Channel`]: the greeting, `qmp_capabilities`, and commands raw or typed.
 //!
-//! Three parts cooperate:
-//! - a reader task owns the read half, splits it into lines and routes replies to their waiting command by id and
-//!   events to a broadcast channel;
-//! - a writer task owns the write half and writes one command at a time, so a command whose caller gave up (timeout,
-//!   dropped future) is still written whole and the stream never carries half a command;
-//! - [`Shared`] holds what both the tasks and the callers touch: the pending commands, the event sender and whether
-//!   the connection is closed.
+//! Line framing, ids, timeouts, fd passing and events are the channel's; this file adds what only QMP has.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::BufReader;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::UnixStream;
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::AbortHandle;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::debug;
 
+use crate::channel::{self, Channel, LOG_EXCERPT, MAX_MESSAGE_LEN};
 use crate::error::Error;
-use crate::fdpass;
-use crate::protocol::{self, ErrorReply, Event, Greeting, Message, QmpEvent};
-
-/// Events a subscriber may fall behind by before it sees `RecvError::Lagged`.
-const EVENT_CAPACITY: usize = 256;
-/// The longest line accepted from QEMU. `query-qmp-schema`, the largest reply in practice, is well under 1 MiB; a
-/// longer line means the peer is not QEMU, and the connection is closed since framing is lost.
-const MAX_MESSAGE_LEN: usize = 16 << 20;
-/// Commands queued for the writer task before callers wait for room.
-const WRITE_QUEUE: usize = 64;
-/// Retry delays while the socket does not exist yet or refuses connections (QEMU still starting).
-const CONNECT_BACKOFF_START: Duration = Duration::from_millis(5);
-const CONNECT_BACKOFF_MAX: Duration = Duration::from_millis(100);
-/// How much of a malformed line goes into a log message.
-const LOG_EXCERPT: usize = 200;
+use crate::events::Status;
+use crate::protocol::{self, Event, Greeting};
 
 /// Timeouts for [`QmpClient::connect`] and [`QmpClient::from_stream`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,31 +54,19 @@ pub struct AddFdInfo {
 /// It must be created inside a tokio runtime, which runs its reader and writer tasks.
 #[derive(Clone)]
 pub struct QmpClient {
-    inner: Arc<Inner>,
+    channel: Channel,
+    info: Arc<Info>,
 }
 
-struct Inner {
-    shared: Arc<Shared>,
-    writes: mpsc::Sender<WriteRequest>,
-    reader: AbortHandle,
-    next_id: AtomicU64,
+struct Info {
     greeting: Greeting,
     opts: ConnectOptions,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        // The reader task holds only `Shared`, never `Inner`, so this runs; aborting it drops the read half. The
-        // writer task ends by itself when `writes` is dropped with `Inner`.
-        self.reader.abort();
-        self.shared.shutdown("the QMP client was dropped".to_owned());
-    }
 }
 
 impl fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QmpClient")
-            .field("greeting", &self.inner.greeting)
+            .field("greeting", &self.info.greeting)
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
@@ -114,7 +80,7 @@ impl QmpClient {
     pub async fn connect(path: impl AsRef<Path>, opts: ConnectOptions) -> Result<Self, Error> {
         let path = path.as_ref();
         let deadline = Instant::now() + opts.connect_timeout;
-        let stream = connect_with_retry(path, deadline).await?;
+        let stream = channel::connect_with_retry(path, deadline).await?;
         debug!(path = %path.display(), "QMP socket connected");
         Self::handshake(stream, opts, deadline).await
     }
@@ -135,13 +101,9 @@ impl QmpClient {
             capabilities = ?greeting.capabilities,
             "QMP greeting received"
         );
-
-        let shared = Arc::new(Shared::new());
-        let reader = tokio::spawn(read_loop(reader, shared.clone())).abort_handle();
-        let (writes, queue) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(write_loop(write, queue, shared.clone()));
-        let client =
-            QmpClient { inner: Arc::new(Inner { shared, writes, reader, next_id: AtomicU64::new(0), greeting, opts }) };
+        // QEMU answers only the connection that sent a command, so ids need not be unique beyond it.
+        let channel = Channel::start(reader, write, "QMP", 0);
+        let client = QmpClient { channel, info: Arc::new(Info { greeting, opts }) };
         client
             .execute_raw("qmp_capabilities", None)
             .await
@@ -151,15 +113,16 @@ impl QmpClient {
 
     /// QEMU's greeting, as received on connect.
     pub fn greeting(&self) -> &Greeting {
-        &self.inner.greeting
+        &self.info.greeting
     }
 
     /// Runs `command` with optional `arguments` (a JSON object) and returns QEMU's `return` value, waiting at most
     /// `command_timeout` for it.
     ///
-    /// This is the path for replies whose shape the typed `qapi-qmp` definitions get wrong for the QEMU at hand.
+    /// This is the path for commands whose shape the typed `qapi-qmp` definitions get wrong for QEMU 7.2; the
+    /// places that need it are listed in [`crate::commands`].
     pub async fn execute_raw(&self, command: &str, arguments: Option<Value>) -> Result<Value, Error> {
-        self.execute_raw_timeout(command, arguments, self.inner.opts.command_timeout).await
+        self.execute_raw_timeout(command, arguments, self.info.opts.command_timeout).await
     }
 
     /// Like [`execute_raw`](Self::execute_raw) with its own timeout, e.g. for a long `blockdev-*` job.
@@ -171,23 +134,23 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        self.exchange(command, arguments, None, timeout).await
+        self.channel.request(command, arguments.as_ref(), None, timeout).await
     }
 
-    /// Runs a typed command from `qapi-qmp` (any [`qapi_spec::Command`]), through the raw path and serde.
+    /// Runs a typed command (any [`qapi_spec::Command`]: `qapi-qmp`'s, or this crate's [`crate::commands`] where
+    /// `qapi-qmp` and QEMU 7.2 disagree), waiting at most `command_timeout`.
     ///
     /// `qapi-qmp` 0.15 follows QEMU 9.1's schema, so on older QEMU a reply can fail to decode
-    /// ([`Error::Decode`]) even though the command succeeded; use [`execute_raw`](Self::execute_raw) for those.
+    /// ([`Error::Decode`]) even though the command succeeded.
     pub async fn execute<C: qapi_spec::Command>(&self, command: C) -> Result<C::Ok, Error> {
-        let arguments =
-            serde_json::to_value(&command).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
-        let arguments = match arguments {
-            Value::Null => None,
-            Value::Object(map) if map.is_empty() => None,
-            arguments => Some(arguments),
-        };
-        let reply = self.execute_raw(C::NAME, arguments).await?;
-        serde_json::from_value(reply).map_err(|source| Error::Decode { command: C::NAME.to_owned(), source })
+        self.execute_timeout(command, self.info.opts.command_timeout).await
+    }
+
+    /// Like [`execute`](Self::execute) with its own timeout.
+    pub async fn execute_timeout<C: qapi_spec::Command>(&self, command: C, timeout: Duration) -> Result<C::Ok, Error> {
+        let arguments = encode_arguments(&command)?;
+        let reply = self.channel.request(C::NAME, arguments.as_ref(), None, timeout).await?;
+        decode_reply::<C>(reply)
     }
 
     /// Runs `command` with `fd` passed by `SCM_RIGHTS` in the same `sendmsg` as the command's first bytes, which is
@@ -202,7 +165,7 @@ impl QmpClient {
         // The writer task may send after this future is gone (it always finishes a command it started), so it gets
         // a descriptor of its own rather than a borrow the caller could close underneath it.
         let fd = fd.try_clone_to_owned().map_err(|source| Error::FdPass { command: command.to_owned(), source })?;
-        self.exchange(command, arguments, Some(fd), self.inner.opts.command_timeout).await
+        self.channel.request(command, arguments.as_ref(), Some(fd), self.info.opts.command_timeout).await
     }
 
     /// `getfd`: hands `fd` to QEMU under `fdname`, for later commands that take an fd name (`netdev_add` with
@@ -214,8 +177,7 @@ impl QmpClient {
 
     /// `closefd`: closes the descriptor QEMU holds under `fdname`.
     pub async fn closefd(&self, fdname: &str) -> Result<(), Error> {
-        self.execute_raw("closefd", Some(json!({ "fdname": fdname }))).await?;
-        Ok(())
+        self.execute(qapi_qmp::closefd { fdname: fdname.to_owned() }).await.map(drop)
     }
 
     /// `add-fd`: adds `fd` to fd set `fdset_id` (a new set if `None`), with an optional `opaque` note shown by
@@ -226,111 +188,57 @@ impl QmpClient {
         opaque: Option<&str>,
         fd: BorrowedFd<'_>,
     ) -> Result<AddFdInfo, Error> {
-        let mut arguments = serde_json::Map::new();
-        if let Some(fdset_id) = fdset_id {
-            arguments.insert("fdset-id".to_owned(), fdset_id.into());
-        }
-        if let Some(opaque) = opaque {
-            arguments.insert("opaque".to_owned(), opaque.into());
-        }
-        let reply = self.execute_with_fd("add-fd", Some(Value::Object(arguments)), fd).await?;
-
-        #[derive(serde::Deserialize)]
-        struct Reply {
-            #[serde(rename = "fdset-id")]
-            fdset_id: i64,
-            fd: i64,
-        }
-        let Reply { fdset_id, fd } =
-            serde_json::from_value(reply).map_err(|source| Error::Decode { command: "add-fd".to_owned(), source })?;
+        let command = qapi_qmp::add_fd { fdset_id, opaque: opaque.map(str::to_owned) };
+        let arguments = encode_arguments(&command)?;
+        let reply = self.execute_with_fd("add-fd", arguments, fd).await?;
+        let qapi_qmp::AddfdInfo { fdset_id, fd } = decode_reply::<qapi_qmp::add_fd>(reply)?;
         Ok(AddFdInfo { fdset_id, fd })
+    }
+
+    /// `query-status`: whether the vCPUs run and QEMU's run state.
+    pub async fn query_status(&self) -> Result<Status, Error> {
+        let status = self.execute(qapi_qmp::query_status {}).await?;
+        Ok(Status { running: status.running, state: status.status.into() })
     }
 
     /// Subscribes to events. Each receiver gets every event emitted after it subscribed, then exactly one
     /// [`Event::Closed`] when the connection closes (at once if it already has), then `RecvError::Closed`.
+    /// [`crate::QmpEvent::typed`] reads an event's data into [`crate::QemuEvent`].
     ///
     /// A receiver more than 256 events behind gets `RecvError::Lagged` and misses the oldest ones.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.inner.shared.subscribe()
+        self.channel.subscribe()
     }
 
     /// Whether the connection is closed: QEMU closed it or exited, reading or writing failed.
     pub fn is_closed(&self) -> bool {
-        *self.inner.shared.closed_tx.borrow()
+        self.channel.is_closed()
     }
 
     /// Resolves when the connection is closed; at once if it already is.
     pub async fn closed(&self) {
-        let mut closed = self.inner.shared.closed_tx.subscribe();
-        // The sender lives in `Shared`, which `self` keeps alive, so this only fails if it is already gone anyway.
-        let _ = closed.wait_for(|closed| *closed).await;
-    }
-
-    async fn exchange(
-        &self,
-        command: &str,
-        arguments: Option<Value>,
-        fd: Option<OwnedFd>,
-        timeout: Duration,
-    ) -> Result<Value, Error> {
-        let closed = || Error::Closed { command: command.to_owned() };
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = protocol::encode_command(command, arguments.as_ref(), id)
-            .map_err(|source| Error::Encode { command: command.to_owned(), source })?;
-        let shared = &self.inner.shared;
-        let reply = shared.register(id, command).ok_or_else(closed)?;
-        // Removes the pending entry however this future ends: timeout, error, or the caller dropping it.
-        let _pending = PendingGuard { shared, id };
-
-        let (done_tx, done_rx) = oneshot::channel();
-        let request = WriteRequest { command: command.to_owned(), id, bytes, fd, done: done_tx };
-        let exchange = async {
-            self.inner.writes.send(request).await.map_err(|_| closed())?;
-            match done_rx.await {
-                Ok(Ok(())) => {}
-                Ok(Err(WriteError::Io(source))) => return Err(Error::Send { command: command.to_owned(), source }),
-                Ok(Err(WriteError::FdPass(source))) => {
-                    return Err(Error::FdPass { command: command.to_owned(), source })
-                }
-                Ok(Err(WriteError::Closed)) | Err(_) => return Err(closed()),
-            }
-            match reply.await {
-                Ok(Ok(value)) => Ok(value),
-                Ok(Err(ErrorReply { class, desc })) => Err(Error::Command { command: command.to_owned(), class, desc }),
-                Err(_) => Err(closed()),
-            }
-        };
-        match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => {
-                debug!(command, id, ?timeout, "QMP command timed out");
-                Err(Error::Timeout { command: command.to_owned(), timeout })
-            }
-        }
+        self.channel.closed().await
     }
 
     #[cfg(test)]
     fn pending_len(&self) -> usize {
-        self.inner.shared.lock().pending.len()
+        self.channel.pending_len()
     }
 }
 
-async fn connect_with_retry(path: &Path, deadline: Instant) -> Result<UnixStream, Error> {
-    let mut backoff = CONNECT_BACKOFF_START;
-    loop {
-        let error = match tokio::time::timeout_at(deadline, UnixStream::connect(path)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(error)) => error,
-            Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect did not complete before the timeout"),
-        };
-        let retryable = matches!(error.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused);
-        let now = Instant::now();
-        if !retryable || now >= deadline {
-            return Err(Error::Connect { path: path.to_owned(), source: error });
-        }
-        tokio::time::sleep_until(deadline.min(now + backoff)).await;
-        backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
-    }
+/// A typed command's arguments as the JSON object QMP wants; `None` for a command without any.
+pub(crate) fn encode_arguments<C: qapi_spec::Command>(command: &C) -> Result<Option<Value>, Error> {
+    let arguments =
+        serde_json::to_value(command).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
+    Ok(match arguments {
+        Value::Null => None,
+        Value::Object(map) if map.is_empty() => None,
+        arguments => Some(arguments),
+    })
+}
+
+pub(crate) fn decode_reply<C: qapi_spec::Command>(reply: Value) -> Result<C::Ok, Error> {
+    serde_json::from_value(reply).map_err(|source| Error::Decode { command: C::NAME.to_owned(), source })
 }
 
 async fn read_greeting(
@@ -353,264 +261,14 @@ async fn read_greeting(
     }
 }
 
-type Reply = Result<Value, ErrorReply>;
-
-struct Pending {
-    command: Box<str>,
-    reply: oneshot::Sender<Reply>,
-}
-
-/// State shared by the client handles and the reader and writer tasks.
-struct Shared {
-    state: Mutex<State>,
-    /// `true` once closed; also what [`QmpClient::closed`] waits on.
-    closed_tx: watch::Sender<bool>,
-}
-
-struct State {
-    pending: HashMap<u64, Pending>,
-    /// `None` once closed, so receivers see `RecvError::Closed` after [`Event::Closed`].
-    events: Option<broadcast::Sender<Event>>,
-    /// Why the connection closed, once it has.
-    closed: Option<String>,
-}
-
-impl Shared {
-    fn new() -> Self {
-        Self {
-            state: Mutex::new(State {
-                pending: HashMap::new(),
-                events: Some(broadcast::channel(EVENT_CAPACITY).0),
-                closed: None,
-            }),
-            closed_tx: watch::Sender::new(false),
-        }
-    }
-
-    /// Poisoning only means another thread panicked while holding the lock; the map is still consistent.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Registers a command waiting for its reply; `None` if the connection is closed.
-    fn register(&self, id: u64, command: &str) -> Option<oneshot::Receiver<Reply>> {
-        let mut state = self.lock();
-        if state.closed.is_some() {
-            return None;
-        }
-        let (reply, receiver) = oneshot::channel();
-        state.pending.insert(id, Pending { command: command.into(), reply });
-        Some(receiver)
-    }
-
-    fn unregister(&self, id: u64) {
-        let removed = self.lock().pending.remove(&id);
-        drop(removed);
-    }
-
-    fn complete(&self, id: u64, reply: Reply) {
-        let pending = self.lock().pending.remove(&id);
-        match pending {
-            Some(Pending { command, reply: sender }) => {
-                match &reply {
-                    Ok(_) => debug!(command = &*command, id, "QMP reply received"),
-                    Err(error) => {
-                        debug!(command = &*command, id, class = %error.class, "QMP error reply received")
-                    }
-                }
-                // The caller may have just given up; then nobody wants the reply.
-                let _ = sender.send(reply);
-            }
-            None => debug!(id, "QMP reply for a command no longer waiting (timed out or cancelled); dropped"),
-        }
-    }
-
-    fn publish(&self, event: QmpEvent) {
-        debug!(event = %event.name, seconds = event.seconds, microseconds = event.microseconds, "QMP event received");
-        if let Some(events) = &self.lock().events {
-            // An error only means nobody is subscribed.
-            let _ = events.send(Event::Qemu(event));
-        }
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Event> {
-        let state = self.lock();
-        match (&state.events, &state.closed) {
-            (Some(events), _) => events.subscribe(),
-            (None, reason) => {
-                // Closed already: a receiver that still gets its one `Closed`, then ends.
-                let (sender, receiver) = broadcast::channel(1);
-                let reason = reason.clone().unwrap_or_default();
-                let _ = sender.send(Event::Closed { reason });
-                receiver
-            }
-        }
-    }
-
-    /// Closes the connection's shared state: fails every pending command with `Closed` (by dropping its sender),
-    /// sends `Event::Closed` and wakes [`QmpClient::closed`]. Returns `false` if it was already closed.
-    fn shutdown(&self, reason: String) -> bool {
-        let (pending, events) = {
-            let mut state = self.lock();
-            if state.closed.is_some() {
-                return false;
-            }
-            state.closed = Some(reason.clone());
-            (std::mem::take(&mut state.pending), state.events.take())
-        };
-        if !pending.is_empty() {
-            debug!(count = pending.len(), "failing QMP commands still waiting, the connection closed");
-        }
-        drop(pending);
-        if let Some(events) = events {
-            let _ = events.send(Event::Closed { reason });
-        }
-        self.closed_tx.send_replace(true);
-        true
-    }
-
-    /// Routes one line from the socket. Malformed lines are logged and skipped.
-    fn dispatch(&self, line: &[u8]) {
-        if line.trim_ascii().is_empty() {
-            return;
-        }
-        match protocol::parse_message(line) {
-            Ok(Message::Reply { id, result }) => match id.as_ref().and_then(Value::as_u64) {
-                Some(id) => self.complete(id, result),
-                None => warn!(
-                    id = ?id,
-                    message = %protocol::excerpt(line, LOG_EXCERPT),
-                    "ignoring QMP reply without an id this client sent"
-                ),
-            },
-            Ok(Message::Event(event)) => self.publish(event),
-            Err(error) => warn!(
-                error = %error,
-                message = %protocol::excerpt(line, LOG_EXCERPT),
-                "ignoring malformed QMP message"
-            ),
-        }
-    }
-}
-
-struct PendingGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.shared.unregister(self.id);
-    }
-}
-
-async fn read_loop(mut reader: BufReader<OwnedReadHalf>, shared: Arc<Shared>) {
-    let mut line = Vec::new();
-    let reason = loop {
-        match protocol::read_line(&mut reader, &mut line, MAX_MESSAGE_LEN).await {
-            Ok(true) => shared.dispatch(&line),
-            Ok(false) => break "the peer closed the QMP socket".to_owned(),
-            Err(error) => {
-                warn!(%error, "reading the QMP socket failed; closing the connection");
-                break format!("reading the QMP socket failed: {error}");
-            }
-        }
-        // One huge reply should not pin its buffer for the connection's lifetime.
-        if line.capacity() > 1 << 20 {
-            line = Vec::new();
-        }
-    };
-    debug!(%reason, "QMP connection closed");
-    shared.shutdown(reason);
-}
-
-struct WriteRequest {
-    command: String,
-    id: u64,
-    bytes: Vec<u8>,
-    fd: Option<OwnedFd>,
-    done: oneshot::Sender<Result<(), WriteError>>,
-}
-
-enum WriteError {
-    Io(io::Error),
-    FdPass(io::Error),
-    /// The connection was closed before or while writing.
-    Closed,
-}
-
-async fn write_loop(mut half: OwnedWriteHalf, mut queue: mpsc::Receiver<WriteRequest>, shared: Arc<Shared>) {
-    let mut closed = shared.closed_tx.subscribe();
-    loop {
-        // Once closed, this task ends and drops the write half; with the reader gone too, that closes the socket
-        // rather than leaving it open until the last client handle is dropped. Requests still queued fail `Closed`
-        // when their `done` senders are dropped with the queue.
-        let request = tokio::select! {
-            biased;
-            _ = closed.wait_for(|closed| *closed) => break,
-            request = queue.recv() => match request {
-                Some(request) => request,
-                None => break,
-            },
-        };
-        let result = write_command(&mut half, &request).await;
-        match result {
-            Ok(()) => {
-                debug!(
-                    command = %request.command,
-                    id = request.id,
-                    bytes = request.bytes.len(),
-                    fd = request.fd.is_some(),
-                    "QMP command sent"
-                );
-                let _ = request.done.send(Ok(()));
-            }
-            Err(failure) => {
-                let (WriteError::Io(error) | WriteError::FdPass(error)) = &failure else {
-                    let _ = request.done.send(Err(failure));
-                    break;
-                };
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
-                ) {
-                    // The peer is gone. The reader closes the connection when it reaches end of file, after
-                    // delivering whatever QEMU sent before going (e.g. the reply to `quit`).
-                    debug!(command = %request.command, id = request.id, %error, "QMP peer gone while sending");
-                    let _ = request.done.send(Err(WriteError::Closed));
-                    break;
-                }
-                if let WriteError::FdPass(_) = failure {
-                    // sendmsg failed, so not a byte of this command went out and the stream is intact.
-                    warn!(command = %request.command, %error, "passing a file descriptor over QMP failed");
-                    let _ = request.done.send(Err(failure));
-                    continue;
-                }
-                // Part of the command may be on the wire; nothing sent after it could be parsed.
-                warn!(command = %request.command, %error, "writing to the QMP socket failed; closing the connection");
-                shared.shutdown(format!("writing to the QMP socket failed: {error}"));
-                let _ = rustix::net::shutdown(half.as_ref(), rustix::net::Shutdown::Both);
-                let _ = request.done.send(Err(failure));
-                break;
-            }
-        }
-    }
-}
-
-async fn write_command(half: &mut OwnedWriteHalf, request: &WriteRequest) -> Result<(), WriteError> {
-    let mut bytes = &request.bytes[..];
-    if let Some(fd) = &request.fd {
-        let sent = fdpass::send_with_fd(half.as_ref(), bytes, fd.as_fd()).await.map_err(WriteError::FdPass)?;
-        bytes = &bytes[sent..];
-    }
-    half.write_all(bytes).await.map_err(WriteError::Io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    use crate::fdpass;
+    use crate::protocol::QmpEvent;
+    use std::io;
+    use std::os::fd::AsFd;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
     const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18"}, "capabilities": ["oob"]}}"#;

@@ -1,36 +1,41 @@
-//! An async client for QMP, the QEMU Machine Protocol, over a unix socket: the wire layer the `vmm` crate uses to
-//! drive the QEMU processes it runs.
+//! Async clients for QEMU's two JSON protocols over unix sockets: QMP, the QEMU Machine Protocol `vmm` drives its
+//! QEMU processes with, and QGA, the guest agent protocol ([`qga`]).
+//!
+//! Both are front ends on one JSON channel (line framing, request ids, per-command timeouts, file descriptors over
+//! `SCM_RIGHTS`, an event stream, and a clean [`Error::Closed`] for every waiting command when the peer goes).
 //!
 //! [`QmpClient`] connects (retrying while QEMU creates its socket), checks the greeting, negotiates capabilities,
-//! then runs commands concurrently from any number of tasks, matching replies by id. Commands go out either raw
-//! ([`QmpClient::execute_raw`], JSON in and out, which works with any QEMU) or typed through the `qapi-qmp`
-//! definitions ([`QmpClient::execute`], which follow QEMU 9.1's schema: on QEMU 7.2 a few replies, such as
-//! `query-machines`, do not decode, so use the raw path for those). File descriptors travel with
-//! `SCM_RIGHTS` ([`QmpClient::getfd`], [`QmpClient::add_fd`], [`QmpClient::execute_with_fd`]). Events go to
-//! every [`QmpClient::subscribe`]r, and when the socket closes every waiting command fails with
-//! [`Error::Closed`] and every subscriber receives [`Event::Closed`].
+//! then runs commands concurrently from any number of tasks, matching replies by id. Commands are typed
+//! ([`QmpClient::execute`] with `qapi-qmp`'s definitions, or this crate's [`commands`] where `qapi-qmp`, generated
+//! from QEMU 9.1, and QEMU 7.2 disagree) or raw ([`QmpClient::execute_raw`], JSON in and out). File descriptors
+//! travel with `SCM_RIGHTS` ([`QmpClient::getfd`], [`QmpClient::add_fd`], [`QmpClient::execute_with_fd`]). Events
+//! go to every [`QmpClient::subscribe`]r, typed with [`QmpEvent::typed`]; `query-status`'s run state is a
+//! [`RunState`].
 //!
 //! It does not start, watch or kill QEMU, and knows nothing of VMs: process management and the meaning of events
-//! belong to `vmm`. Nor does it speak the guest agent protocol (QGA).
+//! belong to `vmm`.
 //!
 //! # Example
 //!
 //! ```no_run
-//! use qx_qmp::{ConnectOptions, Event, QmpClient};
+//! use qx_qmp::{ConnectOptions, Event, QemuEvent, QmpClient};
 //!
 //! # async fn example() -> Result<(), qx_qmp::Error> {
 //! let qmp = QmpClient::connect("/run/quantix/vm/web1/qmp.sock", ConnectOptions::default()).await?;
 //! println!("QEMU {}.{}", qmp.greeting().major, qmp.greeting().minor);
 //!
 //! let mut events = qmp.subscribe();
-//! let status = qmp.execute_raw("query-status", None).await?;
-//! println!("status: {}", status["status"]);
+//! let status = qmp.query_status().await?;
+//! println!("status: {}", status.state);
 //!
-//! qmp.execute_raw("system_powerdown", None).await?;
+//! qmp.execute(qx_qmp::qapi_qmp::system_powerdown {}).await?;
 //! while let Ok(event) = events.recv().await {
 //!     match event {
-//!         Event::Qemu(event) if event.name == "SHUTDOWN" => println!("guest shut down: {}", event.data),
-//!         Event::Qemu(_) => {}
+//!         Event::Qemu(event) => {
+//!             if let QemuEvent::Shutdown { reason, .. } = event.typed() {
+//!                 println!("guest shut down: {reason:?}");
+//!             }
+//!         }
 //!         Event::Closed { reason } => {
 //!             println!("QMP closed: {reason}");
 //!             break;
@@ -41,13 +46,20 @@
 //! # }
 //! ```
 
+mod channel;
 mod client;
+pub mod commands;
 mod error;
+mod events;
 mod fdpass;
 mod protocol;
+pub mod qga;
 
 pub use client::{AddFdInfo, ConnectOptions, QmpClient};
 pub use error::Error;
+pub use events::{BlockJobInfo, JobStatus, MigrationStatus, QemuEvent, RunState, ShutdownCause, Status};
 pub use protocol::{Event, Greeting, QmpEvent};
+/// The typed QMP commands [`QmpClient::execute`] takes, re-exported so callers name the same version.
+pub use qapi_qmp;
 /// The `Command` trait [`QmpClient::execute`] takes, re-exported so callers name the same version.
 pub use qapi_spec;

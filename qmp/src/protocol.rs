@@ -1,4 +1,4 @@
-//! The QMP wire format: the greeting, command encoding, and classifying each line QEMU sends.
+//! The QMP wire format, which QGA shares: the greeting, command encoding, and classifying each line the peer sends.
 //!
 //! Pure functions over bytes, so the framing rules are unit-tested without a socket.
 
@@ -126,11 +126,16 @@ struct Execute<'a> {
     execute: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     arguments: Option<&'a Value>,
-    id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
 }
 
-/// Encodes one command as a newline-terminated JSON line.
-pub(crate) fn encode_command(command: &str, arguments: Option<&Value>, id: u64) -> Result<Vec<u8>, serde_json::Error> {
+/// Encodes one command as a newline-terminated JSON line; without `id` for a command whose reply nobody awaits.
+pub(crate) fn encode_command(
+    command: &str,
+    arguments: Option<&Value>,
+    id: Option<u64>,
+) -> Result<Vec<u8>, serde_json::Error> {
     let mut bytes = serde_json::to_vec(&Execute { execute: command, arguments, id })?;
     bytes.push(b'\n');
     Ok(bytes)
@@ -262,20 +267,20 @@ mod tests {
 
     #[test]
     fn command_encodes_as_one_line() {
-        let bytes = encode_command("getfd", Some(&json!({"fdname": "tap0"})), 7).unwrap();
+        let bytes = encode_command("getfd", Some(&json!({"fdname": "tap0"})), Some(7)).unwrap();
         assert_eq!(bytes.last(), Some(&b'\n'));
         assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1);
         let value: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value, json!({"execute": "getfd", "arguments": {"fdname": "tap0"}, "id": 7}));
 
-        let bytes = encode_command("query-status", None, 8).unwrap();
+        let bytes = encode_command("query-status", None, Some(8)).unwrap();
         let value: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value, json!({"execute": "query-status", "id": 8}));
     }
 
     #[test]
     fn argument_strings_with_newlines_stay_on_one_line() {
-        let bytes = encode_command("human-monitor-command", Some(&json!({"command-line": "a\nb"})), 1).unwrap();
+        let bytes = encode_command("human-monitor-command", Some(&json!({"command-line": "a\nb"})), Some(1)).unwrap();
         assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1);
     }
 

@@ -34,6 +34,7 @@ mod manager;
 pub mod network;
 pub mod persist;
 pub mod process;
+mod qmp_ops;
 pub mod spec;
 pub mod state;
 pub mod volumes;

@@ -14,18 +14,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qx_qmp::{ConnectOptions, Event, QmpClient};
-use serde_json::json;
+use qx_qmp::qapi_qmp::ShutdownAction;
+use qx_qmp::{ConnectOptions, Event, QemuEvent, QmpClient};
 use tokio::sync::{broadcast, watch};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::accel::{Accel, AccelProbe};
-use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic, Plug};
+use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
 use crate::console::{ConsoleError, SerialConsole};
 use crate::host::HostRoot;
 use crate::network::{network_nics, NetworkBackend};
 use crate::persist::{read_tail, write_atomic, StateRecord, VmDir};
 use crate::process::{read_pidfile, ProcessError, QemuProcess};
+use crate::qmp_ops::{self, plug_device, Found, Simple};
 use crate::spec::{AccelChoice, RealFiles, ValidationErrors, VmSpec};
 use crate::state::{VmEvent, VmState};
 use crate::volumes::VolumeBackend;
@@ -44,20 +45,6 @@ const START_LOG_TAIL: u64 = 2048;
 const WARM_RETRY: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Plugs a disk or user-mode NIC: its block nodes or netdev, then its device.
-async fn plug_device(qmp: &QmpClient, plug: &Plug) -> Result<(), String> {
-    for blockdev in &plug.blockdevs {
-        qmp.execute_raw("blockdev-add", Some(blockdev.clone())).await.map_err(|e| format!("blockdev-add: {e}"))?;
-    }
-    if let Some(netdev) = &plug.netdev {
-        qmp.execute_raw("netdev_add", Some(netdev.clone())).await.map_err(|e| format!("netdev_add: {e}"))?;
-    }
-    qmp.execute_raw("device_add", Some(plug.device.to_qmp()))
-        .await
-        .map_err(|e| format!("device_add {}: {e}", plug.device.id))?;
-    Ok(())
-}
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
@@ -356,9 +343,19 @@ impl VmManager {
         let qmp = QmpClient::connect(entry.dir.qmp_socket(), qmp_options())
             .await
             .map_err(|e| format!("QMP does not answer: {e}"))?;
-        let status = qmp.execute_raw("query-status", None).await.map_err(|e| format!("query-status failed: {e}"))?;
+        let status = qmp.query_status().await.map_err(|e| format!("query-status failed: {e}"))?;
+        let state = match qmp_ops::found(&status.state) {
+            Found::Keep(state) => state,
+            Found::Discard(why) => {
+                info!(qemu = %status.state, why, "stopping a QEMU whose guest does not run here");
+                let _ = process.kill();
+                process.exited().await;
+                self.lost(entry, format!("QEMU was {}: {why}", status.state), true).await;
+                return Ok(VmState::Stopped);
+            }
+        };
         // An earlier daemon may have died halfway through a reboot, which pauses on guest shutdown.
-        if let Err(e) = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await {
+        if let Err(e) = qmp_ops::set_shutdown_action(&qmp, ShutdownAction::poweroff).await {
             warn!(error = %e, "cannot reset the shutdown action");
         }
         let console = if entry.status().spec.serial {
@@ -370,10 +367,6 @@ impl VmManager {
         } else {
             None
         };
-        let state = match status.get("status").and_then(|s| s.as_str()) {
-            Some("running") => VmState::Running,
-            _ => VmState::Paused,
-        };
         let runtime = Arc::new(Runtime {
             process,
             qmp,
@@ -382,7 +375,8 @@ impl VmManager {
             guest_shutdown: AtomicBool::new(false),
         });
         entry.status().runtime = Some(Arc::clone(&runtime));
-        self.set_state(entry, state, "reattached after a qx-node restart").await;
+        let reason = format!("reattached after a qx-node restart (QEMU reports {})", status.state);
+        self.set_state(entry, state, &reason).await;
         self.supervise(Arc::clone(entry), runtime);
         Ok(state)
     }
@@ -652,14 +646,9 @@ impl VmManager {
             qmp.getfd(&name, std::os::fd::AsFd::as_fd(fd)).await.map_err(|e| format!("getfd {name}: {e}"))?;
             names.push(name);
         }
-        let netdev = match names.as_slice() {
-            [one] => json!({ "type": "tap", "id": nic.netdev, "fd": one }),
-            many => json!({ "type": "tap", "id": nic.netdev, "fds": many.join(":") }),
-        };
-        qmp.execute_raw("netdev_add", Some(netdev)).await.map_err(|e| format!("netdev_add {}: {e}", nic.netdev))?;
-        qmp.execute_raw("device_add", Some(nic.device.to_qmp()))
-            .await
-            .map_err(|e| format!("device_add {}: {e}", nic.device.id))?;
+        let netdev = qmp_ops::tap_netdev(&nic.netdev, &names);
+        qmp_ops::netdev_add(qmp, &netdev).await.map_err(|e| format!("netdev_add {}: {e}", nic.netdev))?;
+        qmp_ops::device_add(qmp, &nic.device).await.map_err(|e| format!("device_add {}: {e}", nic.device.id))?;
         Ok(())
     }
 
@@ -844,7 +833,9 @@ impl VmManager {
             if hotplug && spec.kernel.is_none() {
                 // The firmware reads the boot order from fw_cfg, which QEMU rebuilds from the plugged devices'
                 // bootindex at reset; the guest has not run yet, so this reset is invisible to it.
-                qmp.execute_raw("system_reset", None).await.map_err(|e| ("updating the boot order", e.into()))?;
+                qmp_ops::simple(&qmp, Simple::SystemReset, None)
+                    .await
+                    .map_err(|e| ("updating the boot order", e.into()))?;
             }
             Ok::<_, (&'static str, BoxError)>(console)
         };
@@ -852,7 +843,7 @@ impl VmManager {
             let (console, alongside) = tokio::join!(plugged, alongside);
             let console = console?;
             alongside.map_err(|e| ("taking a warm QEMU", e))?;
-            qmp.execute_raw("cont", None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
+            qmp_ops::simple(&qmp, Simple::Cont, None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
             Ok::<_, (&'static str, BoxError)>(console)
         };
         match prepared.await {
@@ -939,7 +930,7 @@ impl VmManager {
                     tokio::select! {
                         how = &mut exited => break how,
                         event = events.recv() => match event {
-                            Ok(Event::Qemu(event)) => manager.on_qmp_event(&entry, &runtime, &event.name).await,
+                            Ok(Event::Qemu(event)) => manager.on_qmp_event(&entry, &runtime, event.typed()).await,
                             Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => {
                                 // QMP is gone; only the process exit is left to wait for.
                                 break (&mut exited).await;
@@ -954,27 +945,23 @@ impl VmManager {
         );
     }
 
-    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Runtime, name: &str) {
-        match name {
-            "SHUTDOWN" => runtime.guest_shutdown.store(true, Ordering::SeqCst),
+    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Runtime, event: QemuEvent) {
+        match event {
+            QemuEvent::Shutdown { .. } => runtime.guest_shutdown.store(true, Ordering::SeqCst),
             // Pause and resume that qx-node did not ask for (monitor, I/O error, watchdog). Operations in progress
             // set the state themselves, and events may arrive after them, so ask QEMU for the truth.
-            "STOP" | "RESUME" => {
+            QemuEvent::Stop | QemuEvent::Resume => {
                 let Ok(_idle) = entry.op.try_lock() else {
                     return;
                 };
                 if !matches!(entry.state(), VmState::Running | VmState::Paused) {
                     return;
                 }
-                let Ok(status) = runtime.qmp.execute_raw("query-status", None).await else {
+                let Ok(status) = runtime.qmp.query_status().await else {
                     return;
                 };
-                let state = match status.get("running").and_then(|r| r.as_bool()) {
-                    Some(true) => VmState::Running,
-                    _ => VmState::Paused,
-                };
-                let reason = status.get("status").and_then(|s| s.as_str()).unwrap_or_default().to_owned();
-                self.set_state(entry, state, &format!("QEMU reports {reason}")).await;
+                let state = if status.state.is_running() { VmState::Running } else { VmState::Paused };
+                self.set_state(entry, state, &format!("QEMU reports {}", status.state)).await;
             }
             _ => {}
         }
@@ -1036,7 +1023,7 @@ impl VmManager {
         let timeout = timeout.unwrap_or(self.inner.config.stop_timeout);
         let mut stopped = false;
         if state == VmState::Running {
-            match runtime.qmp.execute_raw("system_powerdown", None).await {
+            match qmp_ops::simple(&runtime.qmp, Simple::SystemPowerdown, None).await {
                 Ok(_) => stopped = entry.wait_inactive(Some(timeout)).await,
                 Err(e) => warn!(vm = %name, error = %e, "system_powerdown failed"),
             }
@@ -1045,7 +1032,7 @@ impl VmManager {
             }
         }
         if !stopped {
-            let _ = runtime.qmp.execute_raw_timeout("quit", None, QUIT_GRACE).await;
+            let _ = qmp_ops::simple(&runtime.qmp, Simple::Quit, Some(QUIT_GRACE)).await;
             stopped = entry.wait_inactive(Some(QUIT_GRACE)).await;
         }
         if !stopped {
@@ -1067,14 +1054,12 @@ impl VmManager {
         };
         let qmp = &runtime.qmp;
         let mut events = qmp.subscribe();
-        qmp.execute_raw("set-action", Some(json!({ "shutdown": "pause" })))
-            .await
-            .map_err(entry.qmp_error("set-action"))?;
+        qmp_ops::set_shutdown_action(qmp, ShutdownAction::pause).await.map_err(entry.qmp_error("set-action"))?;
         let powered_off = async {
-            qmp.execute_raw("system_powerdown", None).await.ok()?;
+            qmp_ops::simple(qmp, Simple::SystemPowerdown, None).await.ok()?;
             loop {
                 match events.recv().await {
-                    Ok(Event::Qemu(event)) if event.name == "SHUTDOWN" => return Some(()),
+                    Ok(Event::Qemu(event)) if matches!(event.typed(), QemuEvent::Shutdown { .. }) => return Some(()),
                     Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => return None,
                     _ => {}
                 }
@@ -1082,10 +1067,10 @@ impl VmManager {
         };
         let cooperative =
             matches!(tokio::time::timeout(self.inner.config.stop_timeout, powered_off).await, Ok(Some(())));
-        let restore = qmp.execute_raw("set-action", Some(json!({ "shutdown": "poweroff" }))).await;
-        qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
+        let restore = qmp_ops::set_shutdown_action(qmp, ShutdownAction::poweroff).await;
+        qmp_ops::simple(qmp, Simple::SystemReset, None).await.map_err(entry.qmp_error("system_reset"))?;
         if cooperative {
-            qmp.execute_raw("cont", None).await.map_err(entry.qmp_error("cont"))?;
+            qmp_ops::simple(qmp, Simple::Cont, None).await.map_err(entry.qmp_error("cont"))?;
         }
         // The SHUTDOWN of the reboot must not make a later crash look like a power-off.
         runtime.guest_shutdown.store(false, Ordering::SeqCst);
@@ -1104,19 +1089,19 @@ impl VmManager {
         let Some(runtime) = entry.runtime() else {
             return Ok(entry.info());
         };
-        runtime.qmp.execute_raw("system_reset", None).await.map_err(entry.qmp_error("system_reset"))?;
+        qmp_ops::simple(&runtime.qmp, Simple::SystemReset, None).await.map_err(entry.qmp_error("system_reset"))?;
         self.emit(&entry, Some(state), Some(state), "reset");
         Ok(entry.info())
     }
 
     /// Stops the vCPUs. Valid when running.
     pub async fn pause(&self, name: &str) -> Result<VmInfo, VmError> {
-        self.vcpus(name, "pause", VmState::Running, "stop", VmState::Paused).await
+        self.vcpus(name, "pause", VmState::Running, Simple::Stop, VmState::Paused).await
     }
 
     /// Restarts the vCPUs. Valid when paused.
     pub async fn resume(&self, name: &str) -> Result<VmInfo, VmError> {
-        self.vcpus(name, "resume", VmState::Paused, "cont", VmState::Running).await
+        self.vcpus(name, "resume", VmState::Paused, Simple::Cont, VmState::Running).await
     }
 
     async fn vcpus(
@@ -1124,7 +1109,7 @@ impl VmManager {
         name: &str,
         operation: &'static str,
         from: VmState,
-        command: &'static str,
+        command: Simple,
         to: VmState,
     ) -> Result<VmInfo, VmError> {
         let entry = self.entry(name)?;
@@ -1134,7 +1119,7 @@ impl VmManager {
         let Some(runtime) = entry.runtime() else {
             return Ok(entry.info());
         };
-        runtime.qmp.execute_raw(command, None).await.map_err(entry.qmp_error(command))?;
+        qmp_ops::simple(&runtime.qmp, command, None).await.map_err(entry.qmp_error(command.name()))?;
         self.set_state(&entry, to, &format!("{operation}d")).await;
         Ok(entry.info())
     }
