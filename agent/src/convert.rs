@@ -72,6 +72,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         .iter()
         .enumerate()
         .map(|(i, disk)| DiskSpec {
+            id: (!disk.id.is_empty()).then(|| disk.id.clone()),
             path: (!disk.path.is_empty()).then(|| disk.path.clone().into()),
             volume: (!disk.volume.is_empty()).then(|| disk.volume.clone()),
             format: match pb::DiskFormat::try_from(disk.format) {
@@ -104,6 +105,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         .iter()
         .enumerate()
         .map(|(i, nic)| NicSpec {
+            id: (!nic.id.is_empty()).then(|| nic.id.clone()),
             kind: p.choice(format!("nics[{i}].kind"), &nic.kind, |v| match v {
                 "user" => Some(NicKind::User),
                 "network" => Some(NicKind::Network),
@@ -167,6 +169,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
                 read_only: d.read_only,
                 cache: d.cache.to_string(),
                 aio: d.aio.to_string(),
+                id: d.id.clone().unwrap_or_default(),
             })
             .collect(),
         nics: spec
@@ -176,6 +179,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
                 kind: n.kind.to_string(),
                 mac: n.mac.clone().unwrap_or_default(),
                 network: n.network.clone().unwrap_or_default(),
+                id: n.id.clone().unwrap_or_default(),
             })
             .collect(),
         serial: Some(spec.serial),
@@ -210,6 +214,8 @@ pub fn nic_status_to_pb(nic: &NicStatus) -> pb::NicStatus {
         network: nic.network.clone(),
         tap: nic.tap.clone(),
         ofport: nic.ofport.unwrap_or(0),
+        id: nic.id.clone(),
+        iface_id: nic.iface_id.clone(),
     }
 }
 
@@ -466,7 +472,25 @@ pub fn vm_to_pb(vm: &VmInfo) -> pb::Vm {
             last_reason: vm.reason.clone(),
             nics: Vec::new(),
         }),
+        devices: devices_to_pb(&vm.devices),
+        root_ports: vm.devices.root_ports,
     }
+}
+
+fn devices_to_pb(tree: &qx_vmm::DeviceTree) -> Vec<pb::DeviceSlot> {
+    let disks = tree.disks.iter().map(|d| pb::DeviceSlot {
+        id: d.id.clone(),
+        kind: "disk".into(),
+        root_port: d.port.unwrap_or(0),
+        qemu_device: d.device.clone(),
+    });
+    let nics = tree.nics.iter().map(|n| pb::DeviceSlot {
+        id: n.id.clone(),
+        kind: "nic".into(),
+        root_port: n.port.unwrap_or(0),
+        qemu_device: n.device.clone(),
+    });
+    disks.chain(nics).collect()
 }
 
 pub fn event_to_pb(event: &VmEvent) -> pb::VmEvent {

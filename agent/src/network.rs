@@ -10,10 +10,10 @@ use qx_net::names::{check_ifname, check_mtu, check_vlan, tap_name, IfName};
 use qx_net::ovsdb::{ClientOptions, Endpoint};
 use qx_net::tap::{delete_tap, Tap, TapConfig};
 use qx_net::vswitch::{BridgeSpec, ExternalIds, PortSpec, VSwitch, VlanConfig};
-use qx_vmm::network::{network_nics, nic_queues, BoxFuture, NetworkBackend};
+use qx_vmm::network::{iface_id, network_nics, nic_queues, BoxFuture, NetworkBackend};
 use qx_vmm::persist::write_atomic;
 use qx_vmm::spec::{check_name, FieldError};
-use qx_vmm::{ValidationErrors, VmSpec};
+use qx_vmm::{DeviceTree, NicSlot, ValidationErrors, VmSpec};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -66,6 +66,10 @@ impl NetworkSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicStatus {
     pub index: usize,
+    /// The NIC's id; its tap and `iface-id` are named from it.
+    pub id: String,
+    /// `external_ids:iface-id` of its OVS interface.
+    pub iface_id: String,
     pub network: String,
     pub tap: String,
     /// Absent while the VM is not running.
@@ -203,32 +207,35 @@ impl Networks {
             .map_err(|source| NetworkError::Persist { path: self.file.clone(), source })
     }
 
-    /// The network NICs of `vm` with their taps and, when plugged, OpenFlow ports.
-    pub async fn nic_status(&self, vm: &VmSpec) -> Vec<NicStatus> {
+    /// The network NICs of `vm` (placed as `devices` says) with their taps and, when plugged, OpenFlow ports.
+    pub async fn nic_status(&self, vm: &VmSpec, devices: &DeviceTree) -> Vec<NicStatus> {
         let vswitch = self.vswitch.lock().await.clone();
         network_nics(vm)
-            .map(|index| {
-                let tap = tap_of(vm, index);
+            .filter_map(|index| {
+                let id = vm.nics[index].id.clone()?;
+                let tap = tap_of(vm, devices.nic(&id)?);
                 let ofport = vswitch
                     .as_ref()
                     .and_then(|v| v.port(tap.as_str()))
                     .and_then(|port| port.interfaces.first().and_then(|i| i.ofport));
-                NicStatus {
+                Some(NicStatus {
                     index,
+                    iface_id: iface_id(&vm.uuid(), &id),
+                    id,
                     network: vm.nics[index].network.clone().unwrap_or_default(),
                     tap: tap.to_string(),
                     ofport,
-                }
+                })
             })
             .collect()
     }
 
-    async fn attach_nic(&self, vm: &VmSpec, index: usize) -> Result<Vec<std::os::fd::OwnedFd>, String> {
-        let nic = &vm.nics[index];
+    async fn attach_nic(&self, vm: &VmSpec, slot: &NicSlot) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+        let nic = vm.nic(&slot.id).ok_or_else(|| format!("VM {:?} has no NIC {:?}", vm.name, slot.id))?;
         let name = nic.network.clone().unwrap_or_default();
         let network = self.get(&name).ok_or_else(|| format!("network {name:?} does not exist"))?;
         let vswitch = self.vswitch().await.map_err(|e| error_chain(&e))?;
-        let tap_name = tap_of(vm, index);
+        let tap_name = tap_of(vm, slot);
         // A tap left by a QEMU that died with the daemon down would block the name; it is ours by construction.
         let _ = delete_tap(&tap_name).await;
         let config = TapConfig::new(tap_name.clone()).queues(nic_queues(vm));
@@ -237,7 +244,7 @@ impl Networks {
             vlan: network.vlan.map_or(VlanConfig::None, |tag| VlanConfig::Access { tag }),
             external_ids: ExternalIds {
                 vm_id: Some(vm.uuid()),
-                iface_id: Some(format!("{}-{index}", vm.uuid())),
+                iface_id: Some(iface_id(&vm.uuid(), &slot.id)),
                 attached_mac: nic.mac.clone(),
                 extra: BTreeMap::new(),
             },
@@ -251,7 +258,7 @@ impl Networks {
         };
         match plugged.await {
             Ok(ofport) => {
-                info!(vm = %vm.name, nic = index, tap = %tap_name, ofport, network = %name, "NIC plugged into the switch");
+                info!(vm = %vm.name, nic = %slot.id, tap = %tap_name, ofport, network = %name, "NIC plugged into the switch");
                 Ok(tap.into_queues())
             }
             Err(e) => {
@@ -263,8 +270,8 @@ impl Networks {
         }
     }
 
-    async fn detach_nic(&self, vm: &VmSpec, index: usize) {
-        let tap = tap_of(vm, index);
+    async fn detach_nic(&self, vm: &VmSpec, slot: &NicSlot) {
+        let tap = tap_of(vm, slot);
         if let Ok(vswitch) = self.vswitch().await {
             if let Err(e) = vswitch.remove_port(tap.as_str()).await {
                 warn!(vm = %vm.name, port = %tap, error = %error_chain(&e), "cannot remove switch port");
@@ -276,8 +283,11 @@ impl Networks {
     }
 }
 
-fn tap_of(vm: &VmSpec, index: usize) -> IfName {
-    tap_name(&vm.uuid(), index as u8)
+/// The tap of a NIC: named from the VM's UUID and the NIC's tap slot, which the device tree allocates once with
+/// the NIC's id and keeps (a VM from before device ids has slot = the NIC's old position, so its taps keep their
+/// names across the upgrade).
+fn tap_of(vm: &VmSpec, slot: &NicSlot) -> IfName {
+    tap_name(&vm.uuid(), slot.tap)
 }
 
 impl NetworkBackend for Networks {
@@ -312,11 +322,15 @@ impl NetworkBackend for Networks {
         })
     }
 
-    fn attach<'a>(&'a self, vm: &'a VmSpec, index: usize) -> BoxFuture<'a, Result<Vec<std::os::fd::OwnedFd>, String>> {
-        Box::pin(self.attach_nic(vm, index))
+    fn attach<'a>(
+        &'a self,
+        vm: &'a VmSpec,
+        nic: &'a NicSlot,
+    ) -> BoxFuture<'a, Result<Vec<std::os::fd::OwnedFd>, String>> {
+        Box::pin(self.attach_nic(vm, nic))
     }
 
-    fn detach<'a>(&'a self, vm: &'a VmSpec, index: usize) -> BoxFuture<'a, ()> {
-        Box::pin(self.detach_nic(vm, index))
+    fn detach<'a>(&'a self, vm: &'a VmSpec, nic: &'a NicSlot) -> BoxFuture<'a, ()> {
+        Box::pin(self.detach_nic(vm, nic))
     }
 }

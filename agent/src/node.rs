@@ -180,7 +180,7 @@ impl Node {
     /// A VM with its network NICs' switch ports.
     pub async fn vm(&self, name: &str) -> Result<(qx_vmm::VmInfo, Vec<NicStatus>), qx_vmm::VmError> {
         let vm = self.vms.get(name)?;
-        let nics = self.networks.nic_status(&vm.spec).await;
+        let nics = self.networks.nic_status(&vm.spec, &vm.devices).await;
         Ok((vm, nics))
     }
 

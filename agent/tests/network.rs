@@ -108,6 +108,11 @@ fn vms_on_one_vlan_reach_each_other_but_not_across_vlans() {
         assert!(tap_exists(&nic.tap));
         assert!(ovs.vsctl(&["list-ports", "qxbr0"]).lines().any(|p| p == nic.tap));
         assert_eq!(ovs.vsctl(&["get", "Port", &nic.tap, "tag"]), "10");
+        // The OVS interface is named for OVN by the NIC's id, not its position.
+        let uuid = b.spec.as_ref().unwrap().uuid.clone();
+        assert_eq!((nic.id.as_str(), nic.iface_id.clone()), ("nic0", format!("{uuid}-nic0")));
+        let iface_id = ovs.vsctl(&["get", "Interface", &nic.tap, "external_ids:iface-id"]);
+        assert_eq!(iface_id.trim_matches('"'), nic.iface_id);
 
         let status = client.delete_network(pb::NetworkRef { name: "v10".into() }).await.unwrap_err();
         assert_eq!(status.code(), Code::FailedPrecondition, "a network in use stays: {status:?}");

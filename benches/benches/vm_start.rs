@@ -55,7 +55,8 @@ async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
     let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
     let layout =
         LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid"), seed: None, hotplug: false };
-    let args = qemu_args(spec, Accel::Tcg, &layout);
+    let devices = qx_vmm::DeviceTree::new(spec).expect("bench spec places");
+    let args = qemu_args(spec, &devices, Accel::Tcg, &layout);
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
     let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4)];
     let process = QemuProcess::spawn(Path::new("qemu-system-x86_64"), &args, fds, log).unwrap();

@@ -29,6 +29,7 @@
 pub mod accel;
 pub mod cmdline;
 pub mod console;
+pub mod device_tree;
 pub mod host;
 mod manager;
 pub mod network;
@@ -42,6 +43,7 @@ pub mod warm;
 
 pub use accel::{Accel, AccelProbe};
 pub use console::SerialConsole;
+pub use device_tree::{DeviceTree, DiskSlot, NicSlot};
 pub use host::HostRoot;
 pub use manager::{Backends, ManagerConfig, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::accel::{Accel, AccelProbe};
 use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
 use crate::console::{ConsoleError, SerialConsole};
+use crate::device_tree::{DeviceTree, Growth};
 use crate::host::HostRoot;
 use crate::network::{network_nics, NetworkBackend};
 use crate::persist::{read_tail, write_atomic, StateRecord, VmDir};
@@ -131,6 +132,8 @@ fn qemu_said(log: &str) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmInfo {
     pub spec: VmSpec,
+    /// Where each disk and NIC sits.
+    pub devices: DeviceTree,
     pub state: VmState,
     pub pid: Option<i32>,
     pub started_at_unix: Option<i64>,
@@ -152,6 +155,7 @@ struct Runtime {
 
 struct Status {
     spec: VmSpec,
+    devices: DeviceTree,
     record: StateRecord,
     runtime: Option<Arc<Runtime>>,
 }
@@ -167,13 +171,13 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(name: String, dir: VmDir, spec: VmSpec, record: StateRecord) -> Arc<Self> {
+    fn new(name: String, dir: VmDir, spec: VmSpec, devices: DeviceTree, record: StateRecord) -> Arc<Self> {
         let (state_tx, _) = watch::channel(record.state);
         Arc::new(Self {
             name,
             dir,
             op: tokio::sync::Mutex::new(()),
-            status: Mutex::new(Status { spec, record, runtime: None }),
+            status: Mutex::new(Status { spec, devices, record, runtime: None }),
             state_tx,
             persist: tokio::sync::Mutex::new(()),
         })
@@ -204,6 +208,7 @@ impl Entry {
         let status = self.status();
         VmInfo {
             spec: status.spec.clone(),
+            devices: status.devices.clone(),
             state: status.record.state,
             pid: status.record.pid,
             started_at_unix: status.record.started_at_unix,
@@ -291,9 +296,9 @@ impl VmManager {
             let vms_dir = manager.inner.vms_dir.clone();
             blocking(move || load_dir(&vms_dir)).await?
         };
-        let reattach = found.into_iter().map(|(name, spec, record)| {
+        let reattach = found.into_iter().map(|(name, spec, devices, record)| {
             let manager = manager.clone();
-            async move { manager.load_one(name, spec, record).await }
+            async move { manager.load_one(name, spec, devices, record).await }
         });
         futures_join_all(reattach).await;
         if manager.inner.warm.enabled() {
@@ -303,10 +308,10 @@ impl VmManager {
         Ok(manager)
     }
 
-    async fn load_one(&self, name: String, spec: VmSpec, record: StateRecord) {
+    async fn load_one(&self, name: String, spec: VmSpec, devices: DeviceTree, record: StateRecord) {
         let dir = VmDir::new(&self.inner.vms_dir, &name);
         let was = record.state;
-        let entry = Entry::new(name.clone(), dir.clone(), spec.clone(), record.clone());
+        let entry = Entry::new(name.clone(), dir.clone(), spec.clone(), devices, record.clone());
         self.vms_write().insert(name.clone(), Arc::clone(&entry));
         if !was.is_active() {
             return;
@@ -436,9 +441,11 @@ impl VmManager {
         if self.vms_read().contains_key(&spec.name) {
             return Err(VmError::AlreadyExists(spec.name));
         }
+        spec.fill_device_ids();
+        let devices = DeviceTree::new(&spec).map_err(|e| place_error(&spec, e))?;
         if spec.uuid.is_none() {
             if let Ok(accel) = self.resolve_accel(&spec) {
-                spec.uuid = self.inner.warm.reserve(&spec, accel, &spec.name);
+                spec.uuid = self.inner.warm.reserve(&spec, &devices, accel, &spec.name);
             }
         }
         spec.fill_generated();
@@ -450,21 +457,23 @@ impl VmManager {
         let dir = VmDir::new(&self.inner.vms_dir, &spec.name);
         let record = StateRecord::default();
         let write = {
-            let (dir, spec, record) = (dir.clone(), spec.clone(), record.clone());
-            blocking(move || create_vm_dir(&dir, &spec, &record)).await
+            let (dir, spec, devices, record) = (dir.clone(), spec.clone(), devices.clone(), record.clone());
+            blocking(move || create_vm_dir(&dir, &spec, &devices, &record)).await
         };
         if let Err(source) = write {
             self.inner.warm.release(&spec.name);
             return Err(VmError::Persist { name: spec.name.clone(), source });
         }
-        let entry = Entry::new(spec.name.clone(), dir, spec.clone(), record);
+        let entry = Entry::new(spec.name.clone(), dir, spec.clone(), devices, record);
         self.vms_write().insert(spec.name.clone(), Arc::clone(&entry));
         info!(vm = %spec.name, "created");
         self.emit(&entry, Some(VmState::Stopped), None, "created");
         Ok(entry.info())
     }
 
-    /// Replaces the spec of a VM. Valid when stopped or crashed. The uuid and generated MACs are kept.
+    /// Replaces the spec of a VM. Valid when stopped or crashed. The uuid and generated MACs are kept; devices are
+    /// matched by id (devices without one get the lowest free generated id, so an unchanged list keeps its ids),
+    /// and devices the VM had keep their places.
     pub async fn update(&self, mut spec: VmSpec) -> Result<VmInfo, VmError> {
         let entry = self.entry(&spec.name)?;
         let _op = entry.op.lock().await;
@@ -476,19 +485,30 @@ impl VmManager {
             }
             _ => spec.uuid = old.uuid,
         }
-        for (nic, old_nic) in spec.nics.iter_mut().zip(&old.nics) {
+        spec.fill_device_ids();
+        for nic in &mut spec.nics {
             if nic.mac.is_none() {
-                nic.mac = old_nic.mac.clone();
+                nic.mac = nic.id.as_deref().and_then(|id| old.nic(id)).and_then(|old_nic| old_nic.mac.clone());
             }
         }
         spec = validated(spec).await?;
         spec.fill_generated();
-        let path = entry.dir.spec();
-        let json = serde_json::to_vec_pretty(&spec).expect("a VmSpec always serializes");
-        blocking(move || write_atomic(&path, &json))
-            .await
-            .map_err(|source| VmError::Persist { name: entry.name.clone(), source })?;
-        entry.status().spec = spec;
+        let mut devices = entry.status().devices.clone();
+        devices.reconcile(&spec, Growth::Allowed).map_err(|e| place_error(&spec, e))?;
+        let (dir, written_spec, written_devices) = (entry.dir.clone(), spec.clone(), devices.clone());
+        // The tree first: one that lists devices the spec lacks is trimmed at load, so a crash between the two
+        // writes leaves the old spec with a consistent tree.
+        blocking(move || {
+            write_atomic(&dir.devices(), &serde_json::to_vec_pretty(&written_devices)?)?;
+            write_atomic(&dir.spec(), &serde_json::to_vec_pretty(&written_spec)?)
+        })
+        .await
+        .map_err(|source| VmError::Persist { name: entry.name.clone(), source })?;
+        {
+            let mut status = entry.status();
+            status.spec = spec;
+            status.devices = devices;
+        }
         // A reserved warm QEMU may no longer fit; the next start is cold either way.
         self.inner.warm.release(&entry.name);
         info!(vm = %entry.name, "spec updated");
@@ -522,7 +542,10 @@ impl VmManager {
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
         let previous = entry.require("start", "stopped", &[VmState::Stopped, VmState::Crashed])?;
-        let spec = entry.status().spec.clone();
+        let (spec, devices) = {
+            let status = entry.status();
+            (status.spec.clone(), status.devices.clone())
+        };
         // Two QEMUs on the same disks would corrupt them: never start next to one qx-node could not take back.
         let (pidfile, host, uuid) = (entry.dir.pidfile(), self.inner.config.host.clone(), spec.uuid());
         let orphan =
@@ -535,19 +558,19 @@ impl VmManager {
         self.check_networks(&spec).await?;
         let spec = self.resolve_volumes(name, spec).await?;
         let starting = self.set_state(&entry, VmState::Starting, "start requested");
-        let launched = match self.inner.warm.take(&spec, accel) {
-            Some(warm) => match self.launch_warm(&entry, &spec, warm, starting).await {
+        let launched = match self.inner.warm.take(&spec, &devices, accel) {
+            Some(warm) => match self.launch_warm(&entry, &spec, &devices, warm, starting).await {
                 Ok(runtime) => Ok(runtime),
                 Err(e) => {
                     warn!(vm = %name, error = %e, "warm start failed; starting cold");
                     // The warm attempt may have ended before `starting` was written.
                     self.set_state(&entry, VmState::Starting, "start requested").await;
-                    self.launch(&entry, &spec, accel).await
+                    self.launch(&entry, &spec, &devices, accel).await
                 }
             },
             None => {
                 starting.await;
-                self.launch(&entry, &spec, accel).await
+                self.launch(&entry, &spec, &devices, accel).await
             }
         };
         match launched {
@@ -639,15 +662,15 @@ impl VmManager {
     /// Plugs NIC `nic` into QEMU: the backend's tap fds over `getfd`, a tap netdev, then the device.
     async fn plug_network_nic(&self, qmp: &QmpClient, spec: &VmSpec, nic: &NetworkNic) -> Result<(), String> {
         let backend = self.inner.backends.network.as_ref().ok_or("no network backend")?;
-        let fds = backend.attach(spec, nic.index).await?;
+        let fds = backend.attach(spec, &nic.slot).await?;
         let mut names = Vec::with_capacity(fds.len());
         for (queue, fd) in fds.iter().enumerate() {
-            let name = format!("{}-q{queue}", nic.netdev);
+            let name = format!("{}-q{queue}", nic.slot.netdev);
             qmp.getfd(&name, std::os::fd::AsFd::as_fd(fd)).await.map_err(|e| format!("getfd {name}: {e}"))?;
             names.push(name);
         }
-        let netdev = qmp_ops::tap_netdev(&nic.netdev, &names);
-        qmp_ops::netdev_add(qmp, &netdev).await.map_err(|e| format!("netdev_add {}: {e}", nic.netdev))?;
+        let netdev = qmp_ops::tap_netdev(&nic.slot.netdev, &names);
+        qmp_ops::netdev_add(qmp, &netdev).await.map_err(|e| format!("netdev_add {}: {e}", nic.slot.netdev))?;
         qmp_ops::device_add(qmp, &nic.device).await.map_err(|e| format!("device_add {}: {e}", nic.device.id))?;
         Ok(())
     }
@@ -655,9 +678,14 @@ impl VmManager {
     /// Removes the host side of every network NIC of the VM; idempotent.
     async fn detach_networks(&self, entry: &Entry) {
         let Some(backend) = &self.inner.backends.network else { return };
-        let spec = entry.status().spec.clone();
-        for index in network_nics(&spec) {
-            backend.detach(&spec, index).await;
+        let (spec, devices) = {
+            let status = entry.status();
+            (status.spec.clone(), status.devices.clone())
+        };
+        for slot in &devices.nics {
+            if spec.nic(&slot.id).is_some_and(|nic| nic.kind == crate::spec::NicKind::Network) {
+                backend.detach(&spec, slot).await;
+            }
         }
     }
 
@@ -677,7 +705,13 @@ impl VmManager {
     }
 
     /// Cold start: a new QEMU with the VM's disks and NICs on its command line.
-    async fn launch(&self, entry: &Arc<Entry>, spec: &VmSpec, accel: Accel) -> Result<Arc<Runtime>, VmError> {
+    async fn launch(
+        &self,
+        entry: &Arc<Entry>,
+        spec: &VmSpec,
+        devices: &DeviceTree,
+        accel: Accel,
+    ) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
         let start_error = |stage: &'static str| {
             let name = entry.name.clone();
@@ -693,12 +727,12 @@ impl VmManager {
             }
             None => None,
         };
-        let qemu = self.spawn_qemu(&dir, spec, accel, seed, false).await.map_err(|failure| {
+        let qemu = self.spawn_qemu(&dir, spec, devices, accel, seed, false).await.map_err(|failure| {
             let (stage, log, source) = failure;
             VmError::Start { name: entry.name.clone(), stage, log, source }
         })?;
         let ready = std::future::ready(Ok(()));
-        self.run_guest(entry, spec, qemu, &dir.serial_socket(), false, ready).await
+        self.run_guest(entry, (spec, devices), qemu, &dir.serial_socket(), false, ready).await
     }
 
     /// Warm start: the VM takes a pre-launched QEMU. Its devices are plugged while `starting` is written (the
@@ -709,6 +743,7 @@ impl VmManager {
         &self,
         entry: &Arc<Entry>,
         spec: &VmSpec,
+        devices: &DeviceTree,
         warm: Warm,
         starting: impl std::future::Future<Output = ()>,
     ) -> Result<Arc<Runtime>, VmError> {
@@ -746,7 +781,7 @@ impl VmManager {
             }
         };
         let serial = from.serial_socket();
-        let started = self.run_guest(entry, spec, (warm.process, warm.qmp), &serial, true, moved).await;
+        let started = self.run_guest(entry, (spec, devices), (warm.process, warm.qmp), &serial, true, moved).await;
         if started.is_err() {
             let _ = blocking(move || fs::remove_dir_all(from.path())).await;
         }
@@ -759,6 +794,7 @@ impl VmManager {
         &self,
         dir: &VmDir,
         spec: &VmSpec,
+        devices: &DeviceTree,
         accel: Accel,
         seed: Option<PathBuf>,
         hotplug: bool,
@@ -771,7 +807,7 @@ impl VmManager {
         let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
         let serial_fd = serial.then_some(SERIAL_FD);
         let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, pidfile: dir.pidfile(), seed, hotplug };
-        let args = qemu_args(spec, accel, &layout);
+        let args = qemu_args(spec, devices, accel, &layout);
         debug!(vm = %spec.name, ?args, "spawning QEMU");
         let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
             .map_err(|e: ProcessError| ("spawning QEMU", String::new(), e.into()))?;
@@ -807,7 +843,7 @@ impl VmManager {
     async fn run_guest(
         &self,
         entry: &Arc<Entry>,
-        spec: &VmSpec,
+        (spec, devices): (&VmSpec, &DeviceTree),
         (process, qmp): (QemuProcess, QmpClient),
         serial: &Path,
         hotplug: bool,
@@ -821,7 +857,7 @@ impl VmManager {
             } else {
                 None
             };
-            let hw = Hardware::from_spec(spec, None);
+            let hw = Hardware::from_spec(spec, devices, None);
             if hotplug {
                 for plug in hw.disks.iter().chain(&hw.user_nics) {
                     plug_device(&qmp, plug).await.map_err(|e| ("plugging disks and NICs", e.into()))?;
@@ -877,6 +913,7 @@ impl VmManager {
             while let Some(shape) = pool.wanting() {
                 let uuid = Uuid::new_v4();
                 let spec = pool.shapes[shape].spec(uuid);
+                let devices = DeviceTree::new(&spec).expect("a warm shape has no devices to place");
                 let dir = VmDir::new(&root, &uuid.to_string());
                 if let Err(e) = blocking({
                     let path = dir.path().to_owned();
@@ -888,10 +925,10 @@ impl VmManager {
                     tokio::time::sleep(WARM_RETRY).await;
                     continue;
                 }
-                match self.spawn_qemu(&dir, &spec, accel, None, true).await {
+                match self.spawn_qemu(&dir, &spec, &devices, accel, None, true).await {
                     Ok((process, qmp)) => {
                         debug!(shape, pid = process.pid(), "warm QEMU ready");
-                        let key = launch_key(&spec, accel);
+                        let key = launch_key(&spec, &devices, accel);
                         pool.add(Warm { shape, uuid, dir, process, qmp, key, reserved_for: None });
                     }
                     Err((stage, log, source)) => {
@@ -1195,11 +1232,29 @@ async fn validated(spec: VmSpec) -> Result<VmSpec, VmError> {
     blocking(move || spec.validate(&RealFiles).map(|()| spec)).await.map_err(VmError::from)
 }
 
-fn create_vm_dir(dir: &VmDir, spec: &VmSpec, record: &StateRecord) -> std::io::Result<()> {
+/// A device the tree cannot place, as a field error on the device.
+fn place_error(spec: &VmSpec, error: crate::device_tree::PlaceError) -> VmError {
+    use crate::device_tree::PlaceError;
+    let id = match &error {
+        PlaceError::NoFreePort { id, .. } | PlaceError::MachineFull { id, .. } | PlaceError::NoTapSlot { id } => id,
+    };
+    let field = match spec.disks.iter().position(|d| d.id.as_deref() == Some(id.as_str())) {
+        Some(i) => format!("disks[{i}]"),
+        None => spec
+            .nics
+            .iter()
+            .position(|n| n.id.as_deref() == Some(id.as_str()))
+            .map_or_else(|| "devices".to_owned(), |i| format!("nics[{i}]")),
+    };
+    ValidationErrors::one(field, id, error.to_string()).into()
+}
+
+fn create_vm_dir(dir: &VmDir, spec: &VmSpec, devices: &DeviceTree, record: &StateRecord) -> std::io::Result<()> {
     fs::create_dir(dir.path())?;
     let written = (|| {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))?;
         write_atomic(&dir.state(), &serde_json::to_vec_pretty(record)?)?;
+        write_atomic(&dir.devices(), &serde_json::to_vec_pretty(devices)?)?;
         write_atomic(&dir.spec(), &serde_json::to_vec_pretty(spec)?)
     })();
     if written.is_err() {
@@ -1236,7 +1291,7 @@ fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, 
 }
 
 /// Reads every VM directory; unreadable ones are logged and skipped, never touched.
-fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)>> {
+fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, DeviceTree, StateRecord)>> {
     let mut found = Vec::new();
     for dirent in fs::read_dir(vms_dir)? {
         let dirent = dirent?;
@@ -1248,7 +1303,7 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
             continue;
         }
         let dir = VmDir::new(vms_dir, &name);
-        let spec: VmSpec = match fs::read(dir.spec())
+        let mut spec: VmSpec = match fs::read(dir.spec())
             .map_err(|e| e.to_string())
             .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
         {
@@ -1269,7 +1324,14 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, StateRecord)
             }),
             Err(_) => StateRecord::default(),
         };
-        found.push((name, spec, record));
+        let devices = match crate::persist::load_devices(&dir, &mut spec) {
+            Ok(devices) => devices,
+            Err(e) => {
+                error!(vm = %name, error = %e, "cannot read or upgrade the VM's device tree; skipping this VM");
+                continue;
+            }
+        };
+        found.push((name, spec, devices, record));
     }
     Ok(found)
 }

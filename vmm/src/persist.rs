@@ -1,6 +1,7 @@
 //! What the daemon keeps on disk for each VM, and the atomic write every such file goes through.
 //!
-//! Layout under the data directory: `vms/<name>/` holds `spec.json`, `state.json`, and while QEMU runs its
+//! Layout under the data directory: `vms/<name>/` holds `spec.json`, `devices.json` (the device tree: where each
+//! disk and NIC sits, see [`crate::device_tree`]), `state.json`, and while QEMU runs its
 //! `qemu.pid`, `qmp.sock`, `serial.sock`, plus the logs `qemu.log` and `console.log`.
 
 use std::fs::{self, File};
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
+use crate::device_tree::{DeviceTree, Growth};
+use crate::spec::VmSpec;
 use crate::state::VmState;
 
 /// Writes `data` to `path` so that readers see the old file or the new one, never a mix, even across a crash
@@ -56,6 +59,9 @@ impl VmDir {
     pub fn state(&self) -> PathBuf {
         self.0.join("state.json")
     }
+    pub fn devices(&self) -> PathBuf {
+        self.0.join("devices.json")
+    }
     pub fn pidfile(&self) -> PathBuf {
         self.0.join("qemu.pid")
     }
@@ -83,6 +89,34 @@ impl VmDir {
             let _ = fs::remove_file(path);
         }
     }
+}
+
+/// Reads the device tree of the VM in `dir` whose spec is `spec`, upgrading what an earlier version wrote: a spec
+/// without device ids gets them (`disk{i}`, `nic{i}`), a VM without `devices.json` gets the tree that version
+/// launched it with ([`DeviceTree::legacy`]), and a tree is brought in line with its spec (a crash between the
+/// two writes of an update). What changed is written back (tree first, then spec) before the VM is used.
+pub fn load_devices(dir: &VmDir, spec: &mut VmSpec) -> Result<DeviceTree, String> {
+    let before = spec.clone();
+    spec.fill_device_ids();
+    let (mut tree, mut tree_changed) = match fs::read(dir.devices()) {
+        Ok(bytes) => {
+            let tree: DeviceTree =
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", dir.devices().display()))?;
+            (tree, false)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => (DeviceTree::legacy(spec), true),
+        Err(e) => return Err(format!("{}: {e}", dir.devices().display())),
+    };
+    tree_changed |= tree.reconcile(spec, Growth::Allowed).map_err(|e| e.to_string())?;
+    if tree_changed {
+        let json = serde_json::to_vec_pretty(&tree).map_err(|e| e.to_string())?;
+        write_atomic(&dir.devices(), &json).map_err(|e| format!("{}: {e}", dir.devices().display()))?;
+    }
+    if *spec != before {
+        let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
+        write_atomic(&dir.spec(), &json).map_err(|e| format!("{}: {e}", dir.spec().display()))?;
+    }
+    Ok(tree)
 }
 
 /// The tail of a log file, at most `max` bytes, for error messages and console history.
@@ -123,6 +157,43 @@ mod tests {
         fs::create_dir(dir.path().join("blocker")).unwrap();
         assert!(write_atomic(&dir.path().join("blocker"), b"new").is_err());
         assert_eq!(fs::read(&path).unwrap(), b"old");
+    }
+
+    /// A VM directory as the version before device ids left it loads with the places that version used, and is
+    /// upgraded on disk once.
+    #[test]
+    fn old_vm_directories_are_upgraded_in_place() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(root.path(), "legacy");
+        fs::create_dir(dir.path()).unwrap();
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/state-v0/spec.json");
+        fs::copy(fixture, dir.spec()).unwrap();
+        let mut spec: VmSpec = serde_json::from_slice(&fs::read(dir.spec()).unwrap()).unwrap();
+        let tree = load_devices(&dir, &mut spec).unwrap();
+        let ids: Vec<_> =
+            spec.disks.iter().map(|d| d.id.as_deref()).chain(spec.nics.iter().map(|n| n.id.as_deref())).collect();
+        assert_eq!(ids, [Some("disk0"), Some("disk1"), Some("nic0")]);
+        assert_eq!(tree, DeviceTree::legacy(&spec));
+        assert_eq!(tree.disks[1].device, "virtio-disk1");
+        let stored: VmSpec = serde_json::from_slice(&fs::read(dir.spec()).unwrap()).unwrap();
+        assert_eq!(stored, spec, "the upgraded spec is written back");
+        let stored: DeviceTree = serde_json::from_slice(&fs::read(dir.devices()).unwrap()).unwrap();
+        assert_eq!(stored, tree);
+        let mut again: VmSpec = serde_json::from_slice(&fs::read(dir.spec()).unwrap()).unwrap();
+        assert_eq!(load_devices(&dir, &mut again).unwrap(), tree, "a second load changes nothing");
+    }
+
+    #[test]
+    fn a_tree_ahead_of_its_spec_is_trimmed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = VmDir::new(root.path(), "t");
+        fs::create_dir(dir.path()).unwrap();
+        let mut spec = VmSpec::from_text("name: t\ndisks:\n  - {id: a, path: /a}\n  - {id: b, path: /b}\n").unwrap();
+        let tree = DeviceTree::new(&spec).unwrap();
+        write_atomic(&dir.devices(), &serde_json::to_vec(&tree).unwrap()).unwrap();
+        spec.disks.remove(0);
+        let loaded = load_devices(&dir, &mut spec).unwrap();
+        assert_eq!(loaded.disks, tree.disks[1..]);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const MAX_VCPUS: u32 = 288;
 pub const MAX_DISKS: usize = 16;
 pub const MAX_NICS: usize = 8;
 pub const MAX_NAME_LEN: usize = 63;
+/// Device ids become parts of QEMU ids and OVS `iface-id`s: short.
+pub const MAX_DEVICE_ID_LEN: usize = 32;
 pub const MAX_CMDLINE_LEN: usize = 4096;
 /// VNC displays map to TCP ports 5900 + display.
 pub const MAX_VNC_DISPLAY: u32 = 99;
@@ -137,6 +139,10 @@ pub struct KernelBoot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
+    /// Names the disk for the life of the VM (hotplug, `devices.json`); unique among the VM's disks and NICs.
+    /// Generated once when absent: the lowest free `disk{n}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// An image file or block device on the host; exactly one of `path` and `volume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
@@ -187,6 +193,10 @@ pub enum AioMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
+    /// Names the NIC for the life of the VM (hotplug, its tap, OVS `iface-id`); unique among the VM's disks and
+    /// NICs. Generated once when absent: the lowest free `nic{n}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Default: user-mode networking.
     #[serde(default)]
     pub kind: NicKind,
@@ -284,6 +294,7 @@ impl VmSpec {
         }
         self.validate_disks(files, &mut p);
         self.validate_nics(&mut p);
+        self.validate_device_ids(&mut p);
         if let Some(display) = self.vnc_display {
             if display > MAX_VNC_DISPLAY {
                 p.add("vnc_display", display, format!("is above {MAX_VNC_DISPLAY}"));
@@ -414,9 +425,59 @@ impl VmSpec {
         }
     }
 
-    /// Fills in what creation generates once and keeps: the uuid and NIC MAC addresses.
+    fn validate_device_ids(&self, p: &mut Problems) {
+        let mut seen = HashSet::new();
+        let ids = self.disks.iter().enumerate().map(|(i, d)| (format!("disks[{i}].id"), &d.id));
+        let ids = ids.chain(self.nics.iter().enumerate().map(|(i, n)| (format!("nics[{i}].id"), &n.id)));
+        for (field, id) in ids {
+            let Some(id) = id else { continue };
+            if let Err(problem) = check_device_id(id) {
+                p.add(field, id, problem);
+            } else if !seen.insert(id.as_str()) {
+                p.add(field, id, "is already used by another disk or NIC of this VM");
+            }
+        }
+    }
+
+    /// Gives every disk and NIC without an id the lowest free `disk{n}` / `nic{n}`; ids once given are kept.
+    pub fn fill_device_ids(&mut self) {
+        let mut used: HashSet<String> = self
+            .disks
+            .iter()
+            .filter_map(|d| d.id.clone())
+            .chain(self.nics.iter().filter_map(|n| n.id.clone()))
+            .collect();
+        let next = |prefix: &str, used: &mut HashSet<String>| {
+            let id = (0..).map(|n| format!("{prefix}{n}")).find(|id| !used.contains(id)).expect("unbounded");
+            used.insert(id.clone());
+            id
+        };
+        for disk in &mut self.disks {
+            if disk.id.is_none() {
+                disk.id = Some(next("disk", &mut used));
+            }
+        }
+        for nic in &mut self.nics {
+            if nic.id.is_none() {
+                nic.id = Some(next("nic", &mut used));
+            }
+        }
+    }
+
+    /// The disk with id `id`.
+    pub fn disk(&self, id: &str) -> Option<&DiskSpec> {
+        self.disks.iter().find(|d| d.id.as_deref() == Some(id))
+    }
+
+    /// The NIC with id `id`.
+    pub fn nic(&self, id: &str) -> Option<&NicSpec> {
+        self.nics.iter().find(|n| n.id.as_deref() == Some(id))
+    }
+
+    /// Fills in what creation generates once and keeps: the uuid, device ids and NIC MAC addresses.
     pub fn fill_generated(&mut self) {
         self.uuid.get_or_insert_with(Uuid::new_v4);
+        self.fill_device_ids();
         for nic in &mut self.nics {
             if nic.mac.is_none() {
                 nic.mac = Some(generate_mac());
@@ -467,6 +528,23 @@ pub fn check_name(name: &str) -> Result<(), String> {
         return Err("starts with '.' or '-'".to_owned());
     }
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return Err("may only contain letters, digits, '.', '_' and '-'".to_owned());
+    }
+    Ok(())
+}
+
+/// Disk and NIC ids: 1-32 of `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn check_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("is empty".to_owned());
+    }
+    if id.len() > MAX_DEVICE_ID_LEN {
+        return Err(format!("is longer than {MAX_DEVICE_ID_LEN} characters"));
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or digit".to_owned());
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
         return Err("may only contain letters, digits, '.', '_' and '-'".to_owned());
     }
     Ok(())
@@ -568,7 +646,7 @@ mod tests {
         spec.machine = "virt".into();
         spec.disks.push(DiskSpec { path: Some("/img/missing.raw".into()), ..spec.disks[0].clone() });
         spec.disks.push(spec.disks[0].clone());
-        spec.nics.push(NicSpec { kind: NicKind::User, network: None, mac: Some("01:00:00:00:00:01".into()) });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: Some("01:00:00:00:00:01".into()) });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["name", "vcpus", "memory_mib", "machine", "disks[1].path", "disks[2].path", "nics[0].mac"]);
@@ -606,8 +684,8 @@ mod tests {
     #[test]
     fn generated_fields_are_stable_and_valid() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { kind: NicKind::User, network: None, mac: None });
-        spec.nics.push(NicSpec { kind: NicKind::Network, network: Some("lan".into()), mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::Network, network: Some("lan".into()), mac: None });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
         spec.fill_generated();
@@ -635,11 +713,40 @@ mod tests {
     #[test]
     fn network_nics_name_a_valid_network() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { kind: NicKind::Network, network: None, mac: None });
-        spec.nics.push(NicSpec { kind: NicKind::Network, network: Some("bad net".into()), mac: None });
-        spec.nics.push(NicSpec { kind: NicKind::User, network: Some("lan".into()), mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::Network, network: None, mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::Network, network: Some("bad net".into()), mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: Some("lan".into()), mac: None });
         let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["nics[0].network", "nics[1].network", "nics[2].network"]);
+    }
+
+    #[test]
+    fn device_ids_are_checked_and_unique_across_disks_and_nics() {
+        let mut spec = minimal();
+        spec.disks[0].id = Some("lan".into());
+        spec.disks.push(DiskSpec { id: Some("-x".into()), path: Some("/img/b.qcow2".into()), ..spec.disks[0].clone() });
+        spec.nics.push(NicSpec { id: Some("lan".into()), kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec { id: Some("a b".into()), kind: NicKind::User, network: None, mac: None });
+        let errors = spec.validate(&files()).unwrap_err();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["disks[1].id", "nics[0].id", "nics[1].id"]);
+        assert!(errors.to_string().contains("nics[0].id: \"lan\" is already used by another disk or NIC"), "{errors}");
+    }
+
+    #[test]
+    fn missing_device_ids_get_the_lowest_free_name_once() {
+        let mut spec = minimal();
+        spec.disks.push(DiskSpec { id: Some("disk0".into()), ..spec.disks[0].clone() });
+        spec.disks[0].path = Some("/img/b.qcow2".into());
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None });
+        spec.fill_generated();
+        let ids: Vec<_> = spec.disks.iter().map(|d| d.id.clone().unwrap()).collect();
+        assert_eq!(ids, ["disk1", "disk0"]);
+        assert_eq!(spec.nics[0].id.as_deref(), Some("nic0"));
+        let before = spec.clone();
+        spec.fill_generated();
+        assert_eq!(spec, before);
+        spec.validate(&files()).unwrap();
     }
 
     #[test]

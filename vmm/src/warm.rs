@@ -19,6 +19,7 @@ use uuid::Uuid;
 
 use crate::accel::Accel;
 use crate::cmdline::{qemu_args, LaunchLayout};
+use crate::device_tree::DeviceTree;
 use crate::host::HostRoot;
 use crate::persist::VmDir;
 use crate::process::{is_qemu_of, read_pidfile, QemuProcess};
@@ -92,9 +93,9 @@ impl WarmShape {
     }
 }
 
-/// The arguments that fix `spec`'s machine at launch: its command line without the name, the paths of this run,
-/// disks and NICs. Two specs with equal keys get the same machine.
-pub fn launch_key(spec: &VmSpec, accel: Accel) -> Vec<OsString> {
+/// The arguments that fix `spec`'s machine (its devices placed as `tree` says) at launch: its command line without
+/// the name, the paths of this run, disks and NICs. Two specs with equal keys get the same machine.
+pub fn launch_key(spec: &VmSpec, tree: &DeviceTree, accel: Accel) -> Vec<OsString> {
     let mut spec = spec.clone();
     spec.name = "-".into();
     let layout = LaunchLayout {
@@ -105,7 +106,7 @@ pub fn launch_key(spec: &VmSpec, accel: Accel) -> Vec<OsString> {
         seed: spec.cloud_init.is_some().then(|| PathBuf::from("seed")),
         hotplug: true,
     };
-    qemu_args(&spec, accel, &layout)
+    qemu_args(&spec, tree, accel, &layout)
 }
 
 /// A ready QEMU.
@@ -150,7 +151,7 @@ impl WarmPool {
     /// A UUID for a new VM `name` whose spec (without UUID) fits a ready, unreserved QEMU, which is then kept for
     /// it. Reservations per shape are capped at the shape's count so that VMs created and never started cannot
     /// hold an unbounded number of QEMUs.
-    pub fn reserve(&self, spec: &VmSpec, accel: Accel, name: &str) -> Option<Uuid> {
+    pub fn reserve(&self, spec: &VmSpec, tree: &DeviceTree, accel: Accel, name: &str) -> Option<Uuid> {
         let mut entries = self.entries();
         let reserved_of = |shape: usize, entries: &[Warm]| {
             entries.iter().filter(|w| w.shape == shape && w.reserved_for.is_some()).count()
@@ -161,7 +162,7 @@ impl WarmPool {
             w.reserved_for.is_none()
                 && !w.qmp.is_closed()
                 && reserved_of(w.shape, &entries) < self.shapes[w.shape].count
-                && launch_key(&candidate, accel) == w.key
+                && launch_key(&candidate, tree, accel) == w.key
         })?;
         entries[index].reserved_for = Some(name.to_owned());
         self.wake.notify_one();
@@ -169,12 +170,12 @@ impl WarmPool {
     }
 
     /// The QEMU reserved for `spec`'s VM, if it still fits and still runs.
-    pub fn take(&self, spec: &VmSpec, accel: Accel) -> Option<Warm> {
+    pub fn take(&self, spec: &VmSpec, tree: &DeviceTree, accel: Accel) -> Option<Warm> {
         let mut entries = self.entries();
         let index = entries.iter().position(|w| w.reserved_for.as_deref() == Some(spec.name.as_str()))?;
         let warm = entries.swap_remove(index);
         self.wake.notify_one();
-        if warm.uuid == spec.uuid() && !warm.qmp.is_closed() && launch_key(spec, accel) == warm.key {
+        if warm.uuid == spec.uuid() && !warm.qmp.is_closed() && launch_key(spec, tree, accel) == warm.key {
             Some(warm)
         } else {
             drop(entries);

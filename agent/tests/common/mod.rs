@@ -93,6 +93,34 @@ impl Console {
     }
 }
 
+impl Console {
+    /// Runs `command` in the guest's shell and returns what it printed (one line, trimmed). The marker is built
+    /// by the shell (`$((..))`), so the echo of the typed line does not match.
+    pub async fn sh(&mut self, command: &str) -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let line = format!("echo \"qx-out-$(({n}+0))[$({command} 2>&1 | tr '\\n' ' ')]\"\n");
+        let start = format!("qx-out-{n}[");
+        self.input.send(pb::ConsoleInput { data: line.into_bytes(), ..Default::default() }).await.unwrap();
+        self.expect(&start, Duration::from_secs(30)).await;
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Some(at) = self.seen.rfind(&start) {
+                    if let Some(end) = self.seen[at..].find("]") {
+                        return self.seen[at + start.len()..at + end].trim().to_owned();
+                    }
+                }
+                match self.output.message().await {
+                    Ok(Some(chunk)) => self.seen.push_str(&String::from_utf8_lossy(&chunk.data)),
+                    _ => return String::new(),
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no answer to {command:?}; the console showed:\n{}", self.seen))
+    }
+}
+
 pub async fn boot(client: &mut Client, name: &str) -> Console {
     let mut console = Console::open(client, name).await;
     console.expect(READY_LINE, BOOT_TIMEOUT).await;

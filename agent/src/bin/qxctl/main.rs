@@ -326,45 +326,57 @@ fn read_spec(file: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(file).with_context(|| format!("cannot read spec file {}", file.display()))
 }
 
+/// `PATH|volume=POOL/NAME[,id=ID][,format=raw|qcow2][,ro][,cache=MODE][,aio=MODE]`.
+fn parse_disk(text: &str) -> anyhow::Result<pb::Disk> {
+    let mut parts = text.split(',');
+    let first = parts.next().unwrap_or_default();
+    let mut disk = match first.strip_prefix("volume=") {
+        Some(volume) => pb::Disk { volume: volume.to_owned(), ..Default::default() },
+        None => pb::Disk { path: first.to_owned(), ..Default::default() },
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("id", id)) => disk.id = id.to_owned(),
+            Some(("format", "raw")) => disk.format = pb::DiskFormat::Raw as i32,
+            Some(("format", "qcow2")) => disk.format = pb::DiskFormat::Qcow2 as i32,
+            Some(("cache", mode)) => disk.cache = mode.to_owned(),
+            Some(("aio", mode)) => disk.aio = mode.to_owned(),
+            None if option == "ro" => disk.read_only = true,
+            _ => bail!("{option:?} is not one of id=ID, format=raw|qcow2, ro, cache=MODE, aio=MODE"),
+        }
+    }
+    Ok(disk)
+}
+
+/// `user|network=NAME[,id=ID][,mac=MAC]`.
+fn parse_nic(text: &str) -> anyhow::Result<pb::Nic> {
+    let mut nic = pb::Nic { kind: "user".into(), ..Default::default() };
+    for option in text.split(',') {
+        match option.split_once('=') {
+            None if option == "user" => {}
+            Some(("network", network)) => {
+                nic.kind = "network".into();
+                nic.network = network.to_owned();
+            }
+            Some(("mac", mac)) => nic.mac = mac.to_owned(),
+            Some(("id", id)) => nic.id = id.to_owned(),
+            _ => bail!("{option:?} is not one of user, network=NAME, id=ID, mac=MAC"),
+        }
+    }
+    Ok(nic)
+}
+
 fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
     if let Some(file) = &args.file {
         return Ok(pb::CreateVmRequest { spec: None, spec_text: read_spec(file)? });
     }
     let mut disks = Vec::new();
     for (i, text) in args.disk.iter().enumerate() {
-        let mut parts = text.split(',');
-        let first = parts.next().unwrap_or_default();
-        let mut disk = match first.strip_prefix("volume=") {
-            Some(volume) => pb::Disk { volume: volume.to_owned(), ..Default::default() },
-            None => pb::Disk { path: first.to_owned(), ..Default::default() },
-        };
-        for option in parts {
-            match option.split_once('=') {
-                Some(("format", "raw")) => disk.format = pb::DiskFormat::Raw as i32,
-                Some(("format", "qcow2")) => disk.format = pb::DiskFormat::Qcow2 as i32,
-                Some(("cache", mode)) => disk.cache = mode.to_owned(),
-                Some(("aio", mode)) => disk.aio = mode.to_owned(),
-                None if option == "ro" => disk.read_only = true,
-                _ => bail!("--disk #{}: {option:?} is not one of format=raw|qcow2, ro, cache=MODE, aio=MODE", i + 1),
-            }
-        }
-        disks.push(disk);
+        disks.push(parse_disk(text).with_context(|| format!("--disk #{}", i + 1))?);
     }
     let mut nics = Vec::new();
     for text in &args.nic {
-        let mut nic = pb::Nic { kind: "user".into(), ..Default::default() };
-        for option in text.split(',') {
-            match option.split_once('=') {
-                None if option == "user" => {}
-                Some(("network", network)) => {
-                    nic.kind = "network".into();
-                    nic.network = network.to_owned();
-                }
-                Some(("mac", mac)) => nic.mac = mac.to_owned(),
-                _ => bail!("--nic {text:?}: {option:?} is not one of user, network=NAME, mac=MAC"),
-            }
-        }
-        nics.push(nic);
+        nics.push(parse_nic(text).with_context(|| format!("--nic {text:?}"))?);
     }
     let mut labels = std::collections::HashMap::new();
     for label in &args.label {
@@ -529,6 +541,16 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
+/// The root port device `id` sits on, when it has one.
+fn root_port(vm: &pb::Vm, id: &str) -> Option<u32> {
+    vm.devices.iter().find(|d| d.id == id).map(|d| d.root_port).filter(|port| *port != 0)
+}
+
+/// ` on rpN` for a device on a root port.
+fn port_text(vm: &pb::Vm, id: &str) -> String {
+    root_port(vm, id).map(|port| format!(" on rp{port}")).unwrap_or_default()
+}
+
 fn vm_json(vm: &pb::Vm) -> Value {
     let spec = vm.spec.clone().unwrap_or_default();
     let runtime = vm.runtime.clone().unwrap_or_default();
@@ -542,11 +564,16 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "accelerator": spec.accelerator,
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
+            "id": d.id,
+            "root_port": root_port(vm, &d.id),
             "path": d.path,
             "format": if d.format == pb::DiskFormat::Qcow2 as i32 { "qcow2" } else { "raw" },
             "read_only": d.read_only, "cache": d.cache, "aio": d.aio,
         })).collect::<Vec<_>>(),
-        "nics": spec.nics.iter().map(|n| json!({ "kind": n.kind, "network": n.network, "mac": n.mac })).collect::<Vec<_>>(),
+        "nics": spec.nics.iter().map(|n| json!({
+            "id": n.id, "root_port": root_port(vm, &n.id), "kind": n.kind, "network": n.network, "mac": n.mac,
+        })).collect::<Vec<_>>(),
+        "root_ports": vm.root_ports,
         "serial": spec.serial.unwrap_or(true),
         "vnc_display": spec.vnc_display,
         "labels": spec.labels,
@@ -617,19 +644,31 @@ fn print_vm(vm: &pb::Vm, json: bool) {
         rows.push(("initrd", kernel.initrd));
         rows.push(("cmdline", kernel.cmdline));
     }
-    for (i, disk) in spec.disks.iter().enumerate() {
+    for disk in &spec.disks {
         let format = if disk.format == pb::DiskFormat::Qcow2 as i32 { "qcow2" } else { "raw" };
         let mode = if disk.read_only { "ro" } else { "rw" };
         let source = if disk.volume.is_empty() { disk.path.clone() } else { format!("volume {}", disk.volume) };
-        rows.push(("disk", format!("#{i} {source} ({format}, {mode}, cache={}, aio={})", disk.cache, disk.aio)));
+        let at = port_text(vm, &disk.id);
+        rows.push((
+            "disk",
+            format!("{} {source} ({format}, {mode}, cache={}, aio={}){at}", disk.id, disk.cache, disk.aio),
+        ));
     }
-    for (i, nic) in spec.nics.iter().enumerate() {
+    for nic in &spec.nics {
         let on = if nic.network.is_empty() { nic.kind.clone() } else { format!("network {}", nic.network) };
-        let port = runtime.nics.iter().find(|status| status.index as usize == i).map(|status| {
+        let port = runtime.nics.iter().find(|status| status.id == nic.id).map(|status| {
             let ofport = if status.ofport > 0 { format!(" ofport {}", status.ofport) } else { String::new() };
             format!(" tap {}{ofport}", status.tap)
         });
-        rows.push(("nic", format!("#{i} {on} {}{}", nic.mac, port.unwrap_or_default())));
+        let at = port_text(vm, &nic.id);
+        rows.push(("nic", format!("{} {on} {}{at}{}", nic.id, nic.mac, port.unwrap_or_default())));
+    }
+    if vm.root_ports > 0 {
+        let used = vm.devices.iter().filter(|d| d.root_port != 0).count() as u32;
+        rows.push((
+            "root ports",
+            format!("{} ({} free for hotplug)", vm.root_ports, vm.root_ports.saturating_sub(used)),
+        ));
     }
     if let Some(display) = spec.vnc_display {
         rows.push(("vnc", format!("127.0.0.1:{}", 5900 + display)));
