@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 net/tests/install-ovs.sh >&2
+net/tests/install-ovn.sh >&2
 storage/tests/install-tools.sh >&2
 # The OVS tests skip without Open vSwitch on developer machines; here they must run.
 export QX_REQUIRE_OVS=1

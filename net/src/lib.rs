@@ -7,11 +7,12 @@
 //!   for `ofport` through a monitor.
 //! - [`tap`]: tap devices (`TUNSETIFF`, `vnet_hdr`, multiqueue) whose queue fds go to QEMU over QMP (`getfd` +
 //!   `netdev_add`), so QEMU needs no network privileges.
+//! - [`ovn`]: typed operations on OVN's northbound database: logical switches, ports, DHCP, port groups, ACLs.
 //! - [`names`]: stable tap names and MAC addresses, and validation that refuses hostile names, VLANs and MACs with
 //!   the field and the value.
 //!
-//! It does not talk to QEMU (the `vmm` crate passes the fds over its QMP client), does not configure IP addresses,
-//! routes or firewalls, and does not start Open vSwitch.
+//! It does not talk to QEMU (the `vmm` crate passes the fds over its QMP client), does not configure host IP
+//! addresses, routes or firewalls (OVN ACLs are the VMs' firewall), and does not start Open vSwitch or OVN.
 //!
 //! # Example
 //!
@@ -45,6 +46,7 @@
 //! ```
 
 pub mod names;
+pub mod ovn;
 pub mod ovsdb;
 pub mod tap;
 pub mod vswitch;

@@ -8,6 +8,7 @@
 //! println!("boot {} with {}", guest.kernel.display(), guest.cmdline);
 //! ```
 
+pub mod ovn;
 pub mod ovs;
 
 use std::path::{Path, PathBuf};

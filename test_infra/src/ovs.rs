@@ -80,7 +80,7 @@ pub fn isolate_network() {
 }
 
 /// Polls `condition` every 10 ms until it holds, or panics with `what` after `timeout`.
-fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+pub(crate) fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
@@ -89,13 +89,13 @@ fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) 
 }
 
 /// A child process killed (SIGKILL) and reaped by PID when dropped.
-struct Guard {
-    name: &'static str,
-    child: Child,
+pub(crate) struct Guard {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
 }
 
 impl Guard {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -114,6 +114,8 @@ pub struct Ovs {
     vswitchd: Option<Guard>,
     ovsdb: Option<Guard>,
     tcp_port: Option<u16>,
+    /// The named network namespace every daemon runs in (`ip netns exec`); `None`: the caller's.
+    netns: Option<String>,
     /// `None` only while dropping.
     dir: Option<tempfile::TempDir>,
 }
@@ -128,19 +130,27 @@ impl Ovs {
 
     /// ovsdb-server only (listening on a unix socket), with an initialized database.
     pub fn start_db() -> Self {
-        Self::start_db_inner(false)
+        Self::start_db_inner(false, None)
     }
 
     /// ovsdb-server listening on a unix socket and on a TCP port of 127.0.0.1 (see [`tcp_endpoint`]).
     ///
     /// [`tcp_endpoint`]: Self::tcp_endpoint
     pub fn start_db_with_tcp() -> Self {
-        Self::start_db_inner(true)
+        Self::start_db_inner(true, None)
     }
 
-    fn start_db_inner(tcp: bool) -> Self {
+    /// ovsdb-server and ovs-vswitchd, both run in the named network namespace `netns` (see
+    /// [`crate::ovn::Netns`]), so the bridges' devices and taps are that namespace's.
+    pub fn start_in_netns(netns: &str) -> Self {
+        let mut ovs = Self::start_db_inner(false, Some(netns.to_owned()));
+        ovs.start_vswitchd();
+        ovs
+    }
+
+    fn start_db_inner(tcp: bool, netns: Option<String>) -> Self {
         let dir = tempfile::Builder::new().prefix("qx-ovs-").tempdir().expect("temp dir");
-        let mut ovs = Self { vswitchd: None, ovsdb: None, tcp_port: tcp.then(free_port), dir: Some(dir) };
+        let mut ovs = Self { vswitchd: None, ovsdb: None, tcp_port: tcp.then(free_port), netns, dir: Some(dir) };
         let status =
             ovs.command("ovsdb-tool").arg("create").arg(ovs.db_file()).arg(SCHEMA).status().expect("run ovsdb-tool");
         assert!(status.success(), "ovsdb-tool create: {status}");
@@ -150,8 +160,17 @@ impl Ovs {
         ovs
     }
 
-    fn command(&self, program: &str) -> Command {
-        let mut command = Command::new(find_program(program).unwrap_or_else(|| panic!("{program} not found")));
+    /// `program` with this instance's directories in its environment, in its network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let path = find_program(program).unwrap_or_else(|| panic!("{program} not found"));
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new(find_program("ip").expect("ip (iproute2) is installed"));
+                command.args(["netns", "exec", netns.as_str()]).arg(path);
+                command
+            }
+            None => Command::new(path),
+        };
         command
             .env("OVS_RUNDIR", self.dir())
             .env("OVS_LOGDIR", self.dir())

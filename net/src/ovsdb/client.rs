@@ -319,14 +319,15 @@ impl Shared {
             state.schemas.clear();
             (std::mem::take(&mut state.pending), state.monitors.values().cloned().collect::<Vec<_>>())
         };
+        // Monitors first, so that a caller whose request fails below finds them already out of sync.
+        for monitor in monitors {
+            monitor.disconnected();
+        }
         if !pending.is_empty() {
             debug!(count = pending.len(), "failing OVSDB requests in flight: the connection was lost");
         }
         for (_, pending) in pending {
             let _ = pending.reply.send(Err(Failure::Disconnected));
-        }
-        for monitor in monitors {
-            monitor.disconnected();
         }
         self.status.send_replace(ConnectionState::Reconnecting { generation, reason: reason.to_owned() });
     }

@@ -228,6 +228,9 @@ struct MonitorState {
     replica: Replica,
     schema: Arc<Schema>,
     established: bool,
+    /// The replica is current: the (re)established monitor's reply was applied and the connection has not been
+    /// lost since.
+    synced: bool,
     /// `None` once the client closed: subscribers then see the end of the stream.
     events: Option<broadcast::Sender<MonitorEvent>>,
 }
@@ -259,6 +262,7 @@ impl MonitorInner {
                 replica: Replica::default(),
                 schema,
                 established: false,
+                synced: false,
                 events: Some(broadcast::channel(EVENT_CAPACITY).0),
             }),
             changed: watch::Sender::new(0),
@@ -317,6 +321,7 @@ impl MonitorInner {
         debug!(monitor = %self.id, kind = ?update.kind, rows = update.rows.len(), "OVSDB monitor (re)established");
         state.replica = fresh;
         state.established = true;
+        state.synced = true;
         self.publish(&state, MonitorEvent::Update(Arc::new(update)));
         drop(state);
         self.changed.send_modify(|v| *v += 1);
@@ -450,8 +455,11 @@ impl MonitorInner {
     }
 
     pub(crate) fn disconnected(&self) {
-        let state = self.lock();
+        let mut state = self.lock();
+        state.synced = false;
         self.publish(&state, MonitorEvent::Disconnected);
+        drop(state);
+        self.changed.send_modify(|v| *v += 1);
     }
 
     pub(crate) fn fail(&self, reason: String) {
@@ -585,6 +593,33 @@ impl Monitor {
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
                 // The sender lives in `inner`, which `self` holds.
+                Ok(Err(_)) => unreachable!("monitor change sender dropped while the monitor is alive"),
+                Err(_) => return Err(Error::WaitTimeout { monitor: self.inner.id.clone(), timeout }),
+            }
+        }
+    }
+
+    /// Whether the replica is current: the monitor is established and its connection has not been lost since
+    /// (after a reconnect: once the resync has been applied).
+    pub fn is_synced(&self) -> bool {
+        self.inner.lock().synced
+    }
+
+    /// Waits until [`is_synced`](Self::is_synced), at most `timeout`: after a lost connection, until the client
+    /// has reconnected and the replica holds the server's current contents.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<(), Error> {
+        let mut changed = self.inner.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changed.borrow_and_update();
+            if self.is_synced() {
+                return Ok(());
+            }
+            if let Some(reason) = self.client.closed_reason() {
+                return Err(Error::Closed { method: format!("resync of monitor {}", self.inner.id), reason });
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
                 Ok(Err(_)) => unreachable!("monitor change sender dropped while the monitor is alive"),
                 Err(_) => return Err(Error::WaitTimeout { monitor: self.inner.id.clone(), timeout }),
             }
