@@ -59,12 +59,6 @@ fn empty_volume(name: &str) -> pb::CreateVolumeRequest {
     }
 }
 
-async fn run(console: &mut Console, command: &str, expect: &str) {
-    let data = format!("{command}\n").into_bytes();
-    console.input.send(pb::ConsoleInput { data, ..Default::default() }).await.unwrap();
-    console.expect(expect, Duration::from_secs(30)).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     let daemon = daemon();
@@ -84,7 +78,7 @@ async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     create_with_volume(&mut client, "vol1", "default/data1").await;
     start(&mut client, "vol1").await;
     let mut console = boot(&mut client, "vol1").await;
-    run(&mut console, "cat /sys/block/vda/size", "\r\n65536\r\n").await;
+    assert_eq!(console.command("cat /sys/block/vda/size").await, "65536");
 
     // The same volume in a second VM, and a missing volume: refused before any QEMU is spawned.
     create_with_volume(&mut client, "vol2", "default/data1").await;
@@ -188,11 +182,10 @@ async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
     start(&mut client, "ovl").await;
     let mut console = boot(&mut client, "ovl").await;
     // Reads go through to the base; the size is the overlay's; writes land in the overlay.
-    run(&mut console, "dd if=/dev/vda bs=12 count=1 2>/dev/null; echo", "QX-BASE-DATA\r\n").await;
-    run(&mut console, "cat /sys/block/vda/size", "\r\n262144\r\n").await;
-    // The quotes keep the echoed command line from matching what is awaited.
-    let write = format!("echo {OVERLAY_MARKER} | dd of=/dev/vda conv=fsync 2>/dev/null && echo WR''OTE");
-    run(&mut console, &write, "WROTE\r\n").await;
+    assert_eq!(console.command("dd if=/dev/vda bs=12 count=1 2>/dev/null; echo").await, "QX-BASE-DATA");
+    assert_eq!(console.command("cat /sys/block/vda/size").await, "262144");
+    let write = format!("echo {OVERLAY_MARKER} | dd of=/dev/vda conv=fsync 2>/dev/null && echo WROTE");
+    assert_eq!(console.command(&write).await, "WROTE");
     stop(&mut client, "ovl").await;
 
     let base_now = std::fs::read(library_file(&daemon, "base.raw")).unwrap();
@@ -219,7 +212,7 @@ async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
     create_with_volume(&mut client, "cl", "default/root2").await;
     start(&mut client, "cl").await;
     let mut console = boot(&mut client, "cl").await;
-    run(&mut console, "dd if=/dev/vda bs=16 count=1 2>/dev/null; echo", &format!("{OVERLAY_MARKER}\r\n")).await;
+    assert_eq!(console.command("dd if=/dev/vda bs=16 count=1 2>/dev/null; echo").await, OVERLAY_MARKER);
     stop(&mut client, "cl").await;
 }
 
@@ -249,9 +242,15 @@ async fn the_guest_mounts_its_cloud_init_seed() {
     let uuid = vm.spec.unwrap().uuid;
     let mut console = boot(&mut client, "ci").await;
     console.expect("QX-GUEST-MOUNT /dev/sr0 vfat meta-data network-config user-data", Duration::from_secs(1)).await;
-    run(&mut console, "cat /mnt/sr0/meta-data; echo", &uuid).await;
-    run(&mut console, "grep -c ops@example /mnt/sr0/user-data", "\r\n1\r\n").await;
-    // Read-only for the guest.
-    run(&mut console, "touch /mnt/sr0/x 2>&1 | grep -c Read-only", "\r\n1\r\n").await;
+    // The guest finds the seed by its label, as cloud-init does (the test guest mounts any CD-ROM).
+    assert_eq!(console.command("findfs LABEL=cidata").await, "/dev/sr0");
+    let instance_id = console.command("grep '\"instance-id\"' /mnt/sr0/meta-data").await;
+    assert_eq!(instance_id.trim().trim_end_matches(','), format!("\"instance-id\": \"{uuid}\""));
+    assert_eq!(console.command("grep -c ops@example /mnt/sr0/user-data").await, "1");
+    // Read-only for the guest: the block device itself (the test guest mounts every seed with `mount -r`, so a
+    // failing write to the mount would prove nothing), and a read-write remount is refused.
+    assert_eq!(console.command("cat /sys/block/sr0/ro").await, "1");
+    let remount = console.command("mount -o remount,rw /mnt/sr0 2>/dev/null; echo rc=$?").await;
+    assert_ne!(remount, "rc=0", "the seed was remounted read-write");
     stop(&mut client, "ci").await;
 }
