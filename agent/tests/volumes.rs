@@ -124,6 +124,16 @@ fn library_file(daemon: &qx_test_infra::Daemon, file: &str) -> PathBuf {
     daemon.data_dir().join("pools/default/images").join(file)
 }
 
+/// The names in `dir` (temporary files included), sorted.
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn volume_file(daemon: &qx_test_infra::Daemon, file: &str) -> PathBuf {
     daemon.data_dir().join("pools/default/volumes").join(file)
 }
@@ -153,8 +163,10 @@ async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
             Err(status) => break status,
         }
     };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("sha256") || status.message().contains("SHA-256"), "{status:?}");
     assert!(client.list_images(pb::ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+    assert_eq!(files_in(&library_file(&daemon, "")), Vec::<String>::new(), "the refused import left files");
 
     let mut stream = client.import_image(import("")).await.unwrap().into_inner();
     let image = loop {
