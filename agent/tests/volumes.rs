@@ -266,3 +266,65 @@ async fn the_guest_mounts_its_cloud_init_seed() {
     assert_ne!(remount, "rc=0", "the seed was remounted read-write");
     stop(&mut client, "ci").await;
 }
+
+/// A client that drops an import's stream midway cancels the real import: no image, no temporary file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_import_stream_cancels_the_import_and_leaves_nothing() {
+    let daemon = daemon();
+    let mut client = client(&daemon).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let source = scratch.path().join("big.iso");
+    // 2 GiB of data (no holes, which a copy would skip): seconds of copying, in chunks that each check for a
+    // cancel, so the drop below certainly comes while the copy runs.
+    {
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&source).unwrap());
+        let chunk = vec![0x5a_u8; 8 << 20];
+        for _ in 0..256 {
+            file.write_all(&chunk).unwrap();
+        }
+        file.into_inner().unwrap().sync_all().unwrap();
+    }
+    let import = pb::ImportImageRequest {
+        name: "big".into(),
+        kind: pb::ImageKind::Iso as i32,
+        source_path: source.display().to_string(),
+        ..Default::default()
+    };
+    let mut stream = client.import_image(import).await.unwrap().into_inner();
+    let progress = loop {
+        match stream.message().await.expect("import").and_then(|op| op.event) {
+            Some(pb::image_operation::Event::Progress(p)) if p.done_bytes > 0 => break p,
+            Some(pb::image_operation::Event::Progress(_)) => continue,
+            Some(pb::image_operation::Event::Image(image)) => {
+                panic!("the import ended before it could be dropped: {image:?}")
+            }
+            None => panic!("the import stream ended"),
+        }
+    };
+    assert!(progress.done_bytes < progress.total_bytes, "{progress:?}");
+    drop(stream);
+
+    // The daemon notices, the copy stops at its next chunk and removes its temporary file.
+    let images = library_file(&daemon, "");
+    let clean = qx_test_infra::wait_until(Duration::from_secs(30), || {
+        (files_in(&images).is_empty() && daemon.log_text().contains("client went away; cancelling")).then_some(())
+    });
+    assert!(clean.is_some(), "left behind in {}: {:?}", images.display(), files_in(&images));
+    assert!(client.list_images(pb::ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+    // The name is free again: the cancelled import released it.
+    let again = pb::ImportImageRequest {
+        name: "big".into(),
+        kind: pb::ImageKind::Iso as i32,
+        source_path: source.display().to_string(),
+        ..Default::default()
+    };
+    let mut stream = client.import_image(again).await.unwrap().into_inner();
+    let image = loop {
+        match stream.message().await.expect("import").and_then(|op| op.event) {
+            Some(pb::image_operation::Event::Image(image)) => break image,
+            Some(_) => continue,
+            None => panic!("the import ended without an image"),
+        }
+    };
+    assert_eq!(image.file_size_bytes, 2 << 30);
+}
