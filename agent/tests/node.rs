@@ -222,6 +222,47 @@ async fn two_concurrent_starts_spawn_one_qemu() {
     client.stop_vm(request).await.unwrap();
 }
 
+/// StartVm answers before `running` reaches state.json (the write is deferred off the critical path). A daemon
+/// killed in that window leaves `starting` on disk next to a running QEMU: the restarted daemon takes it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_before_running_is_written_reattaches_the_vm() {
+    let held = HeldQemu::new();
+    let mut daemon = held.daemon();
+    let mut client = client(&daemon).await;
+    let uuid = create(&mut client, "window").await.spec.unwrap().uuid;
+    let state_file = daemon.data_dir().join("vms/window/state.json");
+    let starting = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.start_vm(pb::VmRef { name: "window".into() }).await }
+    });
+    // While QEMU is held, state.json holds what the window leaves on disk: `starting`, no pid.
+    assert!(wait_until(Duration::from_secs(30), || (held.spawns(&uuid) == 1).then_some(())).is_some());
+    let on_disk = std::fs::read(&state_file).unwrap();
+    assert!(String::from_utf8_lossy(&on_disk).contains("\"starting\""), "{}", String::from_utf8_lossy(&on_disk));
+    held.release();
+    let vm = starting.await.unwrap().expect("StartVm").into_inner();
+    let qemu = pid(&vm);
+    daemon.kill9();
+    // Whether or not the deferred write won the race with the kill, put back what the window leaves.
+    std::fs::write(&state_file, &on_disk).unwrap();
+    assert!(pid_alive(qemu as i32), "QEMU outlives the daemon");
+
+    daemon.restart();
+    let mut client = connect(daemon.socket()).await.unwrap();
+    let vm = get(&mut client, "window").await;
+    assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Running, qemu), "reattached to the same QEMU");
+    let written = || std::fs::read_to_string(&state_file).ok().filter(|s| s.contains("\"running\"")).map(|_| ());
+    assert!(wait_until(Duration::from_secs(10), written).is_some(), "state.json says running again");
+    // The daemon drives that QEMU over QMP again.
+    let vm = client.pause_vm(pb::VmRef { name: "window".into() }).await.unwrap().into_inner();
+    assert_eq!(state(&vm), pb::VmState::Paused);
+    let vm = client.resume_vm(pb::VmRef { name: "window".into() }).await.unwrap().into_inner();
+    assert_eq!(state(&vm), pb::VmState::Running);
+    let request = pb::StopVmRequest { name: "window".into(), force: true, timeout_seconds: 0 };
+    assert_eq!(state(&client.stop_vm(request).await.unwrap().into_inner()), pb::VmState::Stopped);
+    assert!(!pid_alive(qemu as i32));
+}
+
 /// Every file under `dir`, with its contents, to prove a refused request changed nothing.
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut files = Vec::new();
