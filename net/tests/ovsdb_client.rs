@@ -344,8 +344,14 @@ fn cancel_abandons_a_blocked_transaction() {
         let timed_out = tokio::time::timeout(Duration::from_millis(100), client.transact(DB, &[blocked()])).await;
         assert!(timed_out.is_err());
         // The session still works, and the canceled transaction never commits, even once its wait would pass.
+        let monitor = client.monitor_cond(DB, MonitorRequest::new().table("QoS", &["type"])).await.unwrap();
         client.transact(DB, &[Operation::insert("QoS", qos_row("never"))]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A bounded wait for what must not happen: the canceled insert showing up within 500 ms.
+        let after_wait = |r: &qx_net::ovsdb::Replica| {
+            r.rows("QoS").any(|(_, row)| row["type"].as_str() == Some("after-wait")).then_some(())
+        };
+        let err = monitor.wait_for(Duration::from_millis(500), after_wait).await.unwrap_err();
+        assert!(matches!(err, Error::WaitTimeout { .. }), "{err}");
         assert_eq!(client.echo(vec![json!("alive")]).await.unwrap(), vec![json!("alive")]);
         let kinds = ovs.vsctl(&["--columns=type", "--format=csv", "--no-headings", "list", "QoS"]);
         assert_eq!(kinds, "never", "the canceled insert must not have happened");
