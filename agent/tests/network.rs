@@ -90,17 +90,25 @@ fn vms_on_one_vlan_reach_each_other_but_not_across_vlans() {
         // Two vCPUs: b's tap has two queues and its NIC multiqueue on.
         create_on(&mut client, "b", "v10", "10.9.0.2", 2).await;
         create_on(&mut client, "c", "v20", "10.9.0.3", 1).await;
-        for name in ["a", "b", "c"] {
+        // d is c's peer on VLAN 20: the positive control that c's NIC works at all.
+        create_on(&mut client, "d", "v20", "10.9.0.4", 1).await;
+        for name in ["a", "b", "c", "d"] {
             start(&mut client, name).await;
         }
         let mut a = boot(&mut client, "a").await;
         boot(&mut client, "b").await;
-        boot(&mut client, "c").await;
+        let mut c = boot(&mut client, "c").await;
+        boot(&mut client, "d").await;
 
         let same_vlan = ping(&mut a, "10.9.0.2").await;
         assert!(!same_vlan.is_empty() && !same_vlan.starts_with("0 "), "a -> b on VLAN 10: {same_vlan:?}\n{}", a.seen);
         let other_vlan = ping(&mut a, "10.9.0.3").await;
         assert_eq!(other_vlan, "0 packets received", "a -> c across VLANs");
+        // c is on VLAN 20 and reaches its peer there, so the silence above is the VLANs', not a broken NIC's.
+        let c_tap = get(&mut client, "c").await.runtime.unwrap().nics.into_iter().next().expect("c's NIC").tap;
+        assert_eq!(ovs.vsctl(&["get", "Port", &c_tap, "tag"]), "20");
+        let c_to_d = ping(&mut c, "10.9.0.4").await;
+        assert!(!c_to_d.is_empty() && !c_to_d.starts_with("0 "), "c -> d on VLAN 20: {c_to_d:?}\n{}", c.seen);
 
         let b = get(&mut client, "b").await;
         let nic = b.runtime.unwrap().nics.into_iter().next().expect("b's NIC status");
@@ -122,7 +130,7 @@ fn vms_on_one_vlan_reach_each_other_but_not_across_vlans() {
         assert!(!ovs.vsctl(&["list-ports", "qxbr0"]).lines().any(|p| p == nic.tap), "port removed at stop");
         assert!(!tap_exists(&nic.tap), "tap removed at stop");
 
-        for name in ["a", "c"] {
+        for name in ["a", "c", "d"] {
             let request = pb::StopVmRequest { name: name.into(), force: true, timeout_seconds: 0 };
             client.stop_vm(request).await.unwrap();
         }

@@ -145,20 +145,122 @@ async fn a_killed_qemu_makes_the_vm_crashed_and_is_reported() {
     assert_eq!(state(&client.stop_vm(request).await.unwrap().into_inner()), pb::VmState::Stopped);
 }
 
+/// A QEMU binary for qx-node that logs each VM launch to `spawns` and holds it until `release` exists: while it
+/// waits, the daemon is inside StartVm's spawn, for as long as the test wants.
+struct HeldQemu {
+    dir: tempfile::TempDir,
+}
+
+impl HeldQemu {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("qx-held-qemu-").tempdir().unwrap();
+        let qemu = qx_test_infra::ovs::find_program("qemu-system-x86_64").expect("qemu-system-x86_64");
+        let script = format!(
+            "#!/bin/sh\n# VM launches name a pidfile; probes (-version, capabilities) pass straight through.\n\
+             case \" $* \" in *\" -pidfile \"*)\n  echo \"$$ $*\" >> {dir}/spawns\n  \
+             while [ ! -e {dir}/release ]; do sleep 0.05; done ;;\nesac\nexec {qemu} \"$@\"\n",
+            dir = dir.path().display(),
+            qemu = qemu.display()
+        );
+        let path = dir.path().join("qemu");
+        std::fs::write(&path, script).unwrap();
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+        std::fs::set_permissions(&path, perms).unwrap();
+        Self { dir }
+    }
+
+    fn daemon(&self) -> Daemon {
+        test_guest();
+        let config = format!("qemu_binary: {}\n", self.dir.path().join("qemu").display());
+        Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(&config))
+    }
+
+    /// The launches so far whose command line holds `needle` (a VM's uuid).
+    fn spawns(&self, needle: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("spawns")).unwrap_or_default();
+        log.lines().filter(|l| l.contains(needle)).count()
+    }
+
+    fn release(&self) {
+        std::fs::write(self.dir.path().join("release"), "").unwrap();
+    }
+}
+
+impl Drop for HeldQemu {
+    fn drop(&mut self) {
+        // A held launch must not outlive a failed test.
+        self.release();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_concurrent_starts_spawn_one_qemu() {
-    let daemon = daemon();
+    let held = HeldQemu::new();
+    let daemon = held.daemon();
     let mut client = client(&daemon).await;
     let uuid = create(&mut client, "race").await.spec.unwrap().uuid;
-    let (mut a, mut b) = (client.clone(), client.clone());
-    let (first, second) =
-        tokio::join!(a.start_vm(pb::VmRef { name: "race".into() }), b.start_vm(pb::VmRef { name: "race".into() }));
-    let outcomes = [first.map(|_| ()).map_err(|s| s.code()), second.map(|_| ()).map_err(|s| s.code())];
-    assert!(outcomes.contains(&Ok(())), "{outcomes:?}");
-    assert!(outcomes.contains(&Err(Code::FailedPrecondition)), "{outcomes:?}");
+    let start_race = |mut client: Client| async move {
+        client.start_vm(pb::VmRef { name: "race".into() }).await.map(|_| ()).map_err(|s| s.code())
+    };
+    // The first start is held inside its QEMU spawn; the second arrives while it is.
+    let first = tokio::spawn(start_race(client.clone()));
+    let spawning = wait_until(Duration::from_secs(30), || (held.spawns(&uuid) == 1).then_some(()));
+    assert!(spawning.is_some(), "the first start never reached the spawn");
+    let mut second = tokio::spawn(start_race(client.clone()));
+    // Bounded wait for what must not happen: the second start succeeding while the first still spawns.
+    if let Ok(outcome) = tokio::time::timeout(Duration::from_millis(500), &mut second).await {
+        assert_eq!(outcome.unwrap(), Err(Code::FailedPrecondition), "the second start, refused during the first");
+    }
+    assert!(!first.is_finished(), "the first start is still held");
+    held.release();
+    let outcomes = [first.await.unwrap(), second.await.unwrap()];
+    assert_eq!(outcomes, [Ok(()), Err(Code::FailedPrecondition)]);
+    assert_eq!(held.spawns(&uuid), 1, "one QEMU was spawned for the two starts");
     assert_eq!(qx_test_infra::pids_with_arg(&uuid).len(), 1, "exactly one QEMU runs the VM");
     let request = pb::StopVmRequest { name: "race".into(), force: true, timeout_seconds: 0 };
     client.stop_vm(request).await.unwrap();
+}
+
+/// StartVm answers before `running` reaches state.json (the write is deferred off the critical path). A daemon
+/// killed in that window leaves `starting` on disk next to a running QEMU: the restarted daemon takes it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_before_running_is_written_reattaches_the_vm() {
+    let held = HeldQemu::new();
+    let mut daemon = held.daemon();
+    let mut client = client(&daemon).await;
+    let uuid = create(&mut client, "window").await.spec.unwrap().uuid;
+    let state_file = daemon.data_dir().join("vms/window/state.json");
+    let starting = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.start_vm(pb::VmRef { name: "window".into() }).await }
+    });
+    // While QEMU is held, state.json holds what the window leaves on disk: `starting`, no pid.
+    assert!(wait_until(Duration::from_secs(30), || (held.spawns(&uuid) == 1).then_some(())).is_some());
+    let on_disk = std::fs::read(&state_file).unwrap();
+    assert!(String::from_utf8_lossy(&on_disk).contains("\"starting\""), "{}", String::from_utf8_lossy(&on_disk));
+    held.release();
+    let vm = starting.await.unwrap().expect("StartVm").into_inner();
+    let qemu = pid(&vm);
+    daemon.kill9();
+    // Whether or not the deferred write won the race with the kill, put back what the window leaves.
+    std::fs::write(&state_file, &on_disk).unwrap();
+    assert!(pid_alive(qemu as i32), "QEMU outlives the daemon");
+
+    daemon.restart();
+    let mut client = connect(daemon.socket()).await.unwrap();
+    let vm = get(&mut client, "window").await;
+    assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Running, qemu), "reattached to the same QEMU");
+    let written = || std::fs::read_to_string(&state_file).ok().filter(|s| s.contains("\"running\"")).map(|_| ());
+    assert!(wait_until(Duration::from_secs(10), written).is_some(), "state.json says running again");
+    // The daemon drives that QEMU over QMP again.
+    let vm = client.pause_vm(pb::VmRef { name: "window".into() }).await.unwrap().into_inner();
+    assert_eq!(state(&vm), pb::VmState::Paused);
+    let vm = client.resume_vm(pb::VmRef { name: "window".into() }).await.unwrap().into_inner();
+    assert_eq!(state(&vm), pb::VmState::Running);
+    let request = pb::StopVmRequest { name: "window".into(), force: true, timeout_seconds: 0 };
+    assert_eq!(state(&client.stop_vm(request).await.unwrap().into_inner()), pb::VmState::Stopped);
+    assert!(!pid_alive(qemu as i32));
 }
 
 /// Every file under `dir`, with its contents, to prove a refused request changed nothing.

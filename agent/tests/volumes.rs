@@ -59,12 +59,6 @@ fn empty_volume(name: &str) -> pb::CreateVolumeRequest {
     }
 }
 
-async fn run(console: &mut Console, command: &str, expect: &str) {
-    let data = format!("{command}\n").into_bytes();
-    console.input.send(pb::ConsoleInput { data, ..Default::default() }).await.unwrap();
-    console.expect(expect, Duration::from_secs(30)).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     let daemon = daemon();
@@ -84,7 +78,7 @@ async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     create_with_volume(&mut client, "vol1", "default/data1").await;
     start(&mut client, "vol1").await;
     let mut console = boot(&mut client, "vol1").await;
-    run(&mut console, "cat /sys/block/vda/size", "\r\n65536\r\n").await;
+    assert_eq!(console.command("cat /sys/block/vda/size").await, "65536");
 
     // The same volume in a second VM, and a missing volume: refused before any QEMU is spawned.
     create_with_volume(&mut client, "vol2", "default/data1").await;
@@ -130,6 +124,16 @@ fn library_file(daemon: &qx_test_infra::Daemon, file: &str) -> PathBuf {
     daemon.data_dir().join("pools/default/images").join(file)
 }
 
+/// The names in `dir` (temporary files included), sorted.
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn volume_file(daemon: &qx_test_infra::Daemon, file: &str) -> PathBuf {
     daemon.data_dir().join("pools/default/volumes").join(file)
 }
@@ -159,8 +163,10 @@ async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
             Err(status) => break status,
         }
     };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("sha256") || status.message().contains("SHA-256"), "{status:?}");
     assert!(client.list_images(pb::ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+    assert_eq!(files_in(&library_file(&daemon, "")), Vec::<String>::new(), "the refused import left files");
 
     let mut stream = client.import_image(import("")).await.unwrap().into_inner();
     let image = loop {
@@ -188,11 +194,10 @@ async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
     start(&mut client, "ovl").await;
     let mut console = boot(&mut client, "ovl").await;
     // Reads go through to the base; the size is the overlay's; writes land in the overlay.
-    run(&mut console, "dd if=/dev/vda bs=12 count=1 2>/dev/null; echo", "QX-BASE-DATA\r\n").await;
-    run(&mut console, "cat /sys/block/vda/size", "\r\n262144\r\n").await;
-    // The quotes keep the echoed command line from matching what is awaited.
-    let write = format!("echo {OVERLAY_MARKER} | dd of=/dev/vda conv=fsync 2>/dev/null && echo WR''OTE");
-    run(&mut console, &write, "WROTE\r\n").await;
+    assert_eq!(console.command("dd if=/dev/vda bs=12 count=1 2>/dev/null; echo").await, "QX-BASE-DATA");
+    assert_eq!(console.command("cat /sys/block/vda/size").await, "262144");
+    let write = format!("echo {OVERLAY_MARKER} | dd of=/dev/vda conv=fsync 2>/dev/null && echo WROTE");
+    assert_eq!(console.command(&write).await, "WROTE");
     stop(&mut client, "ovl").await;
 
     let base_now = std::fs::read(library_file(&daemon, "base.raw")).unwrap();
@@ -219,7 +224,7 @@ async fn a_vm_boots_from_an_overlay_and_its_base_image_stays_unchanged() {
     create_with_volume(&mut client, "cl", "default/root2").await;
     start(&mut client, "cl").await;
     let mut console = boot(&mut client, "cl").await;
-    run(&mut console, "dd if=/dev/vda bs=16 count=1 2>/dev/null; echo", &format!("{OVERLAY_MARKER}\r\n")).await;
+    assert_eq!(console.command("dd if=/dev/vda bs=16 count=1 2>/dev/null; echo").await, OVERLAY_MARKER);
     stop(&mut client, "cl").await;
 }
 
@@ -249,9 +254,77 @@ async fn the_guest_mounts_its_cloud_init_seed() {
     let uuid = vm.spec.unwrap().uuid;
     let mut console = boot(&mut client, "ci").await;
     console.expect("QX-GUEST-MOUNT /dev/sr0 vfat meta-data network-config user-data", Duration::from_secs(1)).await;
-    run(&mut console, "cat /mnt/sr0/meta-data; echo", &uuid).await;
-    run(&mut console, "grep -c ops@example /mnt/sr0/user-data", "\r\n1\r\n").await;
-    // Read-only for the guest.
-    run(&mut console, "touch /mnt/sr0/x 2>&1 | grep -c Read-only", "\r\n1\r\n").await;
+    // The guest finds the seed by its label, as cloud-init does (the test guest mounts any CD-ROM).
+    assert_eq!(console.command("findfs LABEL=cidata").await, "/dev/sr0");
+    let instance_id = console.command("grep '\"instance-id\"' /mnt/sr0/meta-data").await;
+    assert_eq!(instance_id.trim().trim_end_matches(','), format!("\"instance-id\": \"{uuid}\""));
+    assert_eq!(console.command("grep -c ops@example /mnt/sr0/user-data").await, "1");
+    // Read-only for the guest: the block device itself (the test guest mounts every seed with `mount -r`, so a
+    // failing write to the mount would prove nothing), and a read-write remount is refused.
+    assert_eq!(console.command("cat /sys/block/sr0/ro").await, "1");
+    let remount = console.command("mount -o remount,rw /mnt/sr0 2>/dev/null; echo rc=$?").await;
+    assert_ne!(remount, "rc=0", "the seed was remounted read-write");
     stop(&mut client, "ci").await;
+}
+
+/// A client that drops an import's stream midway cancels the real import: no image, no temporary file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_import_stream_cancels_the_import_and_leaves_nothing() {
+    let daemon = daemon();
+    let mut client = client(&daemon).await;
+    let scratch = tempfile::tempdir().unwrap();
+    let source = scratch.path().join("big.iso");
+    // 2 GiB of data (no holes, which a copy would skip): seconds of copying, in chunks that each check for a
+    // cancel, so the drop below certainly comes while the copy runs.
+    {
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&source).unwrap());
+        let chunk = vec![0x5a_u8; 8 << 20];
+        for _ in 0..256 {
+            file.write_all(&chunk).unwrap();
+        }
+        file.into_inner().unwrap().sync_all().unwrap();
+    }
+    let import = pb::ImportImageRequest {
+        name: "big".into(),
+        kind: pb::ImageKind::Iso as i32,
+        source_path: source.display().to_string(),
+        ..Default::default()
+    };
+    let mut stream = client.import_image(import).await.unwrap().into_inner();
+    let progress = loop {
+        match stream.message().await.expect("import").and_then(|op| op.event) {
+            Some(pb::image_operation::Event::Progress(p)) if p.done_bytes > 0 => break p,
+            Some(pb::image_operation::Event::Progress(_)) => continue,
+            Some(pb::image_operation::Event::Image(image)) => {
+                panic!("the import ended before it could be dropped: {image:?}")
+            }
+            None => panic!("the import stream ended"),
+        }
+    };
+    assert!(progress.done_bytes < progress.total_bytes, "{progress:?}");
+    drop(stream);
+
+    // The daemon notices, the copy stops at its next chunk and removes its temporary file.
+    let images = library_file(&daemon, "");
+    let clean = qx_test_infra::wait_until(Duration::from_secs(30), || {
+        (files_in(&images).is_empty() && daemon.log_text().contains("client went away; cancelling")).then_some(())
+    });
+    assert!(clean.is_some(), "left behind in {}: {:?}", images.display(), files_in(&images));
+    assert!(client.list_images(pb::ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+    // The name is free again: the cancelled import released it.
+    let again = pb::ImportImageRequest {
+        name: "big".into(),
+        kind: pb::ImageKind::Iso as i32,
+        source_path: source.display().to_string(),
+        ..Default::default()
+    };
+    let mut stream = client.import_image(again).await.unwrap().into_inner();
+    let image = loop {
+        match stream.message().await.expect("import").and_then(|op| op.event) {
+            Some(pb::image_operation::Event::Image(image)) => break image,
+            Some(_) => continue,
+            None => panic!("the import ended without an image"),
+        }
+    };
+    assert_eq!(image.file_size_bytes, 2 << 30);
 }

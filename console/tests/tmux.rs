@@ -337,12 +337,10 @@ async fn the_first_frame_does_not_wait_for_a_hung_daemon() {
             held.push(stream);
         }
     });
-    let started = Instant::now();
     let tmux = Tmux::start(dir.path(), &console_argv(&socket));
+    // "connecting..." is drawn only until the first call gives up, so seeing it proves the frame came first. How
+    // fast it comes is a speed target, measured by the `first_frame` bench, not asserted here.
     tmux.wait_for(&["Quantix", "qx-node: connecting...", "F2 Network"]).await;
-    let first_frame = started.elapsed();
-    eprintln!("first frame (including tmux's own start) after {first_frame:?}");
-    assert!(first_frame < Duration::from_secs(2), "{first_frame:?}");
     tmux.wait_for(&["qx-node is not reachable", "did not answer within"]).await;
     // Keys still work while the daemon hangs.
     tmux.keys(&["F7"]);

@@ -4,6 +4,8 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use qx_net::ovsdb::{
@@ -342,8 +344,14 @@ fn cancel_abandons_a_blocked_transaction() {
         let timed_out = tokio::time::timeout(Duration::from_millis(100), client.transact(DB, &[blocked()])).await;
         assert!(timed_out.is_err());
         // The session still works, and the canceled transaction never commits, even once its wait would pass.
+        let monitor = client.monitor_cond(DB, MonitorRequest::new().table("QoS", &["type"])).await.unwrap();
         client.transact(DB, &[Operation::insert("QoS", qos_row("never"))]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A bounded wait for what must not happen: the canceled insert showing up within 500 ms.
+        let after_wait = |r: &qx_net::ovsdb::Replica| {
+            r.rows("QoS").any(|(_, row)| row["type"].as_str() == Some("after-wait")).then_some(())
+        };
+        let err = monitor.wait_for(Duration::from_millis(500), after_wait).await.unwrap_err();
+        assert!(matches!(err, Error::WaitTimeout { .. }), "{err}");
         assert_eq!(client.echo(vec![json!("alive")]).await.unwrap(), vec![json!("alive")]);
         let kinds = ovs.vsctl(&["--columns=type", "--format=csv", "--no-headings", "list", "QoS"]);
         assert_eq!(kinds, "never", "the canceled insert must not have happened");
@@ -436,6 +444,82 @@ fn server_restart_reconnects_and_reestablishes_monitors() {
     });
 }
 
+/// A TCP relay between the client and ovsdb-server. It counts the client's echo probes, and can make the current
+/// connection go silent: it then swallows what the client sends and forwards nothing back, like a hung peer, while
+/// the connections that follow are relayed again.
+struct Relay {
+    port: u16,
+    probes: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    silenced: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let relay = Self { port, probes: Arc::default(), connections: Arc::default(), silenced: Arc::default() };
+        let (probes, connections, silenced) = (relay.probes.clone(), relay.connections.clone(), relay.silenced.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let number = connections.fetch_add(1, Ordering::SeqCst) + 1;
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let silent = {
+                    let silenced = silenced.clone();
+                    move || silenced.load(Ordering::SeqCst) == number
+                };
+                tokio::spawn(pipe(client_read, server_write, Some(probes.clone()), silent.clone()));
+                tokio::spawn(pipe(server_read, client_write, None, silent));
+            }
+        });
+        relay
+    }
+
+    fn endpoint(&self) -> qx_net::ovsdb::Endpoint {
+        qx_net::ovsdb::Endpoint::Tcp(format!("127.0.0.1:{}", self.port))
+    }
+
+    fn probes(&self) -> usize {
+        self.probes.load(Ordering::SeqCst)
+    }
+
+    fn silence_current_connection(&self) {
+        self.silenced.store(self.connections.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` until either end closes; drops the bytes while `silent()`; counts echo probes. A silent
+/// connection stays open even when `from` closes (ovsdb-server gives up on it after its own 5 s probe), so that
+/// only the client's probe can notice the silence.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    probes: Option<Arc<AtomicUsize>>,
+    silent: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) if silent() => {
+                let _held = to;
+                return std::future::pending().await;
+            }
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(probes) = &probes {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            probes.fetch_add(text.matches("\"qx-probe\"").count(), Ordering::SeqCst);
+        }
+        if !silent() && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[test]
 fn tcp_endpoint_and_echo_probes() {
     if skip_without_ovs() {
@@ -443,13 +527,34 @@ fn tcp_endpoint_and_echo_probes() {
     }
     run(async {
         let ovs = Ovs::start_db_with_tcp();
-        let options = ClientOptions { probe_interval: Some(Duration::from_millis(100)), ..opts() };
-        let client = Client::connect(ovs.tcp_endpoint(), options).await.unwrap();
+        let client = Client::connect(ovs.tcp_endpoint(), opts()).await.unwrap();
         assert!(client.list_dbs().await.unwrap().contains(&DB.to_owned()));
-        // Idle for several probe intervals: the probes are answered, so the connection stays up.
-        tokio::time::sleep(Duration::from_millis(550)).await;
-        assert_eq!(*client.state().borrow(), ConnectionState::Connected { generation: 1 });
+
+        // Through a relay that counts probes: an idle client probes once per interval, and answered probes keep
+        // the connection up. (ovsdb-server's own inactivity probe, every 5 s, plays no part at these intervals.)
+        let relay = Relay::start(ovs.tcp_port()).await;
+        let interval = Duration::from_millis(100);
+        let reconnect = qx_net::ovsdb::Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
+        let options = ClientOptions { probe_interval: Some(interval), reconnect: Some(reconnect), ..opts() };
+        let client = Client::connect(relay.endpoint(), options).await.unwrap();
+        let mut state = client.state();
+        let probed = tokio::time::timeout(WAIT, async {
+            while relay.probes() < 3 {
+                tokio::time::sleep(interval / 2).await;
+            }
+        })
+        .await;
+        assert!(probed.is_ok(), "an idle client sent {} probes in {WAIT:?}", relay.probes());
+        assert_eq!(*state.borrow_and_update(), ConnectionState::Connected { generation: 1 }, "answered probes");
         assert_eq!(client.echo(vec![json!("tcp")]).await.unwrap(), vec![json!("tcp")]);
+
+        // The peer stops answering: the unanswered probe drops the connection, and the client connects again.
+        relay.silence_current_connection();
+        let lost = tokio::time::timeout(WAIT, state.wait_for(|s| matches!(s, ConnectionState::Reconnecting { .. })));
+        lost.await.expect("the client never noticed the silent peer").unwrap();
+        let back = tokio::time::timeout(WAIT, state.wait_for(|s| *s == ConnectionState::Connected { generation: 2 }));
+        back.await.expect("no reconnect").unwrap();
+        assert_eq!(client.echo(vec![json!("again")]).await.unwrap(), vec![json!("again")]);
     });
 }
 

@@ -280,12 +280,13 @@ async fn killed_qemu_fails_the_waiting_command() {
 
     // A stopped QEMU reads nothing, so the command below stays pending until the kill.
     rustix::process::kill_process(qemu.pid(), rustix::process::Signal::STOP).unwrap();
-    let waiting = {
+    let mut waiting = {
         let qmp = qmp.clone();
         tokio::spawn(async move { qmp.execute_raw("query-status", None).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiting.is_finished(), "a stopped QEMU answered");
+    // A bounded wait for what must not happen: an answer from the stopped QEMU within 200 ms.
+    let answered = tokio::time::timeout(Duration::from_millis(200), &mut waiting).await;
+    assert!(answered.is_err(), "a stopped QEMU answered: {answered:?}");
     rustix::process::kill_process(qemu.pid(), rustix::process::Signal::KILL).unwrap();
 
     let result = tokio::time::timeout(WAIT, waiting).await.expect("pending command hung").unwrap();

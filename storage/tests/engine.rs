@@ -189,7 +189,7 @@ fn dropping_the_future_cancels_and_cleans_up() {
 #[test]
 fn out_of_space_is_a_clear_error_and_leaves_nothing_on_every_data_path() {
     if !is_root() {
-        return skip("out_of_space", "mounting a small tmpfs needs root");
+        return qx_test_infra::skip("mounting a small tmpfs needs root");
     }
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
@@ -211,7 +211,7 @@ fn out_of_space_is_a_clear_error_and_leaves_nothing_on_every_data_path() {
 fn reflink_clones_within_a_filesystem_and_falls_back_across() {
     let xfs = match Xfs::mount() {
         Ok(x) => x,
-        Err(why) => return skip("reflink", &why),
+        Err(why) => return qx_test_infra::skip(&format!("no XFS with reflink: {why}")),
     };
     let src = xfs.path().join("src.raw");
     sparse_file(&src, 64 * MIB, &[(0, 16 * MIB), (32 * MIB, 40 * MIB)], 11);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the qx-storage integration tests use, when missing: qemu-img/qemu-io (qemu-utils),
 # fsck.fat (dosfstools), mdir/mtype (mtools), blkid (util-linux), chattr (e2fsprogs), mkfs.xfs (xfsprogs: an XFS in a
-# file, loop-mounted, for the reflink tests). Needs root when it installs.
+# file, loop-mounted, for the reflink tests), PyYAML (python3-yaml: the seed files must load as cloud-init loads them).
+# Needs root when it installs.
 set -euo pipefail
 
 need=()
@@ -12,6 +13,7 @@ command -v mdir >/dev/null || need+=(mtools)
 command -v blkid >/dev/null || [ -x /sbin/blkid ] || need+=(util-linux)
 command -v chattr >/dev/null || need+=(e2fsprogs)
 command -v mkfs.xfs >/dev/null || [ -x /sbin/mkfs.xfs ] || need+=(xfsprogs)
+python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

@@ -36,20 +36,21 @@ pub fn privileged() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Skips the calling test (returns `true`, after a line on stderr) unless running as root, which private network
-/// namespaces, taps and ovs-vswitchd need. Set `QX_REQUIRE_OVS=1` to fail instead of skipping.
+/// Skips the calling test (returns `true`, through [`crate::skip`], which fails under `CI`) unless running as
+/// root, which private network namespaces, taps and ovs-vswitchd need. `QX_REQUIRE_OVS=1` fails it outside CI too.
 pub fn skip_without_root() -> bool {
     if privileged() {
         return false;
     }
-    assert!(std::env::var_os("QX_REQUIRE_OVS").is_none(), "these tests must run as root");
-    eprintln!("skipping: needs root (network namespaces, taps)");
+    let reason = "needs root (network namespaces, taps)";
+    assert!(std::env::var_os("QX_REQUIRE_OVS").is_none(), "QX_REQUIRE_OVS is set and this test {reason}");
+    crate::skip(reason);
     true
 }
 
-/// Skips the calling test (returns `true`, after a line on stderr) when Open vSwitch is not installed or not
-/// running as root. CI installs it with `tests/install-ovs.sh`; set `QX_REQUIRE_OVS=1` to fail instead of
-/// skipping.
+/// Skips the calling test (returns `true`, through [`crate::skip`], which fails under `CI`) when Open vSwitch is
+/// not installed or not running as root. CI installs it with `net/tests/install-ovs.sh`; `QX_REQUIRE_OVS=1` fails
+/// it outside CI too.
 pub fn skip_without_ovs() -> bool {
     if skip_without_root() {
         return true;
@@ -57,11 +58,9 @@ pub fn skip_without_ovs() -> bool {
     if ovs_installed() {
         return false;
     }
-    assert!(
-        std::env::var_os("QX_REQUIRE_OVS").is_none(),
-        "Open vSwitch is not installed (run net/tests/install-ovs.sh)"
-    );
-    eprintln!("skipping: Open vSwitch is not installed (run net/tests/install-ovs.sh)");
+    let reason = "Open vSwitch is not installed (run net/tests/install-ovs.sh)";
+    assert!(std::env::var_os("QX_REQUIRE_OVS").is_none(), "QX_REQUIRE_OVS is set: {reason}");
+    crate::skip(reason);
     true
 }
 

@@ -379,7 +379,12 @@ impl VmManager {
             stop_requested: AtomicBool::new(false),
             guest_shutdown: AtomicBool::new(false),
         });
-        entry.status().runtime = Some(Arc::clone(&runtime));
+        {
+            let mut status = entry.status();
+            // A daemon killed between StartVm's answer and the deferred `running` write left no pid on disk.
+            status.record.pid = Some(runtime.process.pid());
+            status.runtime = Some(Arc::clone(&runtime));
+        }
         let reason = format!("reattached after a qx-node restart (QEMU reports {})", status.state);
         self.set_state(entry, state, &reason).await;
         self.supervise(Arc::clone(entry), runtime);

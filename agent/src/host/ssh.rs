@@ -199,6 +199,34 @@ mod tests {
         assert!(err.to_string().starts_with("timeout_minutes: \"10081\" is outside"), "{err}");
     }
 
+    /// The timer fires while the daemon runs: a minute's timer is sixty seconds of tokio's clock, paused and
+    /// advanced here. The deadline is kept in whole unix seconds, so the timer may fire up to a second early.
+    #[tokio::test]
+    async fn a_timer_firing_while_running_turns_ssh_off_after_its_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ssh = ssh(dir.path());
+        ssh.set(true, 1).await.unwrap();
+        // Paused only now: the enable command above ran on the real clock (a paused clock would jump to its
+        // timeout while the child process runs).
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(58)).await;
+        assert!(ssh.status().await.enabled, "off before its minute");
+        assert_eq!(log(dir.path()), "on\n");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        // The disable command is a real process: let the clock run again so its timeout means real time.
+        tokio::time::resume();
+        let off = tokio::time::timeout(Duration::from_secs(10), async {
+            while ssh.status().await.enabled {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(off.is_ok(), "the timer did not turn SSH off at 61 s");
+        assert_eq!(log(dir.path()), "on\noff\n");
+        let saved: SshStatus = serde_json::from_slice(&std::fs::read(dir.path().join("ssh.json")).unwrap()).unwrap();
+        assert_eq!(saved, SshStatus::default(), "the timed disable is recorded");
+    }
+
     #[tokio::test]
     async fn a_past_deadline_disables_at_open_and_a_future_one_is_rearmed() {
         let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use qx_agent::client::connect;
@@ -82,6 +83,22 @@ impl Console {
         })
         .await;
         assert!(matches!(found, Ok(true)), "console never showed {needle:?} {count} times; it showed:\n{}", self.seen);
+    }
+
+    /// Runs `command` in the guest's shell and returns exactly what it printed (lines joined by `\n`). The output
+    /// is read between two markers unique to this call, so nothing printed before the command ran (nor the echo of
+    /// the command line itself) can be mistaken for its answer.
+    pub async fn command(&mut self, command: &str) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // The quotes split each marker in the echoed command line; only the shell's output has it whole.
+        let line = format!("echo QX-BEGIN-{n}''; {command}; echo QX-END-{n}''\n");
+        let (begin, end) = (format!("QX-BEGIN-{n}\r\n"), format!("QX-END-{n}\r\n"));
+        self.input.send(pb::ConsoleInput { data: line.into_bytes(), ..Default::default() }).await.unwrap();
+        self.expect(&end, Duration::from_secs(30)).await;
+        let start = self.seen.find(&begin).expect("the begin marker comes first") + begin.len();
+        let stop = self.seen.find(&end).expect("just awaited");
+        self.seen[start..stop].replace('\r', "").trim_end_matches('\n').to_owned()
     }
 
     /// Types a shell command and waits for its answer; `$((..))` keeps the echo of the command itself from

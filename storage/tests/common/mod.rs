@@ -216,9 +216,3 @@ pub fn fs_used(path: &Path) -> u64 {
     let st = rustix::fs::statvfs(path).unwrap();
     (st.f_blocks - st.f_bfree) * st.f_frsize
 }
-
-/// Prints why a test is skipped; under CI (`CI` set) a skip is a failure, so that a missing tool is noticed.
-pub fn skip(test: &str, why: &str) {
-    assert!(std::env::var_os("CI").is_none(), "{test}: cannot run under CI: {why}");
-    eprintln!("{test}: skipped: {why}");
-}
