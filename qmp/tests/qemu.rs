@@ -309,3 +309,30 @@ async fn reconnect_after_dropping_the_client() {
     let qmp = qemu.connect().await;
     assert_eq!(qmp.execute_raw("query-status", None).await.unwrap()["status"], "running");
 }
+
+#[tokio::test]
+async fn query_machines_is_typed_in_7_2s_shape() {
+    let qemu = Qemu::start();
+    let qmp = qemu.connect().await;
+    let machines = qmp.execute(qx_qmp::commands::QueryMachines {}).await.unwrap();
+    let q35 = machines.iter().find(|m| m.alias.as_deref() == Some("q35")).expect("a q35 alias");
+    assert!(q35.name.starts_with("pc-q35-7."), "{q35:?}");
+    assert!(q35.hotpluggable_cpus && q35.cpu_max > 1, "{q35:?}");
+}
+
+#[tokio::test]
+async fn events_and_run_states_are_typed() {
+    let qemu = Qemu::start();
+    let qmp = qemu.connect().await;
+    let mut events = qmp.subscribe();
+    assert_eq!(qmp.query_status().await.unwrap(), qx_qmp::Status { running: true, state: qx_qmp::RunState::Running });
+    qmp.execute(qapi_qmp::stop {}).await.unwrap();
+    assert_eq!(next_qemu_event(&mut events).await.typed(), qx_qmp::QemuEvent::Stop);
+    let status = qmp.query_status().await.unwrap();
+    assert_eq!((status.running, status.state.as_str()), (false, "paused"));
+    qmp.execute(qapi_qmp::cont {}).await.unwrap();
+    assert_eq!(next_qemu_event(&mut events).await.typed(), qx_qmp::QemuEvent::Resume);
+    // A device_del of a device that does not exist is QEMU's clean error, typed or not.
+    let err = qmp.execute(qapi_qmp::device_del { id: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.class(), Some("DeviceNotFound"), "{err}");
+}

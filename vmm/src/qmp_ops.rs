@@ -138,6 +138,7 @@ mod tests {
 
     use super::*;
     use crate::cmdline::Hardware;
+    use crate::device_tree::DeviceTree;
     use crate::spec::VmSpec;
     use qx_qmp::ConnectOptions;
     use std::time::Duration;
@@ -184,7 +185,10 @@ mod tests {
             "disks:\n  - path: /var/lib/a.qcow2\n    format: qcow2\n  - path: /var/lib/b.raw\n    read_only: true\n",
             "nics:\n  - kind: user\n    mac: \"52:54:00:12:34:56\"\n",
         ));
-        let hw = Hardware::from_spec(&spec, None);
+        let mut spec = spec;
+        spec.fill_device_ids();
+        let tree = DeviceTree::new(&spec).unwrap();
+        let hw = Hardware::from_spec(&spec, &tree, None);
         let (qmp, mut rx) = fake_qemu().await;
         for plug in hw.disks.iter().chain(&hw.user_nics) {
             plug_device(&qmp, plug).await.unwrap();
@@ -219,11 +223,12 @@ mod tests {
             ]
         );
         assert_eq!(sent, expected);
+        let format_node = &sent[1]["arguments"];
         assert_eq!(
-            sent[1]["arguments"],
-            json!({"driver": "qcow2", "node-name": "disk0", "file": "disk0-file",
-                   "cache": {"direct": true, "no-flush": false}, "read-only": false, "discard": "unmap"})
+            (&format_node["driver"], &format_node["cache"], &format_node["read-only"], &format_node["discard"]),
+            (&json!("qcow2"), &json!({"direct": true, "no-flush": false}), &json!(false), &json!("unmap"))
         );
+        assert_eq!(format_node["file"], sent[0]["arguments"]["node-name"], "the format node sits on the file node");
     }
 
     #[tokio::test]
