@@ -1,6 +1,11 @@
 //! VM start latency: raw QEMU (the floor) against qx-node cold, qx-node from its warm pool and libvirt,
 //! interleaved so machine noise hits all alike, plus qx-node's resident memory (idle and with 20 VMs), 16
-//! concurrent starts (cold and warm), and binary sizes.
+//! concurrent starts (cold and warm, each against single starts of the same shape), and binary sizes.
+//!
+//! Like for like: raw, qx-node cold and libvirt each launch a QEMU inside the timed span; a warm start takes a
+//! QEMU the pool launched before the timer started. Warm figures are compared with raw (the headline: what a user
+//! waits for, against the floor of a cold launch) and with libvirt only as "warm against cold", labelled so. Every
+//! warm sample is checked to have come from the pool (its QEMU existed before the StartVm call).
 //!
 //! `cargo bench` builds qx-node in release and runs this. `QX_BENCH_RUNS` sets the number of interleaved runs
 //! (default 10). Results are printed and written to `target/bench-results/vm_start.json`.
@@ -29,6 +34,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 const CONCURRENT: usize = 16;
 /// Pause after each leg, so one leg's teardown (libvirtd's cleanup, a dying QEMU) does not land in the next.
 const SETTLE: Duration = Duration::from_millis(500);
+/// qx-node's shipped log level (its default `QX_LOG`).
+const LOG_LEVEL: &str = "info";
 
 /// One start: request → vCPUs running, and request → the guest's ready marker on the serial console.
 #[derive(Debug, Clone, Copy)]
@@ -147,13 +154,45 @@ async fn wait_pool_ready(client: &mut Client, ready: u32) {
     panic!("the warm pool did not refill to {ready}");
 }
 
-/// A warm start of a fresh VM, then its deletion.
-async fn warm_start(client: &mut Client, run: usize) -> Sample {
+/// The QEMUs the warm pool of `daemon` launched (ready or reserved): their command lines name the pool's directory.
+fn pool_pids(daemon: &Daemon) -> Vec<i32> {
+    qx_test_infra::pids_with_arg(&daemon.data_dir().join("warm").display().to_string())
+}
+
+/// Panics unless `name` runs on a QEMU of `before` (the pool's, listed before its StartVm): a warm sample that
+/// silently started cold would flatter nothing and mislabel everything.
+async fn assert_from_pool(client: &mut Client, name: &str, before: &[i32]) {
+    let vm = client.get_vm(pb::VmRef { name: name.into() }).await.expect("GetVm").into_inner();
+    let pid = vm.runtime.map_or(0, |r| r.pid) as i32;
+    assert!(before.contains(&pid), "{name} did not start from the warm pool: pid {pid}, pool {before:?}");
+}
+
+/// A warm start of a fresh VM, checked to come from the pool, then its deletion.
+async fn warm_start(client: &mut Client, daemon: &Daemon, run: usize) -> Sample {
     let name = format!("warm{run}");
     create_warm(client, &name, 256, 1).await;
-    let sample = qx_start(client, &name).await;
+    let before = pool_pids(daemon);
+    let started = Instant::now();
+    client.start_vm(pb::VmRef { name: name.clone() }).await.expect("StartVm");
+    let control = started.elapsed();
+    assert_from_pool(client, &name, &before).await;
+    wait_ready(client, &name).await;
+    let ready = started.elapsed();
+    stop(client, &name).await;
     client.delete_vm(pb::VmRef { name }).await.expect("DeleteVm");
-    sample
+    Sample { control, ready }
+}
+
+/// StartVm alone (request -> vCPUs running), then a forced stop; `pool` lists the warm QEMUs it must take one of.
+async fn control_start(client: &mut Client, name: &str, pool: Option<&[i32]>) -> Duration {
+    let started = Instant::now();
+    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm");
+    let control = started.elapsed();
+    if let Some(before) = pool {
+        assert_from_pool(client, name, before).await;
+    }
+    stop(client, name).await;
+    control
 }
 
 async fn create(client: &mut Client, name: &str, memory_mib: u64) {
@@ -164,7 +203,7 @@ async fn create(client: &mut Client, name: &str, memory_mib: u64) {
 }
 
 /// Starts c0..c15 at once; each start's own latency.
-async fn start_all(client: &Client) -> Summary {
+async fn start_all(client: &Client) -> Vec<Duration> {
     let starts = (0..CONCURRENT).map(|i| {
         let mut client = client.clone();
         tokio::spawn(async move {
@@ -177,7 +216,7 @@ async fn start_all(client: &Client) -> Summary {
     for start in starts.collect::<Vec<_>>() {
         latencies.push(start.await.unwrap());
     }
-    Summary::of(&latencies)
+    latencies
 }
 
 fn rss_kib(pid: i32) -> u64 {
@@ -213,18 +252,20 @@ fn print_row(label: &str, s: &Summary) {
 }
 
 /// `cargo bench` builds bench targets, not other packages' binaries: build the qx-node being measured, in the
-/// same profile, so a stale binary is never measured.
-fn build_daemon() {
+/// same profile (`release`, or the one `cargo bench --profile` chose, e.g. `image`, the host image's), so a stale
+/// binary is never measured.
+fn build_daemon(profile_dir: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("release");
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "-p", "qx-agent", "--bins"])
+        .args(["build", "--profile", profile, "-p", "qx-agent", "--bins"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("cargo build qx-node");
     assert!(status.success(), "building qx-node failed");
 }
 
-/// target/release, where cargo puts qx-node next to this bench's `deps/` directory.
+/// target/release (or target/<profile>), where cargo puts qx-node next to this bench's `deps/` directory.
 fn release_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("bench executable path");
     exe.parent().and_then(Path::parent).expect("target/release").to_owned()
@@ -237,11 +278,12 @@ async fn main() {
     }
     let runs: usize = std::env::var("QX_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let release = release_dir();
-    build_daemon();
+    build_daemon(&release);
     let qx_node = release.join("qx-node");
     test_guest();
 
-    let daemon = Daemon::start_with_log(&qx_node, "warn");
+    // The shipped log level: what a node in service pays for its logging.
+    let daemon = Daemon::start_with_log(&qx_node, LOG_LEVEL);
     let daemon_pid = daemon.pid().unwrap();
     let mut client = qx_agent::client::connect(daemon.socket()).await.unwrap();
     let idle_rss = rss_kib(daemon_pid);
@@ -249,9 +291,9 @@ async fn main() {
     let raw_dir = daemon.data_dir().parent().unwrap().join("raw");
     let raw_spec = spec("raw");
 
-    let concurrent_shape = warm_shape(128, CONCURRENT);
-    let warm_config = format!("warm_pool:\n{}{concurrent_shape}", warm_shape(256, 1));
-    let warm_daemon = Daemon::start_with(&qx_node, "warn", Some(&warm_config));
+    // One shape only, so "the pool is ready" means this shape's QEMU is (nothing refills during a timed start).
+    let warm_config = format!("warm_pool:\n{}", warm_shape(256, 1));
+    let warm_daemon = Daemon::start_with(&qx_node, LOG_LEVEL, Some(&warm_config));
     let mut warm_client = qx_agent::client::connect(warm_daemon.socket()).await.unwrap();
 
     let mut libvirt = match libvirt::unavailable() {
@@ -263,7 +305,7 @@ async fn main() {
     };
     let libvirtd_idle_rss = libvirt.as_ref().map(|l| rss_kib(l.libvirtd_pid()));
 
-    println!("VM start, {runs} interleaved runs each (TCG, 1 vCPU, 256 MiB, test guest):");
+    println!("VM start, {runs} interleaved runs each (TCG, 1 vCPU, 256 MiB, test guest, qx-node at {LOG_LEVEL}):");
     // One untimed round of each warms the page cache for QEMU, its ROMs and the guest kernel alike (and lets
     // libvirtd probe QEMU's capabilities, which it does on first use).
     raw_start(&raw_dir, &raw_spec).await;
@@ -271,7 +313,7 @@ async fn main() {
     if let Some(libvirt) = libvirt.as_mut() {
         libvirt.start_vm().await;
     }
-    warm_start(&mut warm_client, runs).await;
+    warm_start(&mut warm_client, &warm_daemon, runs).await;
     let (mut raw, mut qx, mut warm, mut lv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // The order of the legs rotates every run, so none always follows another's teardown.
     for run in 0..runs {
@@ -279,7 +321,7 @@ async fn main() {
             match (leg, libvirt.as_mut()) {
                 (0, _) => raw.push(raw_start(&raw_dir, &raw_spec).await),
                 (1, _) => qx.push(qx_start(&mut client, "bench").await),
-                (2, _) => warm.push(warm_start(&mut warm_client, run).await),
+                (2, _) => warm.push(warm_start(&mut warm_client, &warm_daemon, run).await),
                 (3, Some(libvirt)) => lv.push(libvirt.start_vm().await),
                 _ => continue,
             }
@@ -288,6 +330,7 @@ async fn main() {
     }
     let libvirtd_rss = libvirt.as_ref().map(|l| (libvirtd_idle_rss.unwrap_or(0), rss_kib(l.libvirtd_pid())));
     drop(libvirt);
+    drop(warm_daemon);
     let summary =
         |samples: &[Sample], pick: fn(&Sample) -> Duration| Summary::of(&samples.iter().map(pick).collect::<Vec<_>>());
     let raw_control = summary(&raw, |s| s.control);
@@ -306,11 +349,17 @@ async fn main() {
         print_row("libvirt createXML", &lv_control);
     }
     print_row("qx-node warm pool", &warm_control);
-    println!("  qx-node / raw            {:.2}x", ratio(qx_control.median, raw_control.median));
-    println!("  warm / raw               {:.3}x", ratio(warm_control.median, raw_control.median));
+    println!("  qx-node / raw            {:.2}x   (cold against cold)", ratio(qx_control.median, raw_control.median));
+    println!(
+        "  warm / raw               {:.3}x  (headline: warm against the floor)",
+        ratio(warm_control.median, raw_control.median)
+    );
     if measured_libvirt {
-        println!("  qx-node / libvirt        {:.3}x", ratio(qx_control.median, lv_control.median));
-        println!("  libvirt / warm           {:.1}x", ratio(lv_control.median, warm_control.median));
+        println!("  qx-node / libvirt        {:.3}x  (cold against cold)", ratio(qx_control.median, lv_control.median));
+        println!(
+            "  libvirt / warm           {:.1}x   (warm against cold: the pool launched its QEMU before the timer)",
+            ratio(lv_control.median, warm_control.median)
+        );
     }
     println!(" request -> guest ready marker");
     print_row("raw QEMU", &raw_ready);
@@ -325,36 +374,73 @@ async fn main() {
         println!("  qx-node / libvirt        {:.3}x", ratio(qx_ready.median, lv_ready.median));
     }
 
-    // 16 VMs started at once: each StartVm's own latency, cold and from the warm pool.
+    // 16 VMs started at once, each against single starts of the same shape (128 MiB) measured just before,
+    // cold on the cold daemon and warm on a daemon whose pool holds 16 of that shape. No guest boots meanwhile:
+    // every VM is stopped before the next phase.
     for i in 0..CONCURRENT {
         create(&mut client, &format!("c{i}"), 128).await;
-        create_warm(&mut warm_client, &format!("c{i}"), 128, 1).await;
     }
-    wait_pool_ready(&mut warm_client, 1 + CONCURRENT as u32).await;
-    let concurrent = start_all(&client).await;
-    let warm_concurrent = start_all(&warm_client).await;
-    println!(" {CONCURRENT} concurrent StartVm (request -> running, each)");
-    print_row("qx-node", &concurrent);
+    let mut single_cold = Vec::new();
+    for _ in 0..runs {
+        single_cold.push(control_start(&mut client, "c0", None).await);
+        tokio::time::sleep(SETTLE).await;
+    }
+    let single_cold = Summary::of(&single_cold);
+    let concurrent = Summary::of(&start_all(&client).await);
+    for i in 0..CONCURRENT {
+        stop(&mut client, &format!("c{i}")).await;
+    }
+
+    let concurrent_config = format!("warm_pool:\n{}", warm_shape(128, CONCURRENT));
+    let warm_daemon = Daemon::start_with(&qx_node, LOG_LEVEL, Some(&concurrent_config));
+    let mut warm_client = qx_agent::client::connect(warm_daemon.socket()).await.unwrap();
+    wait_pool_ready(&mut warm_client, CONCURRENT as u32).await;
+    let mut single_warm = Vec::new();
+    for run in 0..runs {
+        let name = format!("single{run}");
+        // Created, then the pool refilled to all 16 before the timed start.
+        create_warm(&mut warm_client, &name, 128, CONCURRENT as u32).await;
+        let before = pool_pids(&warm_daemon);
+        single_warm.push(control_start(&mut warm_client, &name, Some(&before)).await);
+        warm_client.delete_vm(pb::VmRef { name }).await.expect("DeleteVm");
+        tokio::time::sleep(SETTLE).await;
+    }
+    let single_warm = Summary::of(&single_warm);
+    for i in 0..CONCURRENT {
+        create_warm(&mut warm_client, &format!("c{i}"), 128, 0).await;
+    }
+    // The 16 reserved QEMUs wait for their VMs; the pool's refill (16 more) finishes before the timer starts.
+    wait_pool_ready(&mut warm_client, CONCURRENT as u32).await;
+    let before = pool_pids(&warm_daemon);
+    let warm_concurrent = Summary::of(&start_all(&warm_client).await);
+    for i in 0..CONCURRENT {
+        assert_from_pool(&mut warm_client, &format!("c{i}"), &before).await;
+    }
+    println!(" {CONCURRENT} concurrent StartVm (request -> running, each; 128 MiB VMs, no guest booting before)");
+    print_row("qx-node cold, single", &single_cold);
+    print_row("qx-node cold, 16 at once", &concurrent);
     println!(
-        "  p99 {}  = {:.2}x a single start's median",
+        "  p99 {}  = {:.2}x a single cold start's median",
         ms(concurrent.p99),
-        ratio(concurrent.p99, qx_control.median)
+        ratio(concurrent.p99, single_cold.median)
     );
-    print_row("qx-node warm pool", &warm_concurrent);
+    print_row("qx-node warm, single", &single_warm);
+    print_row("qx-node warm, 16 at once", &warm_concurrent);
     println!(
-        "  p99 {}  = {:.2}x a single warm start's median, {:.2}x a single cold start's",
+        "  p99 {}  = {:.2}x a single warm start's median",
         ms(warm_concurrent.p99),
-        ratio(warm_concurrent.p99, warm_control.median),
-        ratio(warm_concurrent.p99, qx_control.median)
+        ratio(warm_concurrent.p99, single_warm.median)
     );
     for i in 0..CONCURRENT {
         stop(&mut warm_client, &format!("c{i}")).await;
     }
     drop(warm_daemon);
 
-    // Memory with 20 VMs running: the 16 above and 4 more.
+    // Memory with 20 VMs running.
     for i in CONCURRENT..20 {
         create(&mut client, &format!("c{i}"), 128).await;
+    }
+    for i in 0..20 {
         client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("StartVm");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -392,7 +478,11 @@ async fn main() {
         "qx_node": { "control": qx_control.to_json(), "ready": qx_ready.to_json() },
         "qx_node_warm": { "control": warm_control.to_json(), "ready": warm_ready.to_json() },
         "ratio_control_warm_over_raw": ratio(warm_control.median, raw_control.median),
+        "log_level": LOG_LEVEL,
         "concurrent_16_warm": warm_concurrent.to_json(),
+        "single_warm_128": single_warm.to_json(),
+        "ratio_concurrent_warm_p99_over_single_warm": ratio(warm_concurrent.p99, single_warm.median),
+        "single_cold_128": single_cold.to_json(),
         "ratio_control_qx_over_raw": ratio(qx_control.median, raw_control.median),
         "ratio_ready_qx_over_raw": ratio(qx_ready.median, raw_ready.median),
         "libvirt": measured_libvirt.then(|| json!({
@@ -404,7 +494,7 @@ async fn main() {
         "ratio_control_libvirt_over_warm": measured_libvirt.then(|| ratio(lv_control.median, warm_control.median)),
         "ratio_ready_qx_over_libvirt": measured_libvirt.then(|| ratio(qx_ready.median, lv_ready.median)),
         "concurrent_16": concurrent.to_json(),
-        "ratio_concurrent_p99_over_single": ratio(concurrent.p99, qx_control.median),
+        "ratio_concurrent_p99_over_single": ratio(concurrent.p99, single_cold.median),
         "qx_node_rss_mib": { "idle": mib(idle_rss), "vms_20": mib(busy_rss) },
         "binary_bytes": sizes.iter().map(|(n, s)| ((*n).to_owned(), json!(s))).collect::<serde_json::Map<_, _>>(),
     });
