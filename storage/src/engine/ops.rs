@@ -575,7 +575,7 @@ pub(crate) fn copy(
     if !want_hash && plan.reflink {
         done = by_kernel(job, operation, Kernel::Clone, src_side, dst_side, size)?.map(|d| (Mechanism::Reflink, d));
     }
-    if done.is_none() && !want_hash && plan.data == DataMethod::CopyFileRange {
+    if done.is_none() && !want_hash && plan.data == DataMethod::CopyFileRange && !fragmented(&src_file, src, size)? {
         done = by_kernel(job, operation, Kernel::CopyRange, src_side, dst_side, size)?
             .map(|d| (Mechanism::CopyFileRange, d));
     }
@@ -612,6 +612,29 @@ pub(crate) fn copy(
         mechanism,
         elapsed: started.elapsed(),
     })
+}
+
+/// Extents sampled at the start of a file to judge whether it is fragmented.
+const FRAGMENT_SAMPLE: usize = 64;
+/// Mean data-extent length under which a file counts as fragmented.
+const SMALL_EXTENT: u64 = 256 << 10;
+
+/// Whether `file` is made of many small data extents (the first [`FRAGMENT_SAMPLE`] extents average under
+/// [`SMALL_EXTENT`]). `copy_file_range` makes one synchronous call per extent, as `cp` does, while the io_uring
+/// pipeline keeps several extents in flight: on 4 KiB of data every 1 MiB it was 1.4-1.9x faster than both here, so
+/// such files go through io_uring whatever the data method (BENCHMARKS.md, shape "small"). Costs at most
+/// 2 x [`FRAGMENT_SAMPLE`] `lseek`s.
+pub(crate) fn fragmented(file: &File, path: &Path, size: u64) -> Result<bool, EngineError> {
+    let (mut pos, mut count, mut data) = (0u64, 0usize, 0u64);
+    while count < FRAGMENT_SAMPLE {
+        let Some((start, end)) = next_extent(file, path, size, pos)? else {
+            return Ok(false);
+        };
+        count += 1;
+        data += end - start;
+        pos = end;
+    }
+    Ok(data / FRAGMENT_SAMPLE as u64 <= SMALL_EXTENT)
 }
 
 /// The two copies the kernel does without our buffers.
