@@ -268,7 +268,7 @@ fn calibration_measures_every_candidate_and_leaves_nothing() {
         DataMethod::CopyFileRange => Mechanism::CopyFileRange.to_string(),
         DataMethod::Uring => Mechanism::Uring(plan.uring).to_string(),
     };
-    // copy_file_range (cp's kernel path) unless the fastest io_uring setting beats it by more than 10%.
+    // copy_file_range (cp's kernel path) unless the fastest io_uring setting is more than 1.5x faster.
     let seconds = |name: &str| calibration.samples.iter().find(|s| s.mechanism == name).unwrap().seconds;
     let best_uring = calibration
         .samples
@@ -277,7 +277,7 @@ fn calibration_measures_every_candidate_and_leaves_nothing() {
         .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
         .unwrap();
     let expected =
-        if best_uring.seconds * 1.10 < seconds("copy_file_range") { &best_uring.mechanism } else { "copy_file_range" };
+        if best_uring.seconds * 1.5 < seconds("copy_file_range") { &best_uring.mechanism } else { "copy_file_range" };
     assert_eq!(winner, expected, "{calibration:?}");
     assert_eq!(Mechanism::Uring(plan.uring).to_string(), best_uring.mechanism, "{calibration:?}");
     assert!(
