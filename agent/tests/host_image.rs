@@ -52,6 +52,13 @@ fn images() -> Option<Images> {
     }
 }
 
+/// What the host's QEMU boots the disk with: OVMF (UEFI) or, without pflash drives, SeaBIOS.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Firmware {
+    Uefi,
+    Bios,
+}
+
 /// The host's QEMU, killed (by PID) when dropped.
 struct Host {
     child: Child,
@@ -71,8 +78,8 @@ impl Drop for Host {
 }
 
 impl Host {
-    /// Boots `disk` (a qcow2 over the image) on OVMF, with the API forwarded to a free local port.
-    fn boot(disk_image: &Path) -> Self {
+    /// Boots `disk` (a qcow2 over the image) on OVMF or SeaBIOS, with the API forwarded to a free local port.
+    fn boot(disk_image: &Path, firmware: Firmware) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let d = dir.path();
@@ -84,14 +91,17 @@ impl Host {
             .arg(&disk)
             .arg(d.join("host.qcow2"))
             .arg("8G"));
-        std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", d.join("vars.fd")).unwrap();
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-machine", "q35", "-cpu", "max", "-m", "3072", "-smp", "2", "-nodefaults"])
-            .args(["-display", "none", "-vga", "std"])
-            .arg("-drive")
-            .arg("if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
-            .arg("-drive")
-            .arg(format!("if=pflash,format=raw,file={}", d.join("vars.fd").display()))
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg", "-machine", "q35", "-cpu", "max", "-m", "3072", "-smp", "2", "-nodefaults"])
+            .args(["-display", "none", "-vga", "std"]);
+        if firmware == Firmware::Uefi {
+            std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", d.join("vars.fd")).unwrap();
+            qemu.arg("-drive")
+                .arg("if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd")
+                .arg("-drive")
+                .arg(format!("if=pflash,format=raw,file={}", d.join("vars.fd").display()));
+        }
+        let child = qemu
             .arg("-drive")
             .arg(format!("if=virtio,format=qcow2,file={}", d.join("host.qcow2").display()))
             .args([
@@ -311,6 +321,19 @@ fn phase(name: &str, took: Duration) {
     eprintln!("host image phase: {name:<40} {:>7.1} s", took.as_secs_f64());
 }
 
+/// The same disk boots under SeaBIOS: GRUB's BIOS core (boot.img in the protective MBR, core.img in the BIOS boot
+/// partition) reads the same grub.cfg and environment block, starts system A, and its initramfs hands over to
+/// OpenRC on the system's root.
+#[test]
+fn the_disk_boots_under_bios_too() {
+    let Some(images) = images() else { return };
+    let host = Host::boot(&images.first.join("disk.img"), Firmware::Bios);
+    let kernel_at = host.wait_serial("Quantix: starting system a", 1, BOOT_TIMEOUT);
+    phase("firmware -> kernel (SeaBIOS, GRUB)", kernel_at - host.started);
+    let init_at = host.wait_serial("OpenRC", 1, BOOT_TIMEOUT);
+    phase("kernel -> OpenRC on system A (BIOS)", init_at - kernel_at);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     let Some(images) = images() else { return };
@@ -319,7 +342,7 @@ async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     let (v1, v2, broken) = (version_of(&images.first), version_of(&images.update), version_of(&images.broken));
 
     // First boot: firmware to GRUB starting the kernel, kernel to qx-node serving through the forward.
-    let host = Host::boot(&images.first.join("disk.img"));
+    let host = Host::boot(&images.first.join("disk.img"), Firmware::Uefi);
     let kernel_at = host.wait_serial("Quantix: starting system a", 1, BOOT_TIMEOUT);
     phase("firmware -> kernel (OVMF, GRUB)", kernel_at - host.started);
     let (channel, info) = host.wait_api(BOOT_TIMEOUT).await;

@@ -161,6 +161,15 @@ impl JobCtl {
     pub fn report(&self, done: u64, total: u64) {
         self.ctl.report(done, total);
     }
+
+    /// The bytes the next call of a kernel copy may move: `max`, or under a speed limit about a tenth of a second's
+    /// worth (at least 1 MiB), so that a limited copy moves smoothly and its cancel is prompt.
+    pub fn chunk(&self, max: u64) -> u64 {
+        match self.ctl.speed.load(Ordering::Relaxed) {
+            0 => max,
+            speed => (speed / 10).clamp(1 << 20, max.max(1 << 20)) & !4095,
+        }
+    }
 }
 
 /// Sets its flag when dropped, unless disarmed.
