@@ -174,7 +174,12 @@ pub fn nic_device(nic: &NicSpec, slot: &NicSlot, queues: u16) -> Device {
 
 /// A user-mode NIC: its netdev and device.
 pub fn user_nic_plug(nic: &NicSpec, slot: &NicSlot) -> Plug {
-    let netdev = json!({ "type": "user", "id": slot.netdev });
+    let mut netdev = json!({ "type": "user", "id": slot.netdev });
+    if !nic.host_forwards.is_empty() {
+        // QAPI's `['String']`: a list of `{"str": ...}`.
+        let rules: Vec<Value> = nic.host_forwards.iter().map(|f| json!({ "str": f.rule() })).collect();
+        netdev["hostfwd"] = Value::Array(rules);
+    }
     Plug { blockdevs: Vec::new(), netdev: Some(netdev), device: nic_device(nic, slot, 1) }
 }
 
@@ -228,6 +233,14 @@ fn netdev_cli(netdev: &Value) -> String {
     };
     let mut out = map.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
     for (key, value) in map.iter().filter(|(k, _)| *k != "type") {
+        if let Some(list) = value.as_array() {
+            // A list of `{"str": ...}` on the command line is the key repeated (`hostfwd=a,hostfwd=b`).
+            for item in list {
+                let item = item.get("str").and_then(Value::as_str).unwrap_or_default();
+                out.push_str(&format!(",{key}={}", keyval_escape(item)));
+            }
+            continue;
+        }
         let value = value.as_str().map_or_else(|| value.to_string(), keyval_escape);
         out.push_str(&format!(",{key}={value}"));
     }
@@ -308,7 +321,13 @@ mod tests {
             cache: CacheMode::None,
             aio: AioMode::IoUring,
         });
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: Some("52:54:00:12:34:56".into()) });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: Some("52:54:00:12:34:56".into()),
+            host_forwards: Vec::new(),
+        });
         spec.fill_device_ids();
         spec
     }
@@ -439,6 +458,7 @@ mod tests {
             kind: NicKind::Network,
             network: Some("lan".into()),
             mac: Some("52:54:00:00:00:09".into()),
+            host_forwards: Vec::new(),
         });
         let hw = Hardware::from_spec(&spec, &tree(&spec), None);
         assert_eq!(hw.network_nics.len(), 1);
@@ -448,6 +468,25 @@ mod tests {
         assert!(hw.devices.iter().any(|d| d.id == "rp3"), "its root port is on the command line");
         assert!(hw.devices.iter().all(|d| d.id != "nic-lan0"), "the NIC itself is not");
         assert_eq!(hw.user_nics.len(), 1, "only the user-mode NIC has a command-line netdev");
+    }
+
+    #[test]
+    fn user_nics_forward_loopback_ports() {
+        let mut spec = spec();
+        spec.nics[0].host_forwards = vec![
+            crate::spec::HostForward { host_port: 2222, guest_port: 22 },
+            crate::spec::HostForward { host_port: 8080, guest_port: 80 },
+        ];
+        let args = args_of(&spec, Accel::Tcg);
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80"]
+        );
+        let hw = Hardware::from_spec(&spec, None);
+        assert_eq!(
+            hw.user_nics[0].netdev.as_ref().unwrap()["hostfwd"],
+            json!([{ "str": "tcp:127.0.0.1:2222-:22" }, { "str": "tcp:127.0.0.1:8080-:80" }])
+        );
     }
 
     #[test]
