@@ -835,6 +835,39 @@ mod tests {
     }
 
     #[test]
+    fn host_forwards_are_for_user_nics_with_distinct_ports() {
+        let mut spec = minimal();
+        let forward = |host_port, guest_port| HostForward { host_port, guest_port };
+        let nic = |kind, network: Option<&str>, host_forwards| NicSpec {
+            kind,
+            network: network.map(Into::into),
+            mac: None,
+            host_forwards,
+        };
+        spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 22), forward(0, 0)]));
+        spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 80)]));
+        spec.nics.push(nic(NicKind::Network, Some("lan"), vec![forward(8080, 80)]));
+        let errors = spec.validate(&files()).unwrap_err();
+        let text = errors.to_string();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "nics[0].host_forwards[1].host_port",
+                "nics[0].host_forwards[1].guest_port",
+                "nics[1].host_forwards[0].host_port",
+                "nics[2].host_forwards"
+            ],
+            "{text}"
+        );
+        assert!(text.contains("nics[1].host_forwards[0].host_port: \"2222\" is forwarded twice"), "{text}");
+        assert!(text.contains("\"tcp:127.0.0.1:8080-:80\" is only for NICs of kind user"), "{text}");
+        spec.nics.truncate(1);
+        spec.nics[0].host_forwards.truncate(1);
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
     fn disks_name_a_path_or_a_volume() {
         let mut spec = minimal();
         let path_disk = spec.disks[0].clone();
