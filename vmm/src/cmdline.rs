@@ -572,6 +572,7 @@ mod tests {
             let layout = LaunchLayout {
                 qmp_fd: 3,
                 serial_fd: spec.serial.then_some(4),
+                qga_fd: 5,
                 pidfile: "/var/lib/quantix/vms/x/qemu.pid".into(),
                 seed: spec.cloud_init.is_some().then(|| PathBuf::from("/var/lib/quantix/vms/x/cloud-init-seed.img")),
                 hotplug: false,

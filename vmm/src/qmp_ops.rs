@@ -179,12 +179,13 @@ mod tests {
 
     #[tokio::test]
     async fn warm_start_plugs_disks_and_nics_exactly_as_rendered() {
-        let spec = spec(concat!(
+        let mut spec = spec(concat!(
             "name: web1\nkernel:\n  kernel: /boot/vmlinuz\n",
             "disks:\n  - path: /var/lib/a.qcow2\n    format: qcow2\n  - path: /var/lib/b.raw\n    read_only: true\n",
             "nics:\n  - kind: user\n    mac: \"52:54:00:12:34:56\"\n",
         ));
-        let hw = Hardware::from_spec(&spec, None);
+        spec.fill_device_ids();
+        let hw = Hardware::from_spec(&spec, &crate::device_tree::DeviceTree::new(&spec).unwrap(), None);
         let (qmp, mut rx) = fake_qemu().await;
         for plug in hw.disks.iter().chain(&hw.user_nics) {
             plug_device(&qmp, plug).await.unwrap();
@@ -221,7 +222,7 @@ mod tests {
         assert_eq!(sent, expected);
         assert_eq!(
             sent[1]["arguments"],
-            json!({"driver": "qcow2", "node-name": "disk0", "file": "disk0-file",
+            json!({"driver": "qcow2", "node-name": "drive-disk0", "file": "drive-disk0-file",
                    "cache": {"direct": true, "no-flush": false}, "read-only": false, "discard": "unmap"})
         );
     }

@@ -839,6 +839,7 @@ mod tests {
         let mut spec = minimal();
         let forward = |host_port, guest_port| HostForward { host_port, guest_port };
         let nic = |kind, network: Option<&str>, host_forwards| NicSpec {
+            id: None,
             kind,
             network: network.map(Into::into),
             mac: None,
@@ -915,8 +916,20 @@ mod tests {
         let mut spec = minimal();
         spec.disks[0].id = Some("lan".into());
         spec.disks.push(DiskSpec { id: Some("-x".into()), path: Some("/img/b.qcow2".into()), ..spec.disks[0].clone() });
-        spec.nics.push(NicSpec { id: Some("lan".into()), kind: NicKind::User, network: None, mac: None });
-        spec.nics.push(NicSpec { id: Some("a b".into()), kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec {
+            id: Some("lan".into()),
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+        });
+        spec.nics.push(NicSpec {
+            id: Some("a b".into()),
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+        });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["disks[1].id", "nics[0].id", "nics[1].id"]);
@@ -928,7 +941,7 @@ mod tests {
         let mut spec = minimal();
         spec.disks.push(DiskSpec { id: Some("disk0".into()), ..spec.disks[0].clone() });
         spec.disks[0].path = Some("/img/b.qcow2".into());
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
         spec.fill_generated();
         let ids: Vec<_> = spec.disks.iter().map(|d| d.id.clone().unwrap()).collect();
         assert_eq!(ids, ["disk1", "disk0"]);
