@@ -11,7 +11,8 @@ use qx_storage::{
 };
 use qx_vmm::spec::CloudInit;
 use qx_vmm::spec::{
-    AccelChoice, AioMode, CacheMode, DiskFormat, DiskSpec, FieldError, Firmware, KernelBoot, NicKind, NicSpec,
+    AccelChoice, AioMode, CacheMode, DiskFormat, DiskSpec, FieldError, Firmware, HostForward, KernelBoot, NicKind,
+    NicSpec,
 };
 use qx_vmm::{ValidationErrors, VmEvent, VmInfo, VmSpec, VmState};
 
@@ -113,6 +114,23 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
             }),
             network: (!nic.network.is_empty()).then(|| nic.network.clone()),
             mac: (!nic.mac.is_empty()).then(|| nic.mac.clone()),
+            host_forwards: nic
+                .host_forwards
+                .iter()
+                .enumerate()
+                .map(|(k, f)| {
+                    let mut port = |name: &str, value: u32| {
+                        u16::try_from(value).unwrap_or_else(|_| {
+                            p.add(format!("nics[{i}].host_forwards[{k}].{name}"), &value.to_string(), "is above 65535");
+                            0
+                        })
+                    };
+                    HostForward {
+                        host_port: port("host_port", f.host_port),
+                        guest_port: port("guest_port", f.guest_port),
+                    }
+                })
+                .collect(),
         })
         .collect();
     let machine = if spec.machine.is_empty() { "q35".to_owned() } else { spec.machine };
@@ -180,6 +198,11 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
                 mac: n.mac.clone().unwrap_or_default(),
                 network: n.network.clone().unwrap_or_default(),
                 id: n.id.clone().unwrap_or_default(),
+                host_forwards: n
+                    .host_forwards
+                    .iter()
+                    .map(|f| pb::HostForward { host_port: f.host_port.into(), guest_port: f.guest_port.into() })
+                    .collect(),
             })
             .collect(),
         serial: Some(spec.serial),
@@ -367,6 +390,7 @@ fn cloud_init_from_pb(c: pb::CloudInit, p: &mut Problems) -> CloudInit {
         .map(|(i, e)| Ethernet {
             id: e.id,
             mac: some(e.mac),
+            nic: some(e.nic),
             mtu: (e.mtu != 0).then_some(e.mtu),
             addressing: if e.addresses.is_empty() {
                 Addressing::Dhcp { dhcp4: true, dhcp6: false }
@@ -435,6 +459,7 @@ fn cloud_init_to_pb(c: &CloudInit) -> pb::CloudInit {
                 let mut pb_eth = pb::CloudInitEthernet {
                     id: e.id.clone(),
                     mac: e.mac.clone().unwrap_or_default(),
+                    nic: e.nic.clone().unwrap_or_default(),
                     mtu: e.mtu.unwrap_or(0),
                     ..Default::default()
                 };

@@ -124,9 +124,14 @@ pub struct NetworkConfig {
 pub struct Ethernet {
     /// The configuration's id; also the interface name when `mac` is absent.
     pub id: String,
-    /// Match the NIC by MAC address (and name it `id`): robust against PCI order.
+    /// Match the NIC by MAC address (and name it `id`): robust against PCI order and the guest's naming scheme
+    /// (`enp1s0` on Debian, where `eth0` matches nothing).
     #[serde(default)]
     pub mac: Option<String>,
+    /// The VM NIC this configuration is for, by id (`"nic0"`) or index (`"0"`); the VM layer resolves it into `mac` before
+    /// rendering (see `qx_vmm::spec::VmSpec::seed_config`). Exclusive with `mac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<String>,
     pub addressing: Addressing,
     #[serde(default)]
     pub mtu: Option<u32>,
@@ -443,6 +448,9 @@ fn check_network(p: &mut Problems, net: &NetworkConfig) {
         } else if !seen.insert(e.id.as_str()) {
             p.add(f("id"), &e.id, "is used twice");
         }
+        if let (Some(_), Some(nic)) = (&e.mac, &e.nic) {
+            p.add(f("nic"), nic, "is given with mac: name the NIC one way");
+        }
         if let Some(mac) = &e.mac {
             let parts: Vec<&str> = mac.split(':').collect();
             if parts.len() != 6 || !parts.iter().all(|x| x.len() == 2 && x.bytes().all(|b| b.is_ascii_hexdigit())) {
@@ -604,6 +612,7 @@ mod tests {
                 ethernets: vec![Ethernet {
                     id: "eth0".into(),
                     mac: Some("52:54:00:AB:cd:01".into()),
+                    nic: None,
                     addressing: Addressing::Static {
                         addresses: vec!["192.0.2.10/24".into()],
                         gateway4: Some("192.0.2.1".parse().unwrap()),

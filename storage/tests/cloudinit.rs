@@ -48,6 +48,7 @@ fn config() -> SeedConfig {
                 Ethernet {
                     id: "lan".into(),
                     mac: Some("52:54:00:12:34:56".into()),
+                    nic: None,
                     addressing: Addressing::Static {
                         addresses: vec!["192.0.2.10/24".into(), "2001:db8::10/64".into()],
                         gateway4: Some("192.0.2.1".parse().unwrap()),
@@ -60,6 +61,7 @@ fn config() -> SeedConfig {
                 Ethernet {
                     id: "eth1".into(),
                     mac: None,
+                    nic: None,
                     addressing: Addressing::Dhcp { dhcp4: true, dhcp6: false },
                     mtu: None,
                 },

@@ -13,6 +13,9 @@ use crate::accel::Accel;
 use crate::device_tree::{DeviceTree, DiskSlot, NicSlot};
 use crate::spec::{AioMode, CacheMode, DiskFormat, DiskSpec, NicKind, NicSpec, VmSpec};
 
+/// The virtio-serial port name qemu-ga opens in the guest.
+pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
+
 /// Where the launched QEMU finds what qx-node prepared for it.
 #[derive(Debug, Clone)]
 pub struct LaunchLayout {
@@ -20,6 +23,8 @@ pub struct LaunchLayout {
     pub qmp_fd: RawFd,
     /// Fd number, in QEMU, of the listening serial socket qx-node bound (when the spec has a serial port).
     pub serial_fd: Option<RawFd>,
+    /// Fd number, in QEMU, of the listening socket qx-node bound for the guest agent's port (every VM has one).
+    pub qga_fd: RawFd,
     pub pidfile: PathBuf,
     /// The cloud-init seed qx-node wrote for this run, when the spec has `cloud_init`.
     pub seed: Option<PathBuf>,
@@ -174,7 +179,12 @@ pub fn nic_device(nic: &NicSpec, slot: &NicSlot, queues: u16) -> Device {
 
 /// A user-mode NIC: its netdev and device.
 pub fn user_nic_plug(nic: &NicSpec, slot: &NicSlot) -> Plug {
-    let netdev = json!({ "type": "user", "id": slot.netdev });
+    let mut netdev = json!({ "type": "user", "id": slot.netdev });
+    if !nic.host_forwards.is_empty() {
+        // QAPI's `['String']`: a list of `{"str": ...}`.
+        let rules: Vec<Value> = nic.host_forwards.iter().map(|f| json!({ "str": f.rule() })).collect();
+        netdev["hostfwd"] = Value::Array(rules);
+    }
     Plug { blockdevs: Vec::new(), netdev: Some(netdev), device: nic_device(nic, slot, 1) }
 }
 
@@ -217,6 +227,16 @@ impl Hardware {
             hw.blockdevs.push(json!({ "driver": "raw", "node-name": "seed", "file": "seed-file", "read-only": true }));
             hw.devices.push(Device::new("ide-cd", "cdrom0").prop("bus", "ide.0").prop("drive", "seed"));
         }
+        // The guest agent's channel, on every VM whether or not its guest runs an agent: qemu-ga finds the port
+        // by its name. The controller sits on the root bus after every other PCI device there, so adding it moved
+        // no device's address.
+        let mut vser = Device::new("virtio-serial-pci", "vser0");
+        if tree.root_ports > 0 {
+            vser = vser.prop("bus", "pcie.0");
+        }
+        hw.devices.push(vser);
+        let port = Device::new("virtserialport", "qga0").prop("bus", "vser0.0").prop("chardev", "qga");
+        hw.devices.push(port.prop("name", QGA_PORT_NAME));
         hw
     }
 }
@@ -228,6 +248,14 @@ fn netdev_cli(netdev: &Value) -> String {
     };
     let mut out = map.get("type").and_then(Value::as_str).unwrap_or_default().to_owned();
     for (key, value) in map.iter().filter(|(k, _)| *k != "type") {
+        if let Some(list) = value.as_array() {
+            // A list of `{"str": ...}` on the command line is the key repeated (`hostfwd=a,hostfwd=b`).
+            for item in list {
+                let item = item.get("str").and_then(Value::as_str).unwrap_or_default();
+                out.push_str(&format!(",{key}={}", keyval_escape(item)));
+            }
+            continue;
+        }
         let value = value.as_str().map_or_else(|| value.to_string(), keyval_escape);
         out.push_str(&format!(",{key}={value}"));
     }
@@ -260,6 +288,7 @@ pub fn qemu_args(spec: &VmSpec, tree: &DeviceTree, accel: Accel, layout: &Launch
     if let Some(fd) = layout.serial_fd {
         push(&[&"-chardev", &format!("socket,id=serial0,fd={fd},server=on,wait=off")]);
     }
+    push(&[&"-chardev", &format!("socket,id=qga,fd={},server=on,wait=off", layout.qga_fd)]);
     push(&[&"-pidfile", &layout.pidfile]);
     if let Some(kernel) = &spec.kernel {
         push(&[&"-kernel", &kernel.kernel]);
@@ -308,7 +337,13 @@ mod tests {
             cache: CacheMode::None,
             aio: AioMode::IoUring,
         });
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: Some("52:54:00:12:34:56".into()) });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: Some("52:54:00:12:34:56".into()),
+            host_forwards: Vec::new(),
+        });
         spec.fill_device_ids();
         spec
     }
@@ -318,7 +353,14 @@ mod tests {
     }
 
     fn layout() -> LaunchLayout {
-        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: "/run/vm/qemu.pid".into(), seed: None, hotplug: false }
+        LaunchLayout {
+            qmp_fd: 3,
+            serial_fd: Some(4),
+            qga_fd: 5,
+            pidfile: "/run/vm/qemu.pid".into(),
+            seed: None,
+            hotplug: false,
+        }
     }
 
     fn args_of(spec: &VmSpec, accel: Accel) -> Vec<String> {
@@ -372,7 +414,9 @@ mod tests {
         spec.machine = "pc".into();
         let args = args_of(&spec, Accel::Tcg);
         let devices = value_after(&args, "-device");
-        assert!(devices.iter().all(|d| !d.contains("bus=") && !d.starts_with("pcie-root-port")), "{devices:?}");
+        // The guest agent's port sits on its virtio-serial controller's bus, not a PCI one.
+        let pci = devices.iter().filter(|d| !d.starts_with("virtserialport"));
+        assert!(pci.clone().all(|d| !d.contains("bus=") && !d.starts_with("pcie-root-port")), "{devices:?}");
     }
 
     #[test]
@@ -439,6 +483,7 @@ mod tests {
             kind: NicKind::Network,
             network: Some("lan".into()),
             mac: Some("52:54:00:00:00:09".into()),
+            host_forwards: Vec::new(),
         });
         let hw = Hardware::from_spec(&spec, &tree(&spec), None);
         assert_eq!(hw.network_nics.len(), 1);
@@ -448,6 +493,44 @@ mod tests {
         assert!(hw.devices.iter().any(|d| d.id == "rp3"), "its root port is on the command line");
         assert!(hw.devices.iter().all(|d| d.id != "nic-lan0"), "the NIC itself is not");
         assert_eq!(hw.user_nics.len(), 1, "only the user-mode NIC has a command-line netdev");
+    }
+
+    #[test]
+    fn every_vm_has_the_guest_agent_port() {
+        let args = args_of(&spec(), Accel::Tcg);
+        assert!(value_after(&args, "-chardev").contains(&"socket,id=qga,fd=5,server=on,wait=off"));
+        let devices = value_after(&args, "-device");
+        for device in [
+            "virtio-serial-pci,id=vser0,bus=pcie.0",
+            "virtserialport,id=qga0,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0",
+        ] {
+            assert!(devices.contains(&device), "{device} in {devices:?}");
+        }
+        // After the root ports: adding the controller moved no device that was there before.
+        let last_port = devices.iter().rposition(|d| d.starts_with("pcie-root-port")).unwrap();
+        assert!(devices.iter().position(|d| d.starts_with("virtio-serial-pci")).unwrap() > last_port);
+        let mut pc = spec();
+        pc.machine = "pc".into();
+        assert!(value_after(&args_of(&pc, Accel::Tcg), "-device").contains(&"virtio-serial-pci,id=vser0"));
+    }
+
+    #[test]
+    fn user_nics_forward_loopback_ports() {
+        let mut spec = spec();
+        spec.nics[0].host_forwards = vec![
+            crate::spec::HostForward { host_port: 2222, guest_port: 22 },
+            crate::spec::HostForward { host_port: 8080, guest_port: 80 },
+        ];
+        let args = args_of(&spec, Accel::Tcg);
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["user,id=netdev-nic0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:127.0.0.1:8080-:80"]
+        );
+        let hw = Hardware::from_spec(&spec, &tree(&spec), None);
+        assert_eq!(
+            hw.user_nics[0].netdev.as_ref().unwrap()["hostfwd"],
+            json!([{ "str": "tcp:127.0.0.1:2222-:22" }, { "str": "tcp:127.0.0.1:8080-:80" }])
+        );
     }
 
     #[test]
@@ -489,6 +572,7 @@ mod tests {
             let layout = LaunchLayout {
                 qmp_fd: 3,
                 serial_fd: spec.serial.then_some(4),
+                qga_fd: 5,
                 pidfile: "/var/lib/quantix/vms/x/qemu.pid".into(),
                 seed: spec.cloud_init.is_some().then(|| PathBuf::from("/var/lib/quantix/vms/x/cloud-init-seed.img")),
                 hotplug: false,

@@ -285,7 +285,13 @@ mod tests {
             spec.disks.push(DiskSpec { id: Some(id.to_string()), path: Some(format!("/img/{id}").into()), ..disk() });
         }
         for id in nics {
-            spec.nics.push(NicSpec { id: Some(id.to_string()), kind: NicKind::User, network: None, mac: None });
+            spec.nics.push(NicSpec {
+                id: Some(id.to_string()),
+                kind: NicKind::User,
+                network: None,
+                mac: None,
+                host_forwards: Vec::new(),
+            });
         }
         spec
     }

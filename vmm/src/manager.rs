@@ -38,6 +38,7 @@ use uuid::Uuid;
 /// Fd numbers QEMU finds its pre-bound sockets at.
 const QMP_FD: i32 = 3;
 const SERIAL_FD: i32 = 4;
+const QGA_FD: i32 = 5;
 /// How long `quit` gets after the guest ignored the power button, before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How much of `qemu.log` a failed start quotes.
@@ -774,6 +775,7 @@ impl VmManager {
                     for (a, b) in [
                         (from.qmp_socket(), to.qmp_socket()),
                         (from.serial_socket(), to.serial_socket()),
+                        (from.qga_socket(), to.qga_socket()),
                         (from.pidfile(), to.pidfile()),
                         (from.qemu_log(), to.qemu_log()),
                     ] {
@@ -811,7 +813,7 @@ impl VmManager {
         };
         let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
         let serial_fd = serial.then_some(SERIAL_FD);
-        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, pidfile: dir.pidfile(), seed, hotplug };
+        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile: dir.pidfile(), seed, hotplug };
         let args = qemu_args(spec, devices, accel, &layout);
         debug!(vm = %spec.name, ?args, "spawning QEMU");
         let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
@@ -1291,6 +1293,7 @@ fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, 
     if serial {
         fds.push((bind(&dir.serial_socket())?, SERIAL_FD));
     }
+    fds.push((bind(&dir.qga_socket())?, QGA_FD));
     let log = OpenOptions::new().create(true).write(true).truncate(true).open(dir.qemu_log())?;
     Ok((fds, log))
 }

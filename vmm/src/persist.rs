@@ -71,6 +71,10 @@ impl VmDir {
     pub fn serial_socket(&self) -> PathBuf {
         self.0.join("serial.sock")
     }
+    /// The host end of the guest agent's virtio-serial port (`org.qemu.guest_agent.0`).
+    pub fn qga_socket(&self) -> PathBuf {
+        self.0.join("qga.sock")
+    }
     pub fn qemu_log(&self) -> PathBuf {
         self.0.join("qemu.log")
     }
@@ -85,7 +89,7 @@ impl VmDir {
 
     /// Removes what only a running QEMU needs; missing files are fine.
     pub fn remove_runtime_files(&self) {
-        for path in [self.pidfile(), self.qmp_socket(), self.serial_socket()] {
+        for path in [self.pidfile(), self.qmp_socket(), self.serial_socket(), self.qga_socket()] {
             let _ = fs::remove_file(path);
         }
     }

@@ -180,7 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn warm_start_plugs_disks_and_nics_exactly_as_rendered() {
-        let spec = spec(concat!(
+        let mut spec = spec(concat!(
             "name: web1\nkernel:\n  kernel: /boot/vmlinuz\n",
             "disks:\n  - path: /var/lib/a.qcow2\n    format: qcow2\n  - path: /var/lib/b.raw\n    read_only: true\n",
             "nics:\n  - kind: user\n    mac: \"52:54:00:12:34:56\"\n",

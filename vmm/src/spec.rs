@@ -92,8 +92,43 @@ impl VmSpec {
         Some(SeedConfig {
             meta_data: MetaData { instance_id: self.uuid().to_string(), local_hostname: hostname },
             user_data: cloud_init.user_data.clone(),
-            network_config: cloud_init.network_config.clone(),
+            network_config: cloud_init.network_config.as_ref().map(|n| self.matched_network(n)),
         })
+    }
+
+    /// `net` with each ethernet bound to the MAC of its VM NIC, so that the guest applies it whatever it names the
+    /// NIC (Debian says `enp1s0`, not `eth0`): the NIC its `nic` names, or, with neither `nic` nor `mac`, the NIC
+    /// at the same position. A name that resolves to nothing is left for `validate` to report.
+    fn matched_network(&self, net: &NetworkConfig) -> NetworkConfig {
+        let mut net = net.clone();
+        for (i, ethernet) in net.ethernets.iter_mut().enumerate() {
+            if ethernet.mac.is_some() {
+                continue;
+            }
+            let index = match &ethernet.nic {
+                Some(name) => self.nic_index(name).ok(),
+                None => (i < self.nics.len()).then_some(i),
+            };
+            if let Some(mac) = index.and_then(|k| self.nics[k].mac.clone()) {
+                ethernet.mac = Some(mac);
+                ethernet.nic = None;
+            }
+        }
+        net
+    }
+
+    /// The index of the NIC `name` refers to: its id, or its position in `nics` (`"0"`).
+    pub fn nic_index(&self, name: &str) -> Result<usize, String> {
+        if let Some(index) = self.nics.iter().position(|nic| nic.id.as_deref() == Some(name)) {
+            return Ok(index);
+        }
+        match name.parse::<usize>() {
+            Ok(index) if index < self.nics.len() => Ok(index),
+            _ => Err(match self.nics.len() {
+                0 => "names a NIC, but this VM has none".to_owned(),
+                n => format!("is neither the id of a NIC of this VM nor an index below {n}"),
+            }),
+        }
     }
 }
 
@@ -206,6 +241,27 @@ pub struct NicSpec {
     /// Generated once at creation when absent, then kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// TCP ports of the host's loopback forwarded into the guest, for `user` NICs only (QEMU's `hostfwd`): how a
+    /// developer or a test reaches a guest's SSH without a node network. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_forwards: Vec<HostForward>,
+}
+
+/// One forwarded TCP port of a `user` NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostForward {
+    /// A port on the host's 127.0.0.1 (never on other addresses: the guest is not exposed beyond the host).
+    pub host_port: u16,
+    /// The port in the guest, at the address QEMU's user network gives it (10.0.2.15, by DHCP or statically).
+    pub guest_port: u16,
+}
+
+impl HostForward {
+    /// QEMU's `hostfwd` rule.
+    pub fn rule(&self) -> String {
+        format!("tcp:127.0.0.1:{}-:{}", self.host_port, self.guest_port)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +369,14 @@ impl VmSpec {
                 );
             }
         }
+        let ethernets = self.cloud_init.iter().flat_map(|c| &c.network_config).flat_map(|n| &n.ethernets);
+        for (i, ethernet) in ethernets.enumerate() {
+            if let Some(name) = &ethernet.nic {
+                if let Err(problem) = self.nic_index(name) {
+                    p.add(format!("cloud_init.network_config.ethernets[{i}].nic"), name, problem);
+                }
+            }
+        }
         if let Some(seed) = self.seed_config() {
             if let Err(invalid) = seed.validate() {
                 // The seed's own field paths, under the spec field the operator wrote.
@@ -401,6 +465,7 @@ impl VmSpec {
             p.add("nics", self.nics.len(), format!("is more than {MAX_NICS} NICs"));
         }
         let mut seen = HashSet::new();
+        let mut seen_ports = HashSet::new();
         for (i, nic) in self.nics.iter().enumerate() {
             match (nic.kind, &nic.network) {
                 (NicKind::Network, None) => p.add(format!("nics[{i}].network"), "", "is required for a network NIC"),
@@ -413,6 +478,20 @@ impl VmSpec {
                     p.add(format!("nics[{i}].network"), network, "is only for NICs of kind network");
                 }
                 (NicKind::User, None) => {}
+            }
+            for (k, forward) in nic.host_forwards.iter().enumerate() {
+                let field = |name: &str| format!("nics[{i}].host_forwards[{k}].{name}");
+                if nic.kind != NicKind::User {
+                    p.add(format!("nics[{i}].host_forwards"), forward.rule(), "is only for NICs of kind user");
+                }
+                if forward.host_port == 0 {
+                    p.add(field("host_port"), 0, "is not a port (1 to 65535)");
+                } else if !seen_ports.insert(forward.host_port) {
+                    p.add(field("host_port"), forward.host_port, "is forwarded twice in this VM");
+                }
+                if forward.guest_port == 0 {
+                    p.add(field("guest_port"), 0, "is not a port (1 to 65535)");
+                }
             }
             let Some(mac) = &nic.mac else { continue };
             match parse_mac(mac) {
@@ -646,7 +725,13 @@ mod tests {
         spec.machine = "virt".into();
         spec.disks.push(DiskSpec { path: Some("/img/missing.raw".into()), ..spec.disks[0].clone() });
         spec.disks.push(spec.disks[0].clone());
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: Some("01:00:00:00:00:01".into()) });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: Some("01:00:00:00:00:01".into()),
+            host_forwards: Vec::new(),
+        });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["name", "vcpus", "memory_mib", "machine", "disks[1].path", "disks[2].path", "nics[0].mac"]);
@@ -684,14 +769,102 @@ mod tests {
     #[test]
     fn generated_fields_are_stable_and_valid() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None });
-        spec.nics.push(NicSpec { id: None, kind: NicKind::Network, network: Some("lan".into()), mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::Network,
+            network: Some("lan".into()),
+            mac: None,
+            host_forwards: Vec::new(),
+        });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
         spec.fill_generated();
         assert_eq!((spec.uuid, spec.nics[0].mac.clone()), (uuid, mac.clone()));
         let bytes = parse_mac(&mac.unwrap()).unwrap();
         assert_eq!(bytes[0] & 0b11, 0b10, "locally administered unicast");
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn cloud_init_ethernets_match_their_nic_by_mac() {
+        let text = "name: web1\ndisks:\n  - path: /img/a.raw\nnics:\n  - mac: 52:54:00:00:00:0a\n  - mac: 52:54:00:00:00:0b\n\
+                    cloud_init:\n  network_config:\n    ethernets:\n      - id: eth0\n        addressing: {kind: dhcp}\n\
+                    \x20     - id: lan\n        nic: \"0\"\n        addressing: {kind: dhcp}\n\
+                    \x20     - id: byname\n        addressing: {kind: dhcp}\n";
+        let mut spec = VmSpec::from_text(text).unwrap();
+        spec.validate(&files()).unwrap();
+        let files_text = spec.seed_config().unwrap().render().unwrap();
+        let net: serde_json::Value = serde_json::from_str(files_text.network_config.as_deref().unwrap()).unwrap();
+        let ethernets = &net["ethernets"];
+        // By position, by index, and past the last NIC by name as written.
+        assert_eq!(ethernets["eth0"]["match"]["macaddress"], "52:54:00:00:00:0a");
+        assert_eq!(ethernets["eth0"]["set-name"], "eth0");
+        assert_eq!(ethernets["lan"]["match"]["macaddress"], "52:54:00:00:00:0a");
+        assert_eq!(ethernets["byname"].get("match"), None, "{net}");
+        // By the NIC's id.
+        spec.nics[1].id = Some("uplink".into());
+        spec.cloud_init.as_mut().unwrap().network_config.as_mut().unwrap().ethernets[2].nic = Some("uplink".into());
+        spec.validate(&files()).unwrap();
+        let files_text = spec.seed_config().unwrap().render().unwrap();
+        let net: serde_json::Value = serde_json::from_str(files_text.network_config.as_deref().unwrap()).unwrap();
+        assert_eq!(net["ethernets"]["byname"]["match"]["macaddress"], "52:54:00:00:00:0b");
+
+        let ethernets = &mut spec.cloud_init.as_mut().unwrap().network_config.as_mut().unwrap().ethernets;
+        ethernets[0].nic = Some("2".into());
+        ethernets[1].nic = Some("first".into());
+        ethernets[2].nic = Some("1".into());
+        ethernets[2].mac = Some("52:54:00:00:00:0b".into());
+        let errors = spec.validate(&files()).unwrap_err();
+        let text = errors.to_string();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "cloud_init.network_config.ethernets[0].nic",
+                "cloud_init.network_config.ethernets[1].nic",
+                "cloud_init.network_config.ethernets[2].nic"
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("ethernets[0].nic: \"2\" is neither the id of a NIC of this VM nor an index below 2"),
+            "{text}"
+        );
+        assert!(text.contains("ethernets[2].nic: \"1\" is given with mac"), "{text}");
+    }
+
+    #[test]
+    fn host_forwards_are_for_user_nics_with_distinct_ports() {
+        let mut spec = minimal();
+        let forward = |host_port, guest_port| HostForward { host_port, guest_port };
+        let nic = |kind, network: Option<&str>, host_forwards| NicSpec {
+            id: None,
+            kind,
+            network: network.map(Into::into),
+            mac: None,
+            host_forwards,
+        };
+        spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 22), forward(0, 0)]));
+        spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 80)]));
+        spec.nics.push(nic(NicKind::Network, Some("lan"), vec![forward(8080, 80)]));
+        let errors = spec.validate(&files()).unwrap_err();
+        let text = errors.to_string();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "nics[0].host_forwards[1].host_port",
+                "nics[0].host_forwards[1].guest_port",
+                "nics[1].host_forwards[0].host_port",
+                "nics[2].host_forwards"
+            ],
+            "{text}"
+        );
+        assert!(text.contains("nics[1].host_forwards[0].host_port: \"2222\" is forwarded twice"), "{text}");
+        assert!(text.contains("\"tcp:127.0.0.1:8080-:80\" is only for NICs of kind user"), "{text}");
+        spec.nics.truncate(1);
+        spec.nics[0].host_forwards.truncate(1);
         spec.validate(&files()).unwrap();
     }
 
@@ -713,9 +886,27 @@ mod tests {
     #[test]
     fn network_nics_name_a_valid_network() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { id: None, kind: NicKind::Network, network: None, mac: None });
-        spec.nics.push(NicSpec { id: None, kind: NicKind::Network, network: Some("bad net".into()), mac: None });
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: Some("lan".into()), mac: None });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::Network,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+        });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::Network,
+            network: Some("bad net".into()),
+            mac: None,
+            host_forwards: Vec::new(),
+        });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: Some("lan".into()),
+            mac: None,
+            host_forwards: Vec::new(),
+        });
         let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["nics[0].network", "nics[1].network", "nics[2].network"]);
     }
@@ -725,8 +916,20 @@ mod tests {
         let mut spec = minimal();
         spec.disks[0].id = Some("lan".into());
         spec.disks.push(DiskSpec { id: Some("-x".into()), path: Some("/img/b.qcow2".into()), ..spec.disks[0].clone() });
-        spec.nics.push(NicSpec { id: Some("lan".into()), kind: NicKind::User, network: None, mac: None });
-        spec.nics.push(NicSpec { id: Some("a b".into()), kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec {
+            id: Some("lan".into()),
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+        });
+        spec.nics.push(NicSpec {
+            id: Some("a b".into()),
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+        });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["disks[1].id", "nics[0].id", "nics[1].id"]);
@@ -738,7 +941,7 @@ mod tests {
         let mut spec = minimal();
         spec.disks.push(DiskSpec { id: Some("disk0".into()), ..spec.disks[0].clone() });
         spec.disks[0].path = Some("/img/b.qcow2".into());
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None });
+        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
         spec.fill_generated();
         let ids: Vec<_> = spec.disks.iter().map(|d| d.id.clone().unwrap()).collect();
         assert_eq!(ids, ["disk1", "disk0"]);

@@ -101,6 +101,7 @@ pub fn launch_key(spec: &VmSpec, tree: &DeviceTree, accel: Accel) -> Vec<OsStrin
     let layout = LaunchLayout {
         qmp_fd: 3,
         serial_fd: spec.serial.then_some(4),
+        qga_fd: 5,
         pidfile: PathBuf::new(),
         // A VM with a seed gets a CD-ROM at launch, which a warm QEMU does not have.
         seed: spec.cloud_init.is_some().then(|| PathBuf::from("seed")),
