@@ -54,10 +54,13 @@ async fn a_vm_from_the_previous_version_loads_upgrades_and_boots_the_same_machin
 
     let vm = start(&mut client, "legacy").await;
     let devices = devices_of(pid(&vm));
-    // What the previous version put on the command line, argument for argument.
+    // What the previous version put on the command line, argument for argument, plus the guest agent's channel,
+    // which every VM has now: on the root bus, it takes no root port and moves no device.
     let legacy: Vec<String> = (1..=8)
         .map(|port| format!("pcie-root-port,id=rp{port},bus=pcie.0,chassis={port}"))
         .chain(["isa-serial,id=serial0,chardev=serial0".to_owned()])
+        .chain(["virtio-serial-pci,id=vser0,bus=pcie.0".to_owned()])
+        .chain(["virtserialport,id=qga0,bus=vser0.0,chardev=qga,name=org.qemu.guest_agent.0".to_owned()])
         .chain(["virtio-blk-pci,id=virtio-disk0,bus=rp1,drive=disk0,write-cache=on".to_owned()])
         .chain(["virtio-net-pci,id=nic0,bus=rp2,netdev=net0,mac=52:54:00:11:22:33".to_owned()])
         .collect();
