@@ -322,12 +322,35 @@ async fn dropping_an_import_stream_cancels_the_import_and_leaves_nothing() {
         source_path: small_source.display().to_string(),
         ..Default::default()
     };
-    let mut stream = client.import_image(again).await.unwrap().into_inner();
-    let image = loop {
-        match stream.message().await.expect("import").and_then(|op| op.event) {
-            Some(pb::image_operation::Event::Image(image)) => break image,
-            Some(_) => continue,
-            None => panic!("the import ended without an image"),
+    // The cancelled import holds the name until its task has finished (just after its file is gone): a new import
+    // of the name is refused as busy until then, and no longer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let busy =
+        |status: &tonic::Status| status.code() == tonic::Code::FailedPrecondition && status.message().contains("busy");
+    let image = 'retry: loop {
+        let mut stream = match client.import_image(again.clone()).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if busy(&status) => {
+                assert!(std::time::Instant::now() < deadline, "the name stays busy: {status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue 'retry;
+            }
+            Err(status) => panic!("import: {status:?}"),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(pb::ImageOperation { event: Some(pb::image_operation::Event::Image(image)), .. })) => {
+                    break 'retry image
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the import ended without an image"),
+                Err(status) if busy(&status) => {
+                    assert!(std::time::Instant::now() < deadline, "the name stays busy: {status:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'retry;
+                }
+                Err(status) => panic!("import: {status:?}"),
+            }
         }
     };
     assert_eq!(image.file_size_bytes, 1 << 20);
