@@ -167,6 +167,7 @@ build_system() {
     mkdir -p "$root"/etc/network/if-{pre-up,up,down,post-down}.d
     sed -e 's|^data_dir: .*|data_dir: /data/quantix|' \
         -e 's|^  # tcp: 0.0.0.0:7443|  tcp: 0.0.0.0:9443|' \
+        -e 's|^  # certificates_dir: .*|  certificates_dir: /data/quantix/certificates|' \
         -e 's|^  network_config: .*|  network_config: /quantix/network.yaml|' \
         -e 's|^  interfaces_file: .*|  interfaces_file: /quantix/interfaces|' \
         -e 's|^  shell_command: .*|  shell_command: [/bin/sh, -l]|' \

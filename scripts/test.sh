@@ -7,6 +7,7 @@ scripts/install-deps.sh
 net/tests/install-ovs.sh >&2
 net/tests/install-ovn.sh >&2
 storage/tests/install-tools.sh >&2
+agent/tests/install-python-grpc.sh >/dev/null
 # The OVS tests skip without Open vSwitch on developer machines; here they must run.
 export QX_REQUIRE_OVS=1
 # Build the test guest once up front (cached), so parallel tests find it ready.

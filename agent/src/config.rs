@@ -37,6 +37,33 @@ pub struct NodeConfig {
     /// `copy_file_range` and io_uring on its filesystem at its first copy; `copy_file_range` or `uring` fix it),
     /// `reflink`, threads and io_uring settings. See `qx_storage::EngineConfig`.
     pub storage: qx_storage::EngineConfig,
+    pub tls: TlsConfig,
+    /// The file this config was read from, if any: `certificates/` lives next to it.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
+}
+
+/// The TCP listener's TLS (always on: see `crate::certs`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The node-local CA, the node's key and certificate and the cluster CA. Default: `certificates/` next to the
+    /// config file, or `<data_dir>/certificates` when qx-node runs without one.
+    pub certificates_dir: Option<PathBuf>,
+    /// More DNS names or IP addresses for the node certificate, besides the node name, the host name,
+    /// `localhost` and the loopback addresses (read when the certificate is first made). Default: none.
+    pub subject_alt_names: Vec<String>,
+    /// Roles by client certificate common name, overriding the role a certificate carries. Default: none.
+    pub clients: Vec<ClientRole>,
+}
+
+/// One entry of `tls.clients`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRole {
+    /// The certificate subject's common name.
+    pub name: String,
+    pub role: crate::certs::Role,
 }
 
 /// How qx-node changes the host it runs on, for qx-console's host actions: the management network, SSH, power,
@@ -157,6 +184,8 @@ impl Default for NodeConfig {
             update: UpdateConfig::default(),
             warm_pool: Vec::new(),
             storage: qx_storage::EngineConfig::default(),
+            tls: TlsConfig::default(),
+            config_file: None,
         }
     }
 }
@@ -184,7 +213,21 @@ impl NodeConfig {
             None => return Ok(Self::default()),
         };
         let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-        Self::from_yaml(&text).map_err(|message| ConfigError::Parse { path, message })
+        let mut config =
+            Self::from_yaml(&text).map_err(|message| ConfigError::Parse { path: path.clone(), message })?;
+        config.config_file = Some(std::path::absolute(&path).unwrap_or(path));
+        Ok(config)
+    }
+
+    /// Where the certificates live (see [`TlsConfig::certificates_dir`]).
+    pub fn certificates_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.tls.certificates_dir {
+            return dir.clone();
+        }
+        match self.config_file.as_ref().and_then(|f| f.parent()) {
+            Some(dir) => dir.join(crate::certs::DIR_NAME),
+            None => self.data_dir.join(crate::certs::DIR_NAME),
+        }
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, String> {
@@ -210,8 +253,11 @@ impl NodeConfig {
             ("host.network_config", &self.host.network_config),
             ("update.grubenv", &self.update.grubenv),
         ];
-        let optional =
-            [("host.interfaces_file", &self.host.interfaces_file), ("update.public_key", &self.update.public_key)];
+        let optional = [
+            ("host.interfaces_file", &self.host.interfaces_file),
+            ("update.public_key", &self.update.public_key),
+            ("tls.certificates_dir", &self.tls.certificates_dir),
+        ];
         for (field, path) in paths.into_iter().chain(optional.into_iter().filter_map(|(f, p)| Some((f, p.as_ref()?)))) {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
@@ -251,6 +297,15 @@ impl NodeConfig {
                 self.update.health_timeout_seconds.to_string(),
                 "is outside 10..=86400",
             );
+        }
+        for (i, client) in self.tls.clients.iter().enumerate() {
+            if client.name.is_empty() || client.name.len() > 64 {
+                problem(
+                    &format!("tls.clients[{i}].name"),
+                    client.name.chars().take(64).collect(),
+                    "must be 1-64 bytes",
+                );
+            }
         }
         for (i, shape) in self.warm_pool.iter().enumerate() {
             if let Err(ValidationErrors(shape_errors)) = shape.validate(&format!("warm_pool[{i}]")) {

@@ -9,6 +9,7 @@ use qx_vmm::ValidationErrors;
 use tonic::{Code, Request, Response, Status};
 use tracing::{info_span, Instrument};
 
+use crate::certs::{CertError, Role};
 use crate::grpc::error_chain;
 use crate::host::{
     AddressMode, ClusterState, ClusterStatus, Diagnostics, HostError, HostStatus, ManagementNetwork, PowerAction,
@@ -42,7 +43,9 @@ pub fn host_status(error: HostError) -> Status {
         HostError::ClusterRegister { code: Code::Unavailable | Code::DeadlineExceeded, .. } => {
             Status::unavailable(message)
         }
-        HostError::ClusterRegister { .. } => Status::failed_precondition(message),
+        HostError::ClusterRegister { .. } | HostError::ClusterCertificates { .. } => {
+            Status::failed_precondition(message)
+        }
         HostError::ClusterTokenRefused { .. } => Status::permission_denied(message),
         HostError::NetworkRead { .. } | HostError::Persist { .. } => Status::internal(message),
     }
@@ -126,6 +129,38 @@ impl HostService for HostApi {
     async fn open_shell(&self, _: Request<pb::OpenShellRequest>) -> Result<Response<pb::OpenShellResponse>, Status> {
         let command = info_span!("OpenShell").in_scope(|| self.node.host().open_shell());
         Ok(Response::new(pb::OpenShellResponse { command }))
+    }
+
+    async fn issue_client_certificate(
+        &self,
+        request: Request<pb::IssueClientCertificateRequest>,
+    ) -> Result<Response<pb::IssuedCertificate>, Status> {
+        let request = request.into_inner();
+        let span = info_span!("IssueClientCertificate", name = %request.name.escape_debug().to_string().chars().take(64).collect::<String>());
+        let role = match request.role.as_str() {
+            "" => Role::Admin,
+            other => Role::parse(other).ok_or_else(|| {
+                let shown: String = other.chars().take(32).collect();
+                Status::invalid_argument(format!("role: {shown:?} is not one of admin, read-only"))
+            })?,
+        };
+        let days = if request.days == 0 { 365 } else { request.days };
+        let issued = self.node.issue_client_certificate(request.name, role, days, request.csr_pem).instrument(span);
+        let (issued, node_names) = issued.await.map_err(cert_status)?;
+        Ok(Response::new(pb::IssuedCertificate {
+            certificate_pem: issued.certificate_pem,
+            ca_pem: issued.ca_pem,
+            node_names,
+        }))
+    }
+}
+
+/// Certificate errors to gRPC status codes: a bad request is the caller's, anything else the node's files.
+pub fn cert_status(error: CertError) -> Status {
+    let message = error_chain(&error);
+    match error {
+        CertError::Invalid { .. } => Status::invalid_argument(message),
+        _ => Status::failed_precondition(message),
     }
 }
 

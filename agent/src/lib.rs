@@ -14,6 +14,9 @@
 //! # Ok(()) }
 //! ```
 
+mod authority;
+pub mod authz;
+pub mod certs;
 pub mod client;
 pub mod config;
 mod convert;

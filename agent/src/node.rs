@@ -8,6 +8,7 @@ use qx_vmm::spec::AccelChoice;
 use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmManager, VmState};
 use tracing::{info, warn};
 
+use crate::certs::CertPaths;
 use crate::config::NodeConfig;
 use crate::host::Host;
 use crate::network::{NetworkError, NetworkSpec, Networks, NicStatus};
@@ -17,6 +18,15 @@ use crate::volumes::{users_of, Pools, VolumeError};
 pub enum NodeError {
     #[error("QEMU binary {binary} does not run: {detail}")]
     QemuMissing { binary: String, detail: String },
+    #[error(
+        "listen.tcp serves TLS only and cannot create its certificates in {dir}: set tls.certificates_dir to a \
+         writable directory, or remove listen.tcp"
+    )]
+    Certificates {
+        dir: String,
+        #[source]
+        source: crate::certs::CertError,
+    },
     #[error("cannot open the data directory {path}")]
     DataDir {
         path: String,
@@ -56,12 +66,14 @@ pub struct Node {
     pools: Arc<Pools>,
     vms: VmManager,
     host: Host,
+    certs: CertPaths,
 }
 
 impl Node {
     /// Checks QEMU, picks the accelerator, loads the VMs and reattaches to the ones still running.
     pub async fn open(config: NodeConfig) -> Result<Self, NodeError> {
         let qemu_version = qemu_version(&config.qemu_binary).await?;
+        let certs = ensure_certificates(&config).await?;
         let host = HostRoot::new(&config.host_root);
         let accel = choose_accel(config.accelerator, accel::detect(&host));
         info!(accelerator = %accel.accel, reason = %accel.reason, qemu = %qemu_version, "host checked");
@@ -87,7 +99,30 @@ impl Node {
         .await
         .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
         let host = Host::open(&config, vms.clone()).await;
-        Ok(Self { config, qemu_version, networks, pools, vms, host })
+        Ok(Self { config, qemu_version, networks, pools, vms, host, certs })
+    }
+
+    /// The node's certificates (node-local CA, node key and certificate, cluster CA).
+    pub fn certs(&self) -> &CertPaths {
+        &self.certs
+    }
+
+    /// Signs an operator certificate for the key of `csr_pem` with the node-local CA; also returns the node
+    /// certificate's names, which the operator's client verifies.
+    pub async fn issue_client_certificate(
+        &self,
+        name: String,
+        role: crate::certs::Role,
+        days: u32,
+        csr_pem: String,
+    ) -> Result<(crate::certs::Issued, Vec<String>), crate::certs::CertError> {
+        let certs = self.certs.clone();
+        tokio::task::spawn_blocking(move || {
+            let issued = certs.issue_client(&csr_pem, &name, role, days)?;
+            Ok((issued, certs.node_names()?))
+        })
+        .await
+        .expect("signing does not panic")
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -252,4 +287,24 @@ fn host_resources() -> (String, u32, u64, u64) {
 /// `volume` as listing shows it, with the bytes it holds on the host (pools fill that in when they read a volume).
 async fn with_allocation(pool: &dyn qx_storage::Pool, volume: Volume) -> Volume {
     pool.volume(&volume.name).await.unwrap_or(volume)
+}
+
+/// Creates the node-local CA and the node certificate at first start. Without them only the TCP listener cannot
+/// work, so a failure stops the daemon only when that listener is configured.
+async fn ensure_certificates(config: &NodeConfig) -> Result<CertPaths, NodeError> {
+    let certs = CertPaths::new(config.certificates_dir());
+    let (paths, node_name, names) = (certs.clone(), config.node_name.clone(), config.tls.subject_alt_names.clone());
+    let made = tokio::task::spawn_blocking(move || paths.ensure(&node_name, &names))
+        .await
+        .expect("making certificates does not panic");
+    match made {
+        Ok(()) => Ok(certs),
+        Err(source) if config.listen.tcp.is_some() => {
+            Err(NodeError::Certificates { dir: certs.dir().display().to_string(), source })
+        }
+        Err(error) => {
+            warn!(error = %crate::grpc::error_chain(&error), "no certificates; a TCP listener could not serve");
+            Ok(certs)
+        }
+    }
 }

@@ -1,5 +1,9 @@
 //! Serving the API: `NodeService` on the unix socket (always, mode 0600) and a TCP listener (when configured),
-//! `HostService` on the unix socket only, `UpdateService` on both, and the standard gRPC health service.
+//! `HostService` on the unix socket only, `UpdateService` on both, and the standard gRPC health and server
+//! reflection services on both. Unix connections are read through [`AuthorityFix`], so standard gRPC clients
+//! (grpcio, grpc-java) work on the socket without overriding `:authority`. The TCP listener serves TLS 1.3 with
+//! client certificates only ([`crate::certs`]) and checks each call against the certificate's role
+//! ([`crate::authz`]).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -10,9 +14,14 @@ use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
-use tracing::info;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::StreamExt;
+use tonic::server::NamedService;
+use tracing::{debug, info};
 
+use crate::authority::AuthorityFix;
+use crate::authz::AuthorizeLayer;
+use crate::certs::TlsState;
 use crate::grpc::NodeApi;
 use crate::grpc_host::HostApi;
 use crate::grpc_update::UpdateApi;
@@ -32,6 +41,98 @@ pub enum ServeError {
     },
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error(
+        "listen.tcp serves TLS 1.3 with client certificates only, from {dir}; fix the files named below, or set \
+         tls.certificates_dir, or remove listen.tcp"
+    )]
+    Tls {
+        dir: PathBuf,
+        #[source]
+        source: crate::certs::CertError,
+    },
+}
+
+/// How long a TCP client has for its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often the certificate files are checked for a rotation (SIGHUP checks at once).
+const TLS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The reflection service for a listener that serves `services` (besides health and reflection itself).
+fn reflection(
+    services: &[&str],
+) -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    ServeError,
+> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(qx_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+        .with_service_name("grpc.reflection.v1.ServerReflection");
+    for service in services {
+        builder = builder.with_service_name(*service);
+    }
+    Ok(builder.build_v1()?)
+}
+
+/// Accepts TCP connections and completes their TLS handshakes off the accept loop, with the TLS configuration
+/// in force at each accept; a failed handshake drops that connection only.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    tls: Arc<TlsState>,
+) -> (ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>, AbortOnDrop) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let accept = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    debug!(%error, "TCP accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => debug!(%peer, %error, "TLS handshake refused"),
+                    Err(_) => debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx), AbortOnDrop(accept))
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reloads the TLS configuration on SIGHUP at once and when its files change.
+fn reload_tls(tls: Arc<TlsState>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let force = tokio::select! {
+                Some(()) = async { hup.as_mut()?.recv().await } => true,
+                () = tokio::time::sleep(TLS_RELOAD_INTERVAL) => false,
+            };
+            let tls = Arc::clone(&tls);
+            let _ = tokio::task::spawn_blocking(move || tls.reload_if_changed(force)).await;
+        }
+    }))
 }
 
 /// Held for the daemon's life: a second qx-node on the same data directory would fight over the same VMs.
@@ -84,10 +185,25 @@ pub async fn serve(
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
     // UpdateService on both: a control plane pushes system updates.
     let updates = UpdateServiceServer::new(UpdateApi::new(Arc::clone(&node)));
-    let tcp_router =
-        tonic::transport::Server::builder().add_service(health_service).add_service(api).add_service(updates);
-    let router = tcp_router.clone().add_service(host_api);
+    let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
+    let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
+    let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
+    // Over TCP every call passes the role check of the client certificate (crate::authz).
+    let tcp_router = tonic::transport::Server::builder()
+        .layer(AuthorizeLayer::new(&node.config().tls.clients))
+        .add_service(health_service.clone())
+        .add_service(api.clone())
+        .add_service(updates.clone())
+        .add_service(reflection(&[node_name, update_name])?);
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(api)
+        .add_service(updates)
+        .add_service(host_api)
+        .add_service(reflection(&[node_name, update_name, host_name])?);
 
+    // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).
+    let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let stopped = |rx: tokio::sync::broadcast::Receiver<()>| async move {
         let mut rx = rx;
@@ -95,13 +211,24 @@ pub async fn serve(
     };
     let tcp = match node.config().listen.tcp {
         Some(addr) => {
+            let certs = node.certs().clone();
+            let dir = certs.dir().to_owned();
+            let tls = tokio::task::spawn_blocking(move || TlsState::load(certs))
+                .await
+                .expect("loading certificates does not panic")
+                .map_err(|source| ServeError::Tls { dir, source })?;
+            let tls = Arc::new(tls);
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| ServeError::Listen { what: addr.to_string(), source })?;
-            info!(%addr, "listening on TCP");
+            info!(%addr, certificates = %node.certs().dir().display(), "listening on TCP (TLS 1.3, client certificates)");
             let stop = stopped(stop_tx.subscribe());
+            let (incoming, accept) = tls_incoming(listener, Arc::clone(&tls));
+            let reload = reload_tls(tls);
             Some(tokio::spawn(async move {
-                tcp_router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop).await
+                let served = tcp_router.serve_with_incoming_shutdown(incoming, stop).await;
+                drop((accept, reload));
+                served
             }))
         }
         None => None,
@@ -112,7 +239,8 @@ pub async fn serve(
         let _ = stop_tx.send(());
     });
     info!(socket = %node.config().listen.unix.display(), "serving");
-    router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), stop).await?;
+    let incoming = UnixListenerStream::new(unix).map(|stream| stream.map(AuthorityFix::new));
+    router.serve_with_incoming_shutdown(incoming, stop).await?;
     if let Some(tcp) = tcp {
         if let Ok(result) = tcp.await {
             result?;

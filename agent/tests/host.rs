@@ -189,6 +189,7 @@ impl ControlPlane for Stub {
             node_id: "node-1".into(),
             cluster_name: "lab".into(),
             heartbeat_interval_seconds: 1,
+            ..Default::default()
         }))
     }
 

@@ -165,8 +165,16 @@ impl Host {
         assert!(std::fs::metadata(to).unwrap().len() > 0, "screendump wrote nothing");
     }
 
+    /// The API over mutual TLS, with the admin certificate `seed_test_guest` made from the seeded CA.
     async fn channel(&self) -> Option<Channel> {
-        Endpoint::from_shared(format!("http://127.0.0.1:{}", self.port))
+        let read = |name: &str| std::fs::read(self.dir.path().join("client").join(name)).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+            .identity(tonic::transport::Identity::from_pem(read("cert.pem"), read("key.pem")))
+            .domain_name("localhost");
+        Endpoint::from_shared(format!("https://127.0.0.1:{}", self.port))
+            .unwrap()
+            .tls_config(tls)
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(600))
@@ -216,11 +224,22 @@ fn output(command: &mut Command) -> String {
 
 /// Puts the test guest's kernel and initrd into the data partition of `disk` (which the host mounts at /data), the
 /// way an operator copies an ISO to a datastore: a new ext4 of the same size and label, written over partition 5.
+/// Also seeds the node's certificates there (the image's `tls.certificates_dir`), from a CA the test holds, and
+/// signs an admin client certificate for the test under `work/client`.
 fn seed_test_guest(disk: &Path, work: &Path) {
     let guest = test_guest();
     let stage = work.join("data-stage");
     let dir = stage.join(GUEST_DIR.trim_start_matches("/data/"));
     std::fs::create_dir_all(&dir).unwrap();
+    let certs = qx_agent::certs::CertPaths::new(stage.join("quantix/certificates"));
+    certs.ensure("localhost", &[]).unwrap();
+    let (key, csr) = qx_agent::certs::new_key_and_csr("host-image-test").unwrap();
+    let issued = certs.issue_client(&csr, "host-image-test", qx_agent::certs::Role::Admin, 2).unwrap();
+    let client = work.join("client");
+    std::fs::create_dir_all(&client).unwrap();
+    std::fs::write(client.join("key.pem"), key).unwrap();
+    std::fs::write(client.join("cert.pem"), issued.certificate_pem).unwrap();
+    std::fs::write(client.join("ca.pem"), issued.ca_pem).unwrap();
     std::fs::copy(&guest.kernel, dir.join("vmlinux")).unwrap();
     std::fs::copy(&guest.initrd, dir.join("initrd.img")).unwrap();
     let info = output(Command::new("sgdisk").arg("-i").arg("5").arg(disk));

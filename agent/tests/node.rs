@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 mod common;
+mod tls_common;
 
 use common::*;
 use qx_agent::client::connect;
@@ -415,22 +416,12 @@ async fn node_info_and_qxctl_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_tcp_listener_serves_the_same_api() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let config = format!("listen:\n  tcp: 127.0.0.1:{port}\n");
-    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(&config));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}")).unwrap();
-    let channel = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(channel) = channel.connect().await {
-                return channel;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("qx-node answers on its TCP listener");
+    // TLS with a client certificate: tests/tls.rs covers what the listener refuses.
+    let node = tls_common::TlsNode::start("");
+    let files = node.issue("operator", "admin").await;
+    let channel = node.channel(&files).await.expect("qx-node answers on its TCP listener");
     let mut client = qx_proto::node::v1::node_service_client::NodeServiceClient::new(channel);
     create(&mut client, "over-tcp").await;
-    let mut unix = common::client(&daemon).await;
+    let mut unix = common::client(&node.daemon).await;
     assert_eq!(get(&mut unix, "over-tcp").await.spec.unwrap().name, "over-tcp", "one node behind both listeners");
 }

@@ -10,6 +10,9 @@
 //! # Ok(()) }
 //! ```
 
+/// Every message and service of the files above, encoded as a `FileDescriptorSet`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quantix_descriptor.bin"));
+
 /// `quantix.node.v1`.
 pub mod node {
     /// Version 1 of the node API.

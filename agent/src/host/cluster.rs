@@ -18,6 +18,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::hardware::{Sampler, Telemetry};
 use super::{now_unix, persist_json, remove_durably, HostError};
+use crate::certs::CertPaths;
 
 /// How long joining waits for a TCP (and TLS) connection to the control plane.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,6 +79,8 @@ pub struct Registration {
 pub struct Cluster {
     file: PathBuf,
     vms: VmManager,
+    /// The node's certificates: a CSR goes with the registration, the cluster CA comes back.
+    certs: CertPaths,
     /// Serializes join and leave.
     ops: tokio::sync::Mutex<()>,
     shared: Arc<Shared>,
@@ -99,8 +102,8 @@ struct Tracked {
 impl Cluster {
     /// Starts standalone, or with a `saved` membership (see [`load`]) resuming its heartbeats. Must be called
     /// inside a tokio runtime.
-    pub fn open(file: PathBuf, saved: Option<Membership>, vms: VmManager) -> Self {
-        let cluster = Self { file, vms, ops: tokio::sync::Mutex::new(()), shared: Arc::default() };
+    pub fn open(file: PathBuf, saved: Option<Membership>, vms: VmManager, certs: CertPaths) -> Self {
+        let cluster = Self { file, vms, certs, ops: tokio::sync::Mutex::new(()), shared: Arc::default() };
         if let Some(membership) = saved {
             match endpoint(&membership.control_plane_url) {
                 Ok(endpoint) => {
@@ -131,7 +134,13 @@ impl Cluster {
             .connect()
             .await
             .map_err(|source| HostError::ClusterConnect { url: url.to_owned(), source })?;
+        // Without a node key (certificates could not be made) the node joins without a CSR.
+        let csr_pem = {
+            let (certs, name) = (self.certs.clone(), registration.node_name.clone());
+            tokio::task::spawn_blocking(move || certs.node_csr(&name)).await.ok().and_then(Result::ok)
+        };
         let request = cp::RegisterNodeRequest {
+            csr_pem: csr_pem.unwrap_or_default(),
             join_token: token.to_owned(),
             node_name: registration.node_name,
             hostname: registration.hostname,
@@ -153,6 +162,15 @@ impl Cluster {
             0 => DEFAULT_INTERVAL_SECONDS,
             n => n.min(3600),
         };
+        if !reply.cluster_ca_pem.is_empty() {
+            let certs = self.certs.clone();
+            let (ca, cert) = (reply.cluster_ca_pem.clone(), reply.node_certificate_pem.clone());
+            tokio::task::spawn_blocking(move || certs.install_cluster(&ca, &cert))
+                .await
+                .expect("installing certificates does not panic")
+                .map_err(|source| HostError::ClusterCertificates { url: url.to_owned(), source })?;
+            info!(signed = !reply.node_certificate_pem.is_empty(), "installed the cluster CA");
+        }
         let membership = Membership {
             control_plane_url: url.to_owned(),
             node_id: reply.node_id,

@@ -86,6 +86,12 @@ pub enum HostError {
     ClusterTokenRefused { url: String, message: String },
     #[error("the control plane at {url} failed RegisterNode ({code:?}): {message}")]
     ClusterRegister { url: String, code: tonic::Code, message: String },
+    #[error("cluster certificates from {url}")]
+    ClusterCertificates {
+        url: String,
+        #[source]
+        source: crate::certs::CertError,
+    },
 }
 
 fn vms_text(n: usize) -> String {
@@ -157,7 +163,12 @@ impl Host {
             sys_class_net: config.host_root.join("sys/class/net"),
             network_change: tokio::sync::Mutex::new(()),
             ssh: Ssh::open(ssh_file, ssh_saved, host.ssh_enable_command.clone(), host.ssh_disable_command.clone()),
-            cluster: Cluster::open(cluster_file, cluster_saved, vms.clone()),
+            cluster: Cluster::open(
+                cluster_file,
+                cluster_saved,
+                vms.clone(),
+                crate::certs::CertPaths::new(config.certificates_dir()),
+            ),
             vms,
             restart: watch::Sender::new(false),
             logs: logring::global(),

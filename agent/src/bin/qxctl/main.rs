@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use qx_agent::client::{connect, DEFAULT_SOCKET};
 use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::node_service_client::NodeServiceClient;
 use serde_json::{json, Value};
@@ -17,6 +16,7 @@ use tonic::transport::Channel;
 use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
 mod progress;
+mod remote;
 mod storage;
 mod system;
 
@@ -26,9 +26,8 @@ const DETACH_KEY: u8 = 0x1d;
 #[derive(Debug, Parser)]
 #[command(version, about = "Manage the VMs of a Quantix node")]
 struct Cli {
-    /// The node's API socket.
-    #[arg(long, global = true, env = "QX_SOCKET", default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    #[command(flatten)]
+    target: remote::Target,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -106,6 +105,11 @@ enum NetworkCommand {
 enum NodeCommand {
     /// Host CPU, memory, QEMU and accelerator.
     Info,
+    /// Operator certificates for the TCP listener (mutual TLS).
+    Cert {
+        #[command(subcommand)]
+        command: remote::CertCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,11 +228,14 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut node = connect(&cli.socket)
-        .await
-        .with_context(|| format!("cannot reach qx-node at {} (is it running?)", cli.socket.display()))?;
     let json = cli.json;
+    if let Command::Node { command: NodeCommand::Cert { command } } = cli.command {
+        return remote::cert(&cli.target, command, json).await;
+    }
+    let channel = cli.target.channel().await?;
+    let mut node = NodeServiceClient::new(channel.clone());
     match cli.command {
+        Command::Node { command: NodeCommand::Cert { .. } } => unreachable!("handled above"),
         Command::Node { command: NodeCommand::Info } => {
             let info = node.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
             print_node(&info, json);
@@ -239,9 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
-        Command::System { command } => {
-            system::run(qx_agent::client::channel(&cli.socket).await?, command, json).await?
-        }
+        Command::System { command } => system::run(channel, command, json).await?,
     }
     Ok(())
 }
