@@ -185,7 +185,6 @@ mod tests {
             "disks:\n  - path: /var/lib/a.qcow2\n    format: qcow2\n  - path: /var/lib/b.raw\n    read_only: true\n",
             "nics:\n  - kind: user\n    mac: \"52:54:00:12:34:56\"\n",
         ));
-        let mut spec = spec;
         spec.fill_device_ids();
         let tree = DeviceTree::new(&spec).unwrap();
         let hw = Hardware::from_spec(&spec, &tree, None);
