@@ -39,6 +39,27 @@ impl Problems {
     }
 }
 
+/// One disk of a hotplug request; field errors are named `disk.<field>`.
+pub fn disk_from_pb(disk: pb::Disk) -> Result<DiskSpec, ValidationErrors> {
+    let spec = pb::VmSpec { disks: vec![disk], ..Default::default() };
+    let mut spec = spec_from_pb(spec).map_err(|e| rename(e, "disks[0]", "disk"))?;
+    Ok(spec.disks.remove(0))
+}
+
+/// One NIC of a hotplug request; field errors are named `nic.<field>`.
+pub fn nic_from_pb(nic: pb::Nic) -> Result<NicSpec, ValidationErrors> {
+    let spec = pb::VmSpec { nics: vec![nic], ..Default::default() };
+    let mut spec = spec_from_pb(spec).map_err(|e| rename(e, "nics[0]", "nic"))?;
+    Ok(spec.nics.remove(0))
+}
+
+fn rename(ValidationErrors(mut errors): ValidationErrors, from: &str, to: &str) -> ValidationErrors {
+    for error in &mut errors {
+        error.field = error.field.replacen(from, to, 1);
+    }
+    ValidationErrors(errors)
+}
+
 /// A spec given either as a message or as YAML/JSON text.
 pub fn spec_from_request(spec: Option<pb::VmSpec>, text: &str) -> Result<VmSpec, ValidationErrors> {
     if !text.is_empty() {
@@ -143,7 +164,10 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         uuid,
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
+        max_vcpus: spec.max_vcpus,
+        max_memory_mib: spec.max_memory_mib,
         machine,
+        cpu: (!spec.cpu.is_empty()).then_some(spec.cpu),
         accelerator,
         firmware,
         kernel: spec.kernel_boot.map(|k| KernelBoot {
@@ -167,6 +191,9 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,
         machine: spec.machine.clone(),
+        cpu: spec.cpu.clone().unwrap_or_default(),
+        max_vcpus: spec.max_vcpus,
+        max_memory_mib: spec.max_memory_mib,
         accelerator: spec.accelerator.to_string(),
         firmware: spec.firmware.to_string(),
         kernel_boot: spec.kernel.as_ref().map(|k| pb::KernelBoot {

@@ -16,8 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
 
 use crate::convert::{
-    create_volume_from_pb, event_to_pb, image_to_pb, import_image_from_pb, network_from_pb, network_to_pb,
-    nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request, vm_to_pb, volume_to_pb,
+    create_volume_from_pb, disk_from_pb, event_to_pb, image_to_pb, import_image_from_pb, network_from_pb,
+    network_to_pb, nic_from_pb, nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request, vm_to_pb,
+    volume_to_pb,
 };
 use crate::network::NetworkError;
 use crate::node::Node;
@@ -47,6 +48,10 @@ pub fn status(error: VmError) -> Status {
         VmError::WrongState { .. } | VmError::NoConsole { .. } | VmError::Orphan { .. } | VmError::VolumesInUse(_) => {
             Status::failed_precondition(message)
         }
+        VmError::NoDevice { .. } => Status::not_found(message),
+        VmError::DetachTimeout { .. } => Status::deadline_exceeded(message),
+        // QEMU refused the device (an image in the wrong format, say): the request, not the node, must change.
+        VmError::Hotplug { .. } => Status::failed_precondition(message),
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
     }
 }
@@ -144,6 +149,11 @@ where
 /// The error and its causes in one line: gRPC carries a message, not a chain.
 pub(crate) use qx_common::error_chain;
 
+/// A detach's wait; 0 means the default.
+fn detach_timeout(seconds: u32) -> Option<std::time::Duration> {
+    (seconds > 0).then(|| std::time::Duration::from_secs(u64::from(seconds)))
+}
+
 fn vm_reply(result: Result<qx_vmm::VmInfo, VmError>) -> Result<Response<pb::Vm>, Status> {
     result.map(|vm| Response::new(vm_to_pb(&vm))).map_err(status)
 }
@@ -213,6 +223,46 @@ impl NodeService for NodeApi {
     async fn pause_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
         let name = request.into_inner().name;
         vm_reply(self.node.vms().pause(&name).instrument(info_span!("PauseVm", vm = %name)).await)
+    }
+
+    async fn attach_disk(&self, request: Request<pb::AttachDiskRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let disk = disk_from_pb(request.disk.unwrap_or_default()).map_err(|e| status(e.into()))?;
+        let span = info_span!("AttachDisk", vm = %request.vm);
+        vm_reply(self.node.attach_disk(&request.vm, disk).instrument(span).await)
+    }
+
+    async fn detach_disk(&self, request: Request<pb::DetachDeviceRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let span = info_span!("DetachDisk", vm = %request.vm, disk = %request.id);
+        let timeout = detach_timeout(request.timeout_seconds);
+        vm_reply(self.node.detach_disk(&request.vm, &request.id, timeout).instrument(span).await)
+    }
+
+    async fn attach_nic(&self, request: Request<pb::AttachNicRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let nic = nic_from_pb(request.nic.unwrap_or_default()).map_err(|e| status(e.into()))?;
+        let span = info_span!("AttachNic", vm = %request.vm);
+        vm_reply(self.node.attach_nic(&request.vm, nic).instrument(span).await)
+    }
+
+    async fn detach_nic(&self, request: Request<pb::DetachDeviceRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let span = info_span!("DetachNic", vm = %request.vm, nic = %request.id);
+        let timeout = detach_timeout(request.timeout_seconds);
+        vm_reply(self.node.detach_nic(&request.vm, &request.id, timeout).instrument(span).await)
+    }
+
+    async fn set_vcpus(&self, request: Request<pb::SetVcpusRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let span = info_span!("SetVcpus", vm = %request.vm, vcpus = request.vcpus);
+        vm_reply(self.node.set_vcpus(&request.vm, request.vcpus).instrument(span).await)
+    }
+
+    async fn set_memory(&self, request: Request<pb::SetMemoryRequest>) -> Result<Response<pb::Vm>, Status> {
+        let request = request.into_inner();
+        let span = info_span!("SetMemory", vm = %request.vm, memory_mib = request.memory_mib);
+        vm_reply(self.node.set_memory(&request.vm, request.memory_mib).instrument(span).await)
     }
 
     async fn resume_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {

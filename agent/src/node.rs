@@ -212,6 +212,44 @@ impl Node {
         Ok(self.pools.pool(pool).await?.delete_image(name, &self.in_use()).await?)
     }
 
+    /// Hotplugs a disk (running or paused VM), or adds it to a stopped VM's spec.
+    pub async fn attach_disk(&self, vm: &str, disk: qx_vmm::spec::DiskSpec) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+        self.vms.attach_disk(vm, disk).await
+    }
+
+    /// Unplugs disk `id`, waiting `timeout` (default 10 s) for the guest to release it.
+    pub async fn detach_disk(
+        &self,
+        vm: &str,
+        id: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+        self.vms.detach_disk(vm, id, timeout).await
+    }
+
+    /// Hotplugs a NIC (with its tap and switch port on a node network), or adds it to a stopped VM's spec.
+    pub async fn attach_nic(&self, vm: &str, nic: qx_vmm::spec::NicSpec) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+        self.vms.attach_nic(vm, nic).await
+    }
+
+    /// Unplugs NIC `id` and removes its tap and switch port.
+    pub async fn detach_nic(
+        &self,
+        vm: &str,
+        id: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+        self.vms.detach_nic(vm, id, timeout).await
+    }
+
+    pub async fn set_vcpus(&self, vm: &str, vcpus: u32) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+        self.vms.set_vcpus(vm, vcpus).await
+    }
+
+    pub async fn set_memory(&self, vm: &str, memory_mib: u64) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+        self.vms.set_memory(vm, memory_mib).await
+    }
+
     /// A VM with its network NICs' switch ports.
     pub async fn vm(&self, name: &str) -> Result<(qx_vmm::VmInfo, Vec<NicStatus>), qx_vmm::VmError> {
         let vm = self.vms.get(name)?;

@@ -16,6 +16,10 @@ use crate::spec::{AioMode, CacheMode, DiskFormat, DiskSpec, NicKind, NicSpec, Vm
 /// The virtio-serial port name qemu-ga opens in the guest.
 pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
 
+/// DIMM slots of a machine whose memory can grow (`max_memory_mib` above `memory_mib`): each hot-added DIMM
+/// takes one, so memory can be grown sixteen times.
+pub const MEMORY_SLOTS: u32 = 16;
+
 /// Where the launched QEMU finds what qx-node prepared for it.
 #[derive(Debug, Clone)]
 pub struct LaunchLayout {
@@ -272,11 +276,22 @@ pub fn qemu_args(spec: &VmSpec, tree: &DeviceTree, accel: Accel, layout: &Launch
     push(&[&"-nodefaults", &"-no-user-config", &"-S"]);
     push(&[&"-machine", &spec.machine]);
     push(&[&"-accel", &accel.to_string()]);
-    if accel == Accel::Kvm {
-        push(&[&"-cpu", &"host"]);
+    match spec.cpu.as_deref() {
+        Some(model) => push(&[&"-cpu", &model]),
+        // VMs created before CPU models were pinned keep what they had.
+        None if accel == Accel::Kvm => push(&[&"-cpu", &"host"]),
+        None => {}
     }
-    push(&[&"-smp", &spec.vcpus.to_string()]);
-    push(&[&"-m", &format!("{}M", spec.memory_mib)]);
+    let mut smp = spec.vcpus.to_string();
+    if spec.max_vcpus() > spec.vcpus {
+        smp.push_str(&format!(",maxcpus={}", spec.max_vcpus()));
+    }
+    push(&[&"-smp", &smp]);
+    let mut memory = format!("{}M", spec.memory_mib);
+    if spec.max_memory_mib() > spec.memory_mib {
+        memory.push_str(&format!(",slots={MEMORY_SLOTS},maxmem={}M", spec.max_memory_mib()));
+    }
+    push(&[&"-m", &memory]);
     push(&[&"-sandbox", &"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
     push(&[&"-msg", &"timestamp=on"]);
     match spec.vnc_display {
@@ -385,7 +400,25 @@ mod tests {
     }
 
     #[test]
-    fn kvm_gets_the_host_cpu() {
+    fn the_pinned_shape_is_on_the_command_line() {
+        let mut spec = spec();
+        spec.cpu = Some("x86-64-v2-AES".into());
+        spec.machine = "pc-q35-7.2".into();
+        spec.vcpus = 2;
+        spec.max_vcpus = Some(4);
+        spec.memory_mib = 512;
+        spec.max_memory_mib = Some(2048);
+        let args = args_of(&spec, Accel::Kvm);
+        assert_eq!(value_after(&args, "-cpu"), ["x86-64-v2-AES"], "a pinned model, also under KVM");
+        assert_eq!(value_after(&args, "-machine"), ["pc-q35-7.2"]);
+        assert_eq!(value_after(&args, "-smp"), ["2,maxcpus=4"]);
+        assert_eq!(value_after(&args, "-m"), ["512M,slots=16,maxmem=2048M"]);
+        spec.cpu = Some("host".into());
+        assert_eq!(value_after(&args_of(&spec, Accel::Kvm), "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn kvm_gets_the_host_cpu_when_no_model_was_pinned() {
         assert_eq!(value_after(&args_of(&spec(), Accel::Kvm), "-cpu"), ["host"]);
         assert!(value_after(&args_of(&spec(), Accel::Tcg), "-cpu").is_empty());
     }

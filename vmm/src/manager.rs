@@ -24,6 +24,7 @@ use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
 use crate::console::{ConsoleError, SerialConsole};
 use crate::device_tree::{DeviceTree, Growth};
 use crate::host::HostRoot;
+use crate::machine::{QemuCaps, HOST_CPU};
 use crate::network::{network_nics, NetworkBackend};
 use crate::persist::{read_tail, write_atomic, StateRecord, VmDir};
 use crate::process::{read_pidfile, ProcessError, QemuProcess};
@@ -47,6 +48,10 @@ const START_LOG_TAIL: u64 = 2048;
 const WARM_RETRY: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// A child module, so that it works on the VM entries like the lifecycle operations here do.
+#[path = "hotplug.rs"]
+pub(crate) mod hotplug;
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
@@ -113,6 +118,20 @@ pub enum VmError {
     VolumesInUse(ValidationErrors),
     #[error("VM {name:?} still has a QEMU running (pid {pid}) that qx-node cannot drive; stop that process first")]
     Orphan { name: String, pid: i32 },
+    #[error("VM {name:?} has no {kind} {id:?}")]
+    NoDevice { name: String, kind: &'static str, id: String },
+    /// The guest did not release the device in time; it stays attached (in QEMU and in the spec) until it does.
+    #[error("VM {name:?} did not release device {device:?} within {waited:?}; it stays attached, and its removal finishes when the guest releases it")]
+    DetachTimeout { name: String, device: String, waited: Duration },
+    /// QEMU refused a hotplug step; what earlier steps added was removed again.
+    #[error("cannot hotplug {device:?} into VM {name:?}: {stage} failed")]
+    Hotplug {
+        name: String,
+        device: String,
+        stage: &'static str,
+        #[source]
+        source: Box<qx_qmp::Error>,
+    },
 }
 
 impl From<ValidationErrors> for VmError {
@@ -250,6 +269,8 @@ struct Inner {
     membership: tokio::sync::Mutex<()>,
     events: broadcast::Sender<VmEvent>,
     warm: WarmPool,
+    /// Machine types and CPU models of the node's QEMU, read once at open.
+    caps: QemuCaps,
 }
 
 /// Every VM of the node. Cheap to clone.
@@ -282,6 +303,8 @@ impl VmManager {
         let warm_root = config.data_dir.join("warm");
         let host = config.host.clone();
         blocking(move || crate::warm::clear_stale(&warm_root, &host)).await;
+        let binary = config.qemu_binary.clone();
+        let caps = blocking(move || QemuCaps::probe(&binary)).await;
         let manager = Self {
             inner: Arc::new(Inner {
                 config,
@@ -291,11 +314,13 @@ impl VmManager {
                 membership: tokio::sync::Mutex::new(()),
                 events,
                 warm,
+                caps,
             }),
         };
         let found = {
             let vms_dir = manager.inner.vms_dir.clone();
-            blocking(move || load_dir(&vms_dir)).await?
+            let caps = manager.inner.caps.clone();
+            blocking(move || load_dir(&vms_dir, &caps)).await?
         };
         let reattach = found.into_iter().map(|(name, spec, devices, record)| {
             let manager = manager.clone();
@@ -388,7 +413,8 @@ impl VmManager {
         }
         let reason = format!("reattached after a qx-node restart (QEMU reports {})", status.state);
         self.set_state(entry, state, &reason).await;
-        self.supervise(Arc::clone(entry), runtime);
+        self.supervise(Arc::clone(entry), Arc::clone(&runtime));
+        self.reconcile_devices(entry, &runtime).await;
         Ok(state)
     }
 
@@ -447,6 +473,8 @@ impl VmManager {
         if self.vms_read().contains_key(&spec.name) {
             return Err(VmError::AlreadyExists(spec.name));
         }
+        spec.pin_shape(&self.inner.caps);
+        spec.validate_shape(&self.inner.caps)?;
         spec.fill_device_ids();
         let devices = DeviceTree::new(&spec).map_err(|e| place_error(&spec, e))?;
         if spec.uuid.is_none() {
@@ -491,6 +519,17 @@ impl VmManager {
             }
             _ => spec.uuid = old.uuid,
         }
+        // The machine shape stays pinned unless the update names another one: an alias (`q35`, what a spec
+        // without `machine` says) of the family the VM is pinned in keeps the pinned version.
+        let alias = matches!(spec.machine.as_str(), "q35" | "pc");
+        if alias && crate::device_tree::is_pcie(&spec.machine) == crate::device_tree::is_pcie(&old.machine) {
+            spec.machine = old.machine.clone();
+        }
+        spec.machine = self.inner.caps.pin_machine(&spec.machine);
+        if spec.cpu.is_none() {
+            spec.cpu = old.cpu.clone();
+        }
+        spec.validate_shape(&self.inner.caps)?;
         spec.fill_device_ids();
         for nic in &mut spec.nics {
             if nic.mac.is_none() {
@@ -696,6 +735,17 @@ impl VmManager {
     }
 
     fn resolve_accel(&self, spec: &VmSpec) -> Result<Accel, VmError> {
+        let probe = &self.inner.config.accel;
+        let accel = self.accel_choice(spec)?;
+        if spec.cpu.as_deref() == Some(HOST_CPU) && accel != Accel::Kvm {
+            let problem =
+                format!("needs KVM (the host CPU passed through), and this VM runs under {accel}: {}", probe.reason);
+            return Err(ValidationErrors::one("cpu", HOST_CPU, problem).into());
+        }
+        Ok(accel)
+    }
+
+    fn accel_choice(&self, spec: &VmSpec) -> Result<Accel, VmError> {
         let probe = &self.inner.config.accel;
         match spec.accelerator {
             AccelChoice::Auto => Ok(probe.accel),
@@ -919,7 +969,8 @@ impl VmManager {
         loop {
             while let Some(shape) = pool.wanting() {
                 let uuid = Uuid::new_v4();
-                let spec = pool.shapes[shape].spec(uuid);
+                let mut spec = pool.shapes[shape].spec(uuid);
+                spec.pin_shape(&self.inner.caps);
                 let devices = DeviceTree::new(&spec).expect("a warm shape has no devices to place");
                 let dir = VmDir::new(&root, &uuid.to_string());
                 if let Err(e) = blocking({
@@ -974,7 +1025,10 @@ impl VmManager {
                     tokio::select! {
                         how = &mut exited => break how,
                         event = events.recv() => match event {
-                            Ok(Event::Qemu(event)) => manager.on_qmp_event(&entry, &runtime, event.typed()).await,
+                            Ok(Event::Qemu(event)) => {
+                                manager.on_device_event(&entry, &runtime, &event);
+                                manager.on_qmp_event(&entry, &runtime, event.typed()).await
+                            }
                             Ok(Event::Closed { .. }) | Err(broadcast::error::RecvError::Closed) => {
                                 // QMP is gone; only the process exit is left to wait for.
                                 break (&mut exited).await;
@@ -1299,7 +1353,7 @@ fn prepare_sockets(dir: &VmDir, serial: bool) -> std::io::Result<(Vec<(OwnedFd, 
 }
 
 /// Reads every VM directory; unreadable ones are logged and skipped, never touched.
-fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, DeviceTree, StateRecord)>> {
+fn load_dir(vms_dir: &Path, caps: &QemuCaps) -> std::io::Result<Vec<(String, VmSpec, DeviceTree, StateRecord)>> {
     let mut found = Vec::new();
     for dirent in fs::read_dir(vms_dir)? {
         let dirent = dirent?;
@@ -1332,7 +1386,10 @@ fn load_dir(vms_dir: &Path) -> std::io::Result<Vec<(String, VmSpec, DeviceTree, 
             }),
             Err(_) => StateRecord::default(),
         };
-        let devices = match crate::persist::load_devices(&dir, &mut spec) {
+        // VMs created before machine types were pinned: `q35` meant what it means on this QEMU (its CPU model stays
+        // unpinned, as it was).
+        let machine = caps.pin_machine(&spec.machine);
+        let devices = match crate::persist::load_devices(&dir, &mut spec, machine) {
             Ok(devices) => devices,
             Err(e) => {
                 error!(vm = %name, error = %e, "cannot read or upgrade the VM's device tree; skipping this VM");

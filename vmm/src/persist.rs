@@ -98,9 +98,11 @@ impl VmDir {
 /// Reads the device tree of the VM in `dir` whose spec is `spec`, upgrading what an earlier version wrote: a spec
 /// without device ids gets them (`disk{i}`, `nic{i}`), a VM without `devices.json` gets the tree that version
 /// launched it with ([`DeviceTree::legacy`]), and a tree is brought in line with its spec (a crash between the
-/// two writes of an update). What changed is written back (tree first, then spec) before the VM is used.
-pub fn load_devices(dir: &VmDir, spec: &mut VmSpec) -> Result<DeviceTree, String> {
+/// two writes of an update); `machine` is the versioned machine type the spec's `machine` stands for (an older
+/// version wrote the alias). What changed is written back (tree first, then spec) before the VM is used.
+pub fn load_devices(dir: &VmDir, spec: &mut VmSpec, machine: String) -> Result<DeviceTree, String> {
     let before = spec.clone();
+    spec.machine = machine;
     spec.fill_device_ids();
     let (mut tree, mut tree_changed) = match fs::read(dir.devices()) {
         Ok(bytes) => {
@@ -173,10 +175,11 @@ mod tests {
         let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/state-v0/spec.json");
         fs::copy(fixture, dir.spec()).unwrap();
         let mut spec: VmSpec = serde_json::from_slice(&fs::read(dir.spec()).unwrap()).unwrap();
-        let tree = load_devices(&dir, &mut spec).unwrap();
+        let tree = load_devices(&dir, &mut spec, "pc-q35-7.2".into()).unwrap();
         let ids: Vec<_> =
             spec.disks.iter().map(|d| d.id.as_deref()).chain(spec.nics.iter().map(|n| n.id.as_deref())).collect();
         assert_eq!(ids, [Some("disk0"), Some("disk1"), Some("nic0")]);
+        assert_eq!((spec.machine.as_str(), spec.cpu.as_deref()), ("pc-q35-7.2", None), "machine pinned, CPU as it was");
         assert_eq!(tree, DeviceTree::legacy(&spec));
         assert_eq!(tree.disks[1].device, "virtio-disk1");
         let stored: VmSpec = serde_json::from_slice(&fs::read(dir.spec()).unwrap()).unwrap();
@@ -184,7 +187,7 @@ mod tests {
         let stored: DeviceTree = serde_json::from_slice(&fs::read(dir.devices()).unwrap()).unwrap();
         assert_eq!(stored, tree);
         let mut again: VmSpec = serde_json::from_slice(&fs::read(dir.spec()).unwrap()).unwrap();
-        assert_eq!(load_devices(&dir, &mut again).unwrap(), tree, "a second load changes nothing");
+        assert_eq!(load_devices(&dir, &mut again, "pc-q35-7.2".into()).unwrap(), tree, "a second load changes nothing");
     }
 
     #[test]
@@ -196,7 +199,7 @@ mod tests {
         let tree = DeviceTree::new(&spec).unwrap();
         write_atomic(&dir.devices(), &serde_json::to_vec(&tree).unwrap()).unwrap();
         spec.disks.remove(0);
-        let loaded = load_devices(&dir, &mut spec).unwrap();
+        let loaded = load_devices(&dir, &mut spec, "pc-q35-7.2".into()).unwrap();
         assert_eq!(loaded.disks, tree.disks[1..]);
     }
 

@@ -41,9 +41,22 @@ pub struct VmSpec {
     /// Default: 512.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
-    /// QEMU machine type. Default: `q35`.
+    /// vCPUs the VM may grow to while it runs (hotplug). Default: `vcpus` (no vCPU hotplug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpus: Option<u32>,
+    /// Memory the VM may grow to while it runs (DIMM hotplug). Default: `memory_mib` (no memory hotplug).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mib: Option<u64>,
+    /// QEMU machine type. Default: `q35`; an alias (`q35`, `pc`) is pinned at creation to the versioned type it
+    /// stands for on the node's QEMU (`pc-q35-7.2`), so a QEMU upgrade does not change the guest's machine.
     #[serde(default = "default_machine")]
     pub machine: String,
+    /// CPU model: a QEMU model name, or `host` (the host CPU passed through; KVM only, and only when asked for).
+    /// Pinned at creation, when absent, to the first of `machine::DEFAULT_CPU_MODELS` the node's QEMU has. Absent
+    /// only in VMs created before this field, which keep what they had: the host CPU under KVM, QEMU's default
+    /// under TCG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
     /// Default: `auto` (the node's choice: KVM when usable, else TCG).
     #[serde(default)]
     pub accelerator: AccelChoice,
@@ -335,13 +348,35 @@ impl VmSpec {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             p.add("vcpus", self.vcpus, format!("is outside 1..={MAX_VCPUS}"));
         }
+        if let Some(max) = self.max_vcpus {
+            if max > MAX_VCPUS {
+                p.add("max_vcpus", max, format!("is above {MAX_VCPUS}"));
+            } else if max < self.vcpus {
+                p.add("max_vcpus", max, format!("is below vcpus ({})", self.vcpus));
+            }
+        }
         if self.memory_mib < MIN_MEMORY_MIB {
             p.add("memory_mib", self.memory_mib, format!("is below the minimum {MIN_MEMORY_MIB}"));
         } else if self.memory_mib > MAX_MEMORY_MIB {
             p.add("memory_mib", self.memory_mib, format!("is above the maximum {MAX_MEMORY_MIB} (4 TiB)"));
         }
+        if let Some(max) = self.max_memory_mib {
+            if max > MAX_MEMORY_MIB {
+                p.add("max_memory_mib", max, format!("is above the maximum {MAX_MEMORY_MIB} (4 TiB)"));
+            } else if max < self.memory_mib {
+                p.add("max_memory_mib", max, format!("is below memory_mib ({})", self.memory_mib));
+            }
+        }
         if !machine_type_ok(&self.machine) {
             p.add("machine", &self.machine, "is not a supported machine type (q35, pc, pc-q35-X.Y, pc-i440fx-X.Y)");
+        }
+        if let Some(cpu) = &self.cpu {
+            let ok = !cpu.is_empty()
+                && cpu.len() <= 64
+                && cpu.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            if !ok {
+                p.add("cpu", cpu, "is not a CPU model name (1-64 of [A-Za-z0-9._-], or host)");
+            }
         }
         if let Some(kernel) = &self.kernel {
             self.validate_kernel(kernel, files, &mut p);
@@ -561,6 +596,41 @@ impl VmSpec {
             if nic.mac.is_none() {
                 nic.mac = Some(generate_mac());
             }
+        }
+    }
+
+    /// vCPUs the VM may have while it runs.
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or(self.vcpus).max(self.vcpus)
+    }
+
+    /// Memory the VM may have while it runs, in MiB.
+    pub fn max_memory_mib(&self) -> u64 {
+        self.max_memory_mib.unwrap_or(self.memory_mib).max(self.memory_mib)
+    }
+
+    /// Pins the machine shape for the VM's life, at creation: a machine alias becomes the versioned type it stands
+    /// for on this QEMU, and a missing CPU model becomes the node's default one.
+    pub fn pin_shape(&mut self, caps: &crate::machine::QemuCaps) {
+        self.machine = caps.pin_machine(&self.machine);
+        if self.cpu.is_none() {
+            self.cpu = Some(caps.default_cpu().to_owned());
+        }
+    }
+
+    /// Checks the machine type and CPU model against what this node's QEMU has.
+    pub fn validate_shape(&self, caps: &crate::machine::QemuCaps) -> Result<(), ValidationErrors> {
+        let mut p = Problems::default();
+        if !caps.has_machine(&self.machine) {
+            p.add("machine", &self.machine, "is not a machine type this node's QEMU has");
+        }
+        if let Some(cpu) = self.cpu.as_deref().filter(|cpu| !caps.has_cpu(cpu)) {
+            p.add("cpu", cpu, "is not a CPU model this node's QEMU has");
+        }
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(p.0))
         }
     }
 
@@ -950,6 +1020,37 @@ mod tests {
         spec.fill_generated();
         assert_eq!(spec, before);
         spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn the_machine_shape_is_checked_and_pinned() {
+        let mut spec = minimal();
+        spec.vcpus = 4;
+        spec.max_vcpus = Some(2);
+        spec.memory_mib = 1024;
+        spec.max_memory_mib = Some(512);
+        spec.cpu = Some("Sky lake".into());
+        let errors = spec.validate(&files()).unwrap_err();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["max_vcpus", "max_memory_mib", "cpu"]);
+        assert!(errors.to_string().contains("max_vcpus: \"2\" is below vcpus (4)"), "{errors}");
+        spec.max_vcpus = Some(8);
+        spec.max_memory_mib = None;
+        spec.cpu = None;
+        spec.validate(&files()).unwrap();
+        assert_eq!((spec.max_vcpus(), spec.max_memory_mib()), (8, 1024));
+
+        let caps = crate::machine::QemuCaps::parse(
+            "Supported machines are:\nq35  Standard PC (alias of pc-q35-7.2)\npc-q35-7.2  Standard PC\n",
+            "Available CPUs:\nx86 qemu64  QEMU\nx86 x86-64-v2-AES  x\n",
+        );
+        spec.pin_shape(&caps);
+        assert_eq!((spec.machine.as_str(), spec.cpu.as_deref()), ("pc-q35-7.2", Some("x86-64-v2-AES")));
+        spec.validate_shape(&caps).unwrap();
+        spec.cpu = Some("Skylake-Client".into());
+        spec.machine = "pc-q35-9.9".into();
+        let fields: Vec<String> = spec.validate_shape(&caps).unwrap_err().0.into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["machine", "cpu"]);
     }
 
     #[test]

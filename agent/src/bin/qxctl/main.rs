@@ -155,12 +155,44 @@ enum VmCommand {
     Delete {
         name: String,
     },
+    /// Disks of a VM: attach (hotplug when running) or detach.
+    Disk {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// NICs of a VM: attach (hotplug when running) or detach.
+    Nic {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Change vCPUs or memory (hotplug when running, up to max_vcpus / max_memory_mib).
+    Set {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+    },
     /// Attach to the serial console (detach with Ctrl-]).
     Console {
         name: String,
         /// Print the recent console output and exit.
         #[arg(long)]
         dump: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Disk: PATH|volume=POOL/NAME[,id=ID][,format=..][,ro][,cache=..][,aio=..]; NIC: user|network=NAME[,id=ID][,mac=MAC].
+    Attach { name: String, device: String },
+    /// Detach the device with this id, waiting --timeout seconds (default 10) for the guest to release it.
+    Detach {
+        name: String,
+        id: String,
+        #[arg(long)]
+        timeout: Option<u32>,
     },
 }
 
@@ -178,6 +210,15 @@ struct CreateArgs {
     memory: u64,
     #[arg(long, default_value = "q35")]
     machine: String,
+    /// CPU model (a QEMU model, or host under KVM); default: the node's default model.
+    #[arg(long)]
+    cpu: Option<String>,
+    /// vCPUs the VM may grow to while running.
+    #[arg(long)]
+    max_vcpus: Option<u32>,
+    /// MiB the VM may grow to while running.
+    #[arg(long)]
+    max_memory: Option<u64>,
     /// auto, kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
@@ -293,6 +334,33 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
+        VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
+            let disk = Some(parse_disk(&device)?);
+            node.attach_disk(pb::AttachDiskRequest { vm: name, disk }).await?
+        }
+        VmCommand::Nic { command: DeviceCommand::Attach { name, device } } => {
+            let nic = Some(parse_nic(&device)?);
+            node.attach_nic(pb::AttachNicRequest { vm: name, nic }).await?
+        }
+        VmCommand::Disk { command: DeviceCommand::Detach { name, id, timeout } } => {
+            node.detach_disk(pb::DetachDeviceRequest { vm: name, id, timeout_seconds: timeout.unwrap_or(0) }).await?
+        }
+        VmCommand::Nic { command: DeviceCommand::Detach { name, id, timeout } } => {
+            node.detach_nic(pb::DetachDeviceRequest { vm: name, id, timeout_seconds: timeout.unwrap_or(0) }).await?
+        }
+        VmCommand::Set { name, vcpus, memory } => {
+            if vcpus.is_none() && memory.is_none() {
+                bail!("vm set: give --vcpus and/or --memory");
+            }
+            let mut vm = None;
+            if let Some(vcpus) = vcpus {
+                vm = Some(node.set_vcpus(pb::SetVcpusRequest { vm: name.clone(), vcpus }).await?);
+            }
+            if let Some(memory_mib) = memory {
+                vm = Some(node.set_memory(pb::SetMemoryRequest { vm: name, memory_mib }).await?);
+            }
+            vm.expect("one was set")
+        }
     };
     print_vm(&vm.into_inner(), json);
     Ok(())
@@ -428,6 +496,9 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         vnc_display: args.vnc,
         labels,
         cloud_init,
+        cpu: args.cpu.unwrap_or_default(),
+        max_vcpus: args.max_vcpus,
+        max_memory_mib: args.max_memory,
     };
     Ok(pb::CreateVmRequest { spec: Some(spec), spec_text: String::new() })
 }
@@ -566,6 +637,9 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "vcpus": spec.vcpus,
         "memory_mib": spec.memory_mib,
         "machine": spec.machine,
+        "cpu": spec.cpu,
+        "max_vcpus": spec.max_vcpus,
+        "max_memory_mib": spec.max_memory_mib,
         "accelerator": spec.accelerator,
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
@@ -641,9 +715,16 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     } else {
         rows.push(("accelerator", spec.accelerator));
     }
-    rows.push(("vcpus", spec.vcpus.to_string()));
-    rows.push(("memory", format!("{} MiB", spec.memory_mib)));
+    let max = |max: Option<u64>, now: u64, unit: &str| match max {
+        Some(max) if max > now => format!("{now}{unit} (max {max}{unit})"),
+        _ => format!("{now}{unit}"),
+    };
+    rows.push(("vcpus", max(spec.max_vcpus.map(u64::from), u64::from(spec.vcpus), "")));
+    rows.push(("memory", max(spec.max_memory_mib, spec.memory_mib, " MiB")));
     rows.push(("machine", spec.machine));
+    if !spec.cpu.is_empty() {
+        rows.push(("cpu", spec.cpu));
+    }
     if let Some(kernel) = spec.kernel_boot {
         rows.push(("kernel", kernel.kernel));
         rows.push(("initrd", kernel.initrd));
