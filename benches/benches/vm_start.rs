@@ -60,12 +60,20 @@ async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
     let serial_socket = dir.join("serial.sock");
     let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
     let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
-    let layout =
-        LaunchLayout { qmp_fd: 3, serial_fd: Some(4), pidfile: dir.join("qemu.pid"), seed: None, hotplug: false };
+    // The guest agent's socket, as qx-node gives every VM one (nothing connects to it here).
+    let qga_listener = std::os::unix::net::UnixListener::bind(dir.join("qga.sock")).unwrap();
+    let layout = LaunchLayout {
+        qmp_fd: 3,
+        serial_fd: Some(4),
+        qga_fd: 5,
+        pidfile: dir.join("qemu.pid"),
+        seed: None,
+        hotplug: false,
+    };
     let devices = qx_vmm::DeviceTree::new(spec).expect("bench spec places");
     let args = qemu_args(spec, &devices, Accel::Tcg, &layout);
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
-    let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4)];
+    let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4), (qga_listener.into(), 5)];
     let process = QemuProcess::spawn(Path::new("qemu-system-x86_64"), &args, fds, log).unwrap();
     let qmp = QmpClient::connect(&qmp_socket, ConnectOptions::default()).await.unwrap();
     let mut serial = tokio::net::UnixStream::connect(&serial_socket).await.unwrap();

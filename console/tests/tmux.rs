@@ -140,6 +140,8 @@ impl ControlPlane for ControlPlaneStub {
             node_id: "node-e2e-1".into(),
             cluster_name: "e2e-lab".into(),
             heartbeat_interval_seconds: 1,
+            // This control plane signs no certificate: the node keeps its own.
+            ..Default::default()
         }))
     }
 
