@@ -534,6 +534,8 @@ enum Role {
     Other,
 }
 
+type Txn = ovsdb::Txn<Role>;
+
 impl VSwitch {
     /// Connects to ovsdb-server and starts the monitor.
     pub async fn connect(endpoint: Endpoint, opts: ClientOptions) -> Result<Self, Error> {
@@ -651,12 +653,7 @@ impl VSwitch {
             ];
             match self.inner.client.transact(DB, &ops).await {
                 Ok(results) => {
-                    let uuid = results[4].uuid.ok_or_else(|| {
-                        wrap(ovsdb::Error::Decode {
-                            method: "transact".into(),
-                            reason: "insert returned no uuid".into(),
-                        })
-                    })?;
+                    let uuid = ovsdb::inserted_uuid(&results, 4).map_err(wrap)?;
                     info!(bridge = name, datapath = spec.datapath_type.as_str(), %uuid, "bridge created");
                     return Ok(uuid);
                 }
@@ -736,63 +733,69 @@ impl VSwitch {
     async fn add_ports_validated(&self, bridge: &str, specs: &[PortSpec]) -> Result<Vec<PortRef>, Error> {
         let mut bridge_row = Row::new();
         bridge_row.insert("name".into(), bridge.into());
-        let mut ops = vec![Operation::wait(
-            "Bridge",
-            vec![Condition::eq("name", bridge)],
-            &["name"],
-            WaitUntil::Eq,
-            vec![bridge_row],
-            Some(0),
-        )];
-        let mut roles = vec![Role::BridgeExists];
+        let mut txn = Txn::new();
+        txn.push(
+            Role::BridgeExists,
+            Operation::wait(
+                "Bridge",
+                vec![Condition::eq("name", bridge)],
+                &["name"],
+                WaitUntil::Eq,
+                vec![bridge_row],
+                Some(0),
+            ),
+        );
         let mut new_ports = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
             let name = spec.name.as_str();
-            ops.push(Operation::assert_absent("Port", vec![Condition::eq("name", name)]));
-            roles.push(Role::NameFree(i));
-            ops.push(Operation::assert_absent("Interface", vec![Condition::eq("name", name)]));
-            roles.push(Role::NameFree(i));
+            txn.push(Role::NameFree(i), Operation::assert_absent("Port", vec![Condition::eq("name", name)]));
+            txn.push(Role::NameFree(i), Operation::assert_absent("Interface", vec![Condition::eq("name", name)]));
             if let Some(mac) = spec.external_ids.mac() {
-                ops.push(Operation::assert_absent(
-                    "Interface",
-                    vec![Condition::includes("external_ids", Value::map([(KEY_ATTACHED_MAC, mac)]))],
-                ));
-                roles.push(Role::MacFree(i));
+                txn.push(
+                    Role::MacFree(i),
+                    Operation::assert_absent(
+                        "Interface",
+                        vec![Condition::includes("external_ids", Value::map([(KEY_ATTACHED_MAC, mac)]))],
+                    ),
+                );
             }
             let iface = format!("i{i}");
             let port = format!("p{i}");
-            ops.push(Operation::insert_named("Interface", spec.interface_row(), &iface));
-            roles.push(Role::InsertInterface(i));
-            ops.push(Operation::insert_named("Port", spec.port_row(&iface), &port));
-            roles.push(Role::InsertPort(i));
+            txn.push(Role::InsertInterface(i), Operation::insert_named("Interface", spec.interface_row(), &iface));
+            txn.push(Role::InsertPort(i), Operation::insert_named("Port", spec.port_row(&iface), &port));
             new_ports.push(Atom::NamedUuid(port));
         }
-        ops.push(Operation::mutate(
-            "Bridge",
-            vec![Condition::eq("name", bridge)],
-            vec![Mutation::insert("ports", Value::Set(new_ports))],
-        ));
-        roles.push(Role::Other);
+        txn.push(
+            Role::Other,
+            Operation::mutate(
+                "Bridge",
+                vec![Condition::eq("name", bridge)],
+                vec![Mutation::insert("ports", Value::Set(new_ports))],
+            ),
+        );
         let first = specs[0].name.as_str();
-        ops.push(Operation::comment(if specs.len() == 1 {
-            format!("qx-node: add port {first} to bridge {bridge}")
-        } else {
-            format!("qx-node: add {} ports to bridge {bridge}", specs.len())
-        }));
-        roles.push(Role::Other);
+        txn.push(
+            Role::Other,
+            Operation::comment(if specs.len() == 1 {
+                format!("qx-node: add port {first} to bridge {bridge}")
+            } else {
+                format!("qx-node: add {} ports to bridge {bridge}", specs.len())
+            }),
+        );
 
-        let results = match self.inner.client.transact(DB, &ops).await {
+        let results = match self.inner.client.transact(DB, txn.ops()).await {
             Ok(results) => results,
-            Err(e) => return Err(self.add_error(bridge, specs, &roles, e)),
+            Err(e) => return Err(self.add_error(bridge, specs, &txn, e)),
         };
         let mut refs: Vec<PortRef> = specs
             .iter()
             .map(|spec| PortRef { name: spec.name.clone(), port: Uuid::nil(), interface: Uuid::nil() })
             .collect();
-        for (role, result) in roles.iter().zip(&results) {
+        for (index, role) in txn.roles() {
+            let uuid = results.get(index).and_then(|r| r.uuid).unwrap_or_default();
             match role {
-                Role::InsertInterface(i) => refs[*i].interface = result.uuid.unwrap_or_default(),
-                Role::InsertPort(i) => refs[*i].port = result.uuid.unwrap_or_default(),
+                Role::InsertInterface(i) => refs[i].interface = uuid,
+                Role::InsertPort(i) => refs[i].port = uuid,
                 _ => {}
             }
         }
@@ -806,11 +809,8 @@ impl VSwitch {
     }
 
     /// Turns a failed add transaction into what it means.
-    fn add_error(&self, bridge: &str, specs: &[PortSpec], roles: &[Role], e: ovsdb::Error) -> Error {
-        let role = e
-            .transaction_error()
-            .and_then(|(index, error)| (error == "timed out").then(|| roles.get(index).copied()).flatten());
-        match role {
+    fn add_error(&self, bridge: &str, specs: &[PortSpec], txn: &Txn, e: ovsdb::Error) -> Error {
+        match txn.failed_role(&e) {
             Some(Role::BridgeExists) => Error::BridgeNotFound { bridge: bridge.to_owned() },
             Some(Role::NameFree(i)) => {
                 let port = specs[i].name.clone();
@@ -901,7 +901,9 @@ impl VSwitch {
                 if ids.mac().is_some() && source.transaction_error() == Some((0, "timed out")) =>
             {
                 let spec = PortSpec { external_ids: ids.clone(), ..PortSpec::new(name) };
-                Err(self.add_error("", std::slice::from_ref(&spec), &[Role::MacFree(0)], source))
+                let mut txn = Txn::new();
+                txn.push(Role::MacFree(0), ops[0].clone());
+                Err(self.add_error("", std::slice::from_ref(&spec), &txn, source))
             }
             other => other,
         }

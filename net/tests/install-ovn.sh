@@ -10,12 +10,12 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 "$here/install-ovs.sh"
+# shellcheck source=install-common.sh
+source "$here/install-common.sh"
 
 have_ovn() {
-    for program in ovn-northd ovn-controller ovn-nbctl ovn-sbctl ping; do
-        command -v "$program" >/dev/null 2>&1 || [ -x "/usr/bin/$program" ] || [ -x "/usr/sbin/$program" ] || return 1
-    done
-    [ -f /usr/share/ovn/ovn-nb.ovsschema ] && [ -f /usr/share/ovn/ovn-sb.ovsschema ]
+    have_programs ovn-northd ovn-controller ovn-nbctl ovn-sbctl ping &&
+        [ -f /usr/share/ovn/ovn-nb.ovsschema ] && [ -f /usr/share/ovn/ovn-sb.ovsschema ]
 }
 
 if have_ovn; then
@@ -23,21 +23,8 @@ if have_ovn; then
     exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "install-ovn.sh: need root or sudo" >&2; exit 1; }
-    SUDO="sudo"
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-ovn.sh: only Debian/Ubuntu (apt-get) is supported; install ovn-central and ovn-host by hand" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
 # iputils-ping: the tests ping across the Geneve tunnel from the chassis' network namespaces.
-$SUDO apt-get install -y -q --no-install-recommends ovn-central ovn-host ovn-common iputils-ping
+apt_install install-ovn.sh ovn-central ovn-host ovn-common iputils-ping
 
 have_ovn || { echo "install-ovn.sh: ovn-central and ovn-host installed but their programs were not found" >&2; exit 1; }
 echo "OVN installed: $(ovn-nbctl --version | head -n1)"

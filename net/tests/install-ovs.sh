@@ -7,11 +7,12 @@
 # Usage (as root, or with sudo available): net/tests/install-ovs.sh
 set -euo pipefail
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=install-common.sh
+source "$here/install-common.sh"
+
 have_ovs() {
-    for program in ovsdb-server ovsdb-tool ovs-vswitchd ovs-vsctl; do
-        command -v "$program" >/dev/null 2>&1 || [ -x "/usr/sbin/$program" ] || return 1
-    done
-    [ -f /usr/share/openvswitch/vswitch.ovsschema ]
+    have_programs ovsdb-server ovsdb-tool ovs-vswitchd ovs-vsctl && [ -f /usr/share/openvswitch/vswitch.ovsschema ]
 }
 
 if have_ovs; then
@@ -19,21 +20,8 @@ if have_ovs; then
     exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || { echo "install-ovs.sh: need root or sudo" >&2; exit 1; }
-    SUDO="sudo"
-fi
-
-if ! command -v apt-get >/dev/null 2>&1; then
-    echo "install-ovs.sh: only Debian/Ubuntu (apt-get) is supported; install openvswitch-switch by hand" >&2
-    exit 1
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -q
 # iproute2 for the tests' `ip` checks; openvswitch-switch brings ovsdb-server, ovs-vswitchd and the tools.
-$SUDO apt-get install -y -q --no-install-recommends openvswitch-switch openvswitch-common iproute2
+apt_install install-ovs.sh openvswitch-switch openvswitch-common iproute2
 
 have_ovs || { echo "install-ovs.sh: openvswitch-switch installed but its programs were not found" >&2; exit 1; }
 echo "Open vSwitch installed: $(ovs-vsctl --version | head -n1)"

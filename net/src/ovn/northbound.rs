@@ -174,20 +174,7 @@ enum Role {
     Other,
 }
 
-/// A transaction under construction: operations and their roles.
-#[derive(Default)]
-struct Txn {
-    ops: Vec<Operation>,
-    roles: Vec<Role>,
-}
-
-impl Txn {
-    fn push(&mut self, role: Role, op: Operation) -> usize {
-        self.ops.push(op);
-        self.roles.push(role);
-        self.ops.len() - 1
-    }
-}
+type Txn = ovsdb::Txn<Role>;
 
 /// How one attempt ended.
 enum Attempt<T> {
@@ -345,7 +332,7 @@ impl Northbound {
                 }
                 Ok(snapshot)
             })?;
-            let mut txn = Txn::default();
+            let mut txn = Txn::new();
             txn.push(
                 Role::Unchanged,
                 Operation::wait(LS, vec![], &["name", "other_config"], WaitUntil::Eq, decided, Some(0)),
@@ -470,7 +457,7 @@ impl Northbound {
         let _writing = self.inner.writes.lock().await;
         for _ in 0..ATTEMPTS {
             let (ls, ports, dhcp) = self.replica(|r| check_new_ports(r, switch, specs))?;
-            let mut txn = Txn::default();
+            let mut txn = Txn::new();
             txn.push(
                 Role::Unchanged,
                 Operation::wait(
@@ -517,9 +504,9 @@ impl Northbound {
                     }
                 }
                 Err(Error::Transact { source, .. })
-                    if matches!(failed_role(&txn, &source), Some(Role::PortAbsent(_))) =>
+                    if matches!(txn.failed_role(&source), Some(Role::PortAbsent(_))) =>
                 {
-                    let Some(Role::PortAbsent(i)) = failed_role(&txn, &source) else { unreachable!() };
+                    let Some(Role::PortAbsent(i)) = txn.failed_role(&source) else { unreachable!() };
                     let name = specs[i].name.clone();
                     return Err(Error::PortExists { switch: self.port(&name).and_then(|p| p.switch), name });
                 }
@@ -592,14 +579,14 @@ impl Northbound {
         let mut row = Row::new();
         row.insert("name".into(), name.into());
         row.insert("external_ids".into(), Value::map(external_ids.clone()));
-        let mut txn = Txn::default();
+        let mut txn = Txn::new();
         txn.push(Role::GroupAbsent, Operation::assert_absent(PG, vec![Condition::eq("name", name)]));
         let insert = txn.push(Role::Other, Operation::insert(PG, row));
         txn.push(Role::Other, Operation::comment(format!("qx-node: create port group {name}")));
         let what = || format!("creating port group {name}");
         let results = match self.transact_txn(&txn, &what).await {
             Ok(results) => results,
-            Err(Error::Transact { source, .. }) if failed_role(&txn, &source) == Some(Role::GroupAbsent) => {
+            Err(Error::Transact { source, .. }) if txn.failed_role(&source) == Some(Role::GroupAbsent) => {
                 return Err(Error::PortGroupExists { name: name.to_owned() });
             }
             Err(e) => return Err(e),
@@ -649,7 +636,7 @@ impl Northbound {
         if uuids.is_empty() {
             return Ok(());
         }
-        let mut txn = Txn::default();
+        let mut txn = Txn::new();
         if add {
             for (i, uuid) in uuids.iter().enumerate() {
                 // A weak reference to a deleted row would vanish silently: assert the port is still there.
@@ -676,8 +663,8 @@ impl Northbound {
         let what = || format!("changing the ports of port group {group}");
         let results = match self.transact_txn(&txn, &what).await {
             Ok(results) => results,
-            Err(Error::Transact { source, .. }) if matches!(failed_role(&txn, &source), Some(Role::PortPresent(_))) => {
-                let Some(Role::PortPresent(i)) = failed_role(&txn, &source) else { unreachable!() };
+            Err(Error::Transact { source, .. }) if matches!(txn.failed_role(&source), Some(Role::PortPresent(_))) => {
+                let Some(Role::PortPresent(i)) = txn.failed_role(&source) else { unreachable!() };
                 return Err(Error::PortNotFound { name: ports[i].to_owned() });
             }
             Err(e) => return Err(e),
@@ -708,7 +695,7 @@ impl Northbound {
             let (pg, current) = self
                 .replica(|r| r.find(PG, "name", group).map(|(uuid, row)| (uuid, uuids_of(row, "acls"))))
                 .ok_or_else(|| Error::PortGroupNotFound { name: group.to_owned() })?;
-            let mut txn = Txn::default();
+            let mut txn = Txn::new();
             txn.push(
                 Role::Unchanged,
                 Operation::wait(
@@ -765,15 +752,15 @@ impl Northbound {
     }
 
     async fn transact_txn(&self, txn: &Txn, what: &(dyn Fn() -> String + Sync)) -> Result<Vec<OperationResult>, Error> {
-        self.transact(&txn.ops, what).await
+        self.transact(txn.ops(), what).await
     }
 
     /// Runs a transaction whose precondition may fail: `Retry` when it did (or the connection dropped, once the
     /// monitor has resynced), `Done` with the results when it committed, the error otherwise.
     async fn run(&self, txn: &Txn, what: &(dyn Fn() -> String + Sync)) -> Result<Attempt<Vec<OperationResult>>, Error> {
-        match self.inner.client.transact(DB, &txn.ops).await {
+        match self.inner.client.transact(DB, txn.ops()).await {
             Ok(results) => Ok(Attempt::Done(results)),
-            Err(source) if failed_role(txn, &source) == Some(Role::Unchanged) => {
+            Err(source) if txn.failed_role(&source) == Some(Role::Unchanged) => {
                 debug!(what = %what(), "a concurrent change invalidated the precondition; retrying");
                 self.await_fresh_replica().await;
                 Ok(Attempt::Retry)
@@ -814,17 +801,8 @@ impl Northbound {
     }
 }
 
-/// The role of the operation a failed `wait` precondition points at.
-fn failed_role(txn: &Txn, error: &ovsdb::Error) -> Option<Role> {
-    let (index, kind) = error.transaction_error()?;
-    (kind == "timed out").then(|| txn.roles.get(index).copied()).flatten()
-}
-
 fn inserted(results: &[OperationResult], index: usize, what: &(dyn Fn() -> String + Sync)) -> Result<Uuid, Error> {
-    results.get(index).and_then(|r| r.uuid).ok_or_else(|| Error::Transact {
-        what: what(),
-        source: ovsdb::Error::Decode { method: "transact".into(), reason: "insert returned no uuid".into() },
-    })
+    ovsdb::inserted_uuid(results, index).map_err(|source| Error::Transact { what: what(), source })
 }
 
 /// Checks new ports against the replica: the switch exists, names are free, MACs and static addresses unused.

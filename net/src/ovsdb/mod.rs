@@ -6,6 +6,7 @@
 //!   backoff and re-establishes its monitors.
 //! - [`Operation`], [`Condition`], [`Mutation`]: transaction operations, built in Rust and sent as RFC 7047 JSON.
 //! - [`Value`], [`Atom`], [`Row`]: OVSDB data.
+//! - [`Txn`]: operations with roles, so a failed `wait` precondition says which check failed.
 //! - [`Monitor`]: a replica of monitored rows, kept current, with a change stream and [`Monitor::wait_for`].
 //!
 //! Nothing here knows the `Open_vSwitch` schema; [`crate::vswitch`] does.
@@ -18,6 +19,7 @@ mod monitor;
 mod ops;
 mod rpc;
 mod schema;
+mod txn;
 
 pub use client::{Backoff, Client, ClientOptions, ConnectionState, Endpoint, PendingTransact};
 pub use data::{row_from_json, row_to_json, Atom, Row, Value};
@@ -27,3 +29,4 @@ pub use monitor::{
 };
 pub use ops::{Condition, Function, Mutation, Mutator, Operation, OperationResult, WaitUntil};
 pub use schema::{AtomicType, ColumnType, Schema, TableSchema};
+pub use txn::{inserted_uuid, Txn};
