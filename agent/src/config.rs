@@ -28,6 +28,7 @@ pub struct NodeConfig {
     /// Stands for `/` when reading `/proc`, `/sys` and `/dev`; only tests change it. Default: `/`.
     pub host_root: PathBuf,
     pub ovs: OvsConfig,
+    pub ovn: OvnConfig,
     pub host: HostConfig,
     pub update: UpdateConfig,
     /// Pre-launched, paused QEMUs of these shapes, which new VMs of the same shape start from in milliseconds.
@@ -154,6 +155,28 @@ impl Default for OvsConfig {
     }
 }
 
+/// Where OVN's northbound database is, for networks of kind `ovn`. qx-node connects at start and on first use; when
+/// the database is not reachable it says so and runs on (OVN networks are refused until it is; plain OVS networks
+/// are unaffected).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OvnConfig {
+    /// The NB ovsdb-server: `unix:PATH` or `tcp:HOST:PORT`. Default: none (OVN networks are refused).
+    pub northbound: Option<String>,
+    /// The bridge ovn-controller manages on this node, where VM NICs of OVN networks are plugged. Default:
+    /// `br-int`.
+    pub integration_bridge: String,
+    /// This node's chassis name (ovn-controller's `system-id`), written as `requested-chassis` on its VMs' logical
+    /// ports. Default: none (whichever chassis has the port binds it).
+    pub chassis: Option<String>,
+}
+
+impl Default for OvnConfig {
+    fn default() -> Self {
+        Self { northbound: None, integration_bridge: "br-int".into(), chassis: None }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
@@ -180,6 +203,7 @@ impl Default for NodeConfig {
             stop_timeout_seconds: 60,
             host_root: PathBuf::from("/"),
             ovs: OvsConfig::default(),
+            ovn: OvnConfig::default(),
             host: HostConfig::default(),
             update: UpdateConfig::default(),
             warm_pool: Vec::new(),
@@ -286,6 +310,19 @@ impl NodeConfig {
                 problem(field, "[]".into(), "is empty");
             } else if command.first().is_some_and(String::is_empty) || command.iter().any(|arg| arg.contains('\0')) {
                 problem(field, format!("{command:?}"), "has an empty program or a NUL byte");
+            }
+        }
+        if let Some(endpoint) = &self.ovn.northbound {
+            if endpoint.parse::<qx_net::ovsdb::Endpoint>().is_err() {
+                problem("ovn.northbound", endpoint.clone(), "is not unix:PATH or tcp:HOST:PORT");
+            }
+        }
+        if let Err(p) = qx_net::names::check_ifname(&self.ovn.integration_bridge) {
+            problem("ovn.integration_bridge", self.ovn.integration_bridge.clone(), &p);
+        }
+        if let Some(chassis) = &self.ovn.chassis {
+            if let Err(p) = qx_net::ovn::spec::check_ovn_name(chassis) {
+                problem("ovn.chassis", chassis.clone(), &p);
             }
         }
         if self.stop_timeout_seconds == 0 || self.stop_timeout_seconds > 3600 {

@@ -16,7 +16,7 @@ use qx_vmm::spec::{
 };
 use qx_vmm::{ValidationErrors, VmEvent, VmInfo, VmSpec, VmState};
 
-use crate::network::{NetworkSpec, NicStatus};
+use crate::network::{NetworkKind, NetworkSpec, NicStatus};
 use crate::node::NodeInfo;
 
 /// Collects conversion problems so that every bad field is reported at once.
@@ -245,17 +245,58 @@ pub fn network_to_pb(network: &NetworkSpec) -> pb::Network {
         bridge: network.bridge.clone(),
         vlan: network.vlan.map(u32::from),
         mtu: network.mtu,
+        kind: network.kind.as_str().to_owned(),
+        logical_switch: network.logical_switch.clone().unwrap_or_default(),
+        subnet: network.subnet.map(|s| s.to_string()).unwrap_or_default(),
+        gateway: network.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        dns_servers: network.dns_servers.iter().map(ToString::to_string).collect(),
+        dhcp: (network.kind == NetworkKind::Ovn).then_some(network.dhcp),
     }
 }
 
-/// VLANs too large for 16 bits become `u16::MAX`, which validation refuses by name like any other bad VLAN.
-pub fn network_from_pb(network: pb::Network) -> NetworkSpec {
-    NetworkSpec {
+/// VLANs too large for 16 bits become `u16::MAX`, which validation refuses by name like any other bad VLAN; text
+/// that does not parse (kind, subnet, addresses) is refused here, every field at once.
+pub fn network_from_pb(network: pb::Network) -> Result<NetworkSpec, ValidationErrors> {
+    let mut p = Problems::default();
+    let kind = p.choice("kind".to_owned(), &network.kind, |v| match v {
+        "" | "ovs" => Some(NetworkKind::Ovs),
+        "ovn" => Some(NetworkKind::Ovn),
+        _ => None,
+    });
+    let subnet = (!network.subnet.is_empty())
+        .then(|| match network.subnet.parse::<qx_net::ovn::Ipv4Cidr>() {
+            Ok(subnet) => Some(subnet),
+            Err(problem) => {
+                p.add("subnet".into(), &network.subnet, &problem);
+                None
+            }
+        })
+        .flatten();
+    let mut address = |field: String, text: &str| match text.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            p.add(field, text, "is not an IPv4 address");
+            None
+        }
+    };
+    let gateway = (!network.gateway.is_empty()).then(|| address("gateway".into(), &network.gateway)).flatten();
+    let dns_servers =
+        network.dns_servers.iter().enumerate().filter_map(|(i, t)| address(format!("dns_servers[{i}]"), t)).collect();
+    if !p.0.is_empty() {
+        return Err(ValidationErrors(p.0));
+    }
+    Ok(NetworkSpec {
         name: network.name,
+        kind,
         bridge: network.bridge,
         vlan: network.vlan.map(|vlan| u16::try_from(vlan).unwrap_or(u16::MAX)),
         mtu: network.mtu,
-    }
+        logical_switch: (!network.logical_switch.is_empty()).then_some(network.logical_switch),
+        subnet,
+        gateway,
+        dns_servers,
+        dhcp: network.dhcp.unwrap_or(true),
+    })
 }
 
 pub fn nic_status_to_pb(nic: &NicStatus) -> pb::NicStatus {
@@ -266,6 +307,8 @@ pub fn nic_status_to_pb(nic: &NicStatus) -> pb::NicStatus {
         ofport: nic.ofport.unwrap_or(0),
         id: nic.id.clone(),
         iface_id: nic.iface_id.clone(),
+        ipv4: nic.ipv4.map(|ip| ip.to_string()).unwrap_or_default(),
+        up: nic.up,
     }
 }
 

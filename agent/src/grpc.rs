@@ -64,8 +64,11 @@ pub fn network_status(error: NetworkError) -> Status {
         NetworkError::NotFound(_) => Status::not_found(message),
         NetworkError::AlreadyExists(_) => Status::already_exists(message),
         NetworkError::InUse { .. } => Status::failed_precondition(message),
-        NetworkError::Unreachable { .. } => Status::unavailable(message),
-        NetworkError::Switch { .. } | NetworkError::Persist { .. } => Status::internal(message),
+        NetworkError::Unreachable { .. } | NetworkError::OvnUnreachable { .. } => Status::unavailable(message),
+        NetworkError::OvnNotConfigured => Status::failed_precondition(message),
+        NetworkError::Switch { .. } | NetworkError::Ovn { .. } | NetworkError::Persist { .. } => {
+            Status::internal(message)
+        }
     }
 }
 
@@ -271,7 +274,7 @@ impl NodeService for NodeApi {
     }
 
     async fn create_network(&self, request: Request<pb::Network>) -> Result<Response<pb::Network>, Status> {
-        let spec = network_from_pb(request.into_inner());
+        let spec = network_from_pb(request.into_inner()).map_err(|e| network_status(NetworkError::Invalid(e)))?;
         let span = info_span!("CreateNetwork", network = %spec.name);
         let created = self.node.create_network(spec).instrument(span).await.map_err(network_status)?;
         Ok(Response::new(network_to_pb(&created)))

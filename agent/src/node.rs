@@ -77,7 +77,7 @@ impl Node {
         let host = HostRoot::new(&config.host_root);
         let accel = choose_accel(config.accelerator, accel::detect(&host));
         info!(accelerator = %accel.accel, reason = %accel.reason, qemu = %qemu_version, "host checked");
-        let networks = Networks::open(&config.data_dir, config.ovs.clone())
+        let networks = Networks::open(&config.data_dir, config.ovs.clone(), config.ovn.clone())
             .map(Arc::new)
             .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
         let pools = Arc::new(Pools::new(&config.data_dir, config.storage.clone()));
@@ -99,6 +99,10 @@ impl Node {
         .await
         .map_err(|source| NodeError::DataDir { path: config.data_dir.display().to_string(), source })?;
         let host = Host::open(&config, vms.clone()).await;
+        tokio::spawn({
+            let networks = Arc::clone(&networks);
+            async move { networks.probe_ovn().await }
+        });
         Ok(Self { config, qemu_version, networks, pools, vms, host, certs })
     }
 

@@ -13,7 +13,7 @@ use qx_test_infra::{test_guest, Daemon};
 use tonic::Code;
 
 fn network(name: &str, vlan: u32) -> pb::Network {
-    pb::Network { name: name.into(), bridge: "qxbr0".into(), vlan: Some(vlan), mtu: None }
+    pb::Network { name: name.into(), bridge: "qxbr0".into(), vlan: Some(vlan), ..Default::default() }
 }
 
 /// A test-guest VM on `network` whose eth0 gets `address` from the kernel command line.

@@ -397,7 +397,7 @@ async fn node_info_and_qxctl_json() {
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("qxctl --json prints JSON");
     assert_eq!(json["accelerator"], info.accelerator);
 
-    let status = client.create_network(pb::Network { name: "n".into(), bridge: "br0".into(), vlan: None, mtu: None });
+    let status = client.create_network(pb::Network { name: "n".into(), bridge: "br0".into(), ..Default::default() });
     let status = status.await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "no OVS here: {status:?}");
     assert!(status.message().contains("Open vSwitch is not reachable"), "{}", status.message());

@@ -86,14 +86,32 @@ enum NetworkCommand {
     List,
     Create {
         name: String,
-        /// The Open vSwitch bridge (created when missing).
-        #[arg(long)]
+        /// ovs (a bridge and VLAN on this host) or ovn (an OVN logical switch spanning nodes).
+        #[arg(long, default_value = "ovs")]
+        kind: String,
+        /// ovs: the Open vSwitch bridge (created when missing).
+        #[arg(long, default_value = "")]
         bridge: String,
-        /// Access VLAN (1-4094) of the VM ports; untagged when absent.
+        /// ovs: access VLAN (1-4094) of the VM ports; untagged when absent.
         #[arg(long)]
         vlan: Option<u32>,
         #[arg(long)]
         mtu: Option<u32>,
+        /// ovn: the logical switch (default: the network's name).
+        #[arg(long = "switch", default_value = "")]
+        logical_switch: String,
+        /// ovn: the IPv4 subnet, a.b.c.d/len.
+        #[arg(long, default_value = "")]
+        subnet: String,
+        /// ovn: the default gateway DHCP hands out.
+        #[arg(long, default_value = "")]
+        gateway: String,
+        /// ovn: a DNS server DHCP hands out; repeatable.
+        #[arg(long = "dns")]
+        dns_servers: Vec<String>,
+        /// ovn: no DHCP on the subnet.
+        #[arg(long)]
+        no_dhcp: bool,
     },
     /// Refused while a VM names the network.
     Delete {
@@ -369,8 +387,21 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
 async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand, json: bool) -> anyhow::Result<()> {
     let networks = match command {
         NetworkCommand::List => node.list_networks(pb::ListNetworksRequest {}).await?.into_inner().networks,
-        NetworkCommand::Create { name, bridge, vlan, mtu } => {
-            let request = pb::Network { name, bridge, vlan, mtu };
+        NetworkCommand::Create {
+            name,
+            kind,
+            bridge,
+            vlan,
+            mtu,
+            logical_switch,
+            subnet,
+            gateway,
+            dns_servers,
+            no_dhcp,
+        } => {
+            let dhcp = (kind == "ovn").then_some(!no_dhcp);
+            let request =
+                pb::Network { name, kind, bridge, vlan, mtu, logical_switch, subnet, gateway, dns_servers, dhcp };
             vec![node.create_network(request).await?.into_inner()]
         }
         NetworkCommand::Delete { name } => {
@@ -383,14 +414,28 @@ async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand,
     if json {
         let list: Vec<Value> = networks
             .iter()
-            .map(|n| json!({ "name": n.name, "bridge": n.bridge, "vlan": n.vlan, "mtu": n.mtu }))
+            .map(|n| {
+                json!({
+                    "name": n.name, "kind": n.kind, "bridge": n.bridge, "vlan": n.vlan, "mtu": n.mtu,
+                    "logical_switch": n.logical_switch, "subnet": n.subnet, "gateway": n.gateway,
+                    "dns_servers": n.dns_servers, "dhcp": n.dhcp,
+                })
+            })
             .collect();
         println!("{}", Value::Array(list));
         return Ok(());
     }
-    println!("{:<20} {:<16} {:>5} {:>6}", "NAME", "BRIDGE", "VLAN", "MTU");
+    println!("{:<20} {:<5} {:<16} {:>5} {:>6}  {}", "NAME", "KIND", "BRIDGE/SWITCH", "VLAN", "MTU", "SUBNET");
     for n in networks {
-        println!("{:<20} {:<16} {:>5} {:>6}", n.name, n.bridge, none(n.vlan), none(n.mtu));
+        let (on, subnet) = if n.kind == "ovn" {
+            let switch = if n.logical_switch.is_empty() { n.name.clone() } else { n.logical_switch.clone() };
+            let dhcp = if n.dhcp == Some(false) { "" } else { " dhcp" };
+            (switch, format!("{}{dhcp}", n.subnet))
+        } else {
+            (n.bridge.clone(), "-".to_owned())
+        };
+        let kind = if n.kind.is_empty() { "ovs" } else { n.kind.as_str() };
+        println!("{:<20} {:<5} {:<16} {:>5} {:>6}  {subnet}", n.name, kind, on, none(n.vlan), none(n.mtu));
     }
     Ok(())
 }
@@ -744,7 +789,9 @@ fn print_vm(vm: &pb::Vm, json: bool) {
         let on = if nic.network.is_empty() { nic.kind.clone() } else { format!("network {}", nic.network) };
         let port = runtime.nics.iter().find(|status| status.id == nic.id).map(|status| {
             let ofport = if status.ofport > 0 { format!(" ofport {}", status.ofport) } else { String::new() };
-            format!(" tap {}{ofport}", status.tap)
+            let ipv4 = if status.ipv4.is_empty() { String::new() } else { format!(" ip {}", status.ipv4) };
+            let up = if status.up { " up" } else { "" };
+            format!(" tap {}{ofport}{ipv4}{up}", status.tap)
         });
         let at = port_text(vm, &nic.id);
         rows.push(("nic", format!("{} {on} {}{at}{}", nic.id, nic.mac, port.unwrap_or_default())));

@@ -1,0 +1,225 @@
+//! Node networks of kind `ovn` end to end: qx-node drives a real OVN (northbound and southbound ovsdb-servers,
+//! ovn-northd, and a chassis with its own ovsdb-server, ovs-vswitchd on the userspace datapath and ovn-controller,
+//! all started by the harness in this test's network namespace). Test-guest VMs get their addresses from OVN's
+//! native DHCP (busybox udhcpc) and reach each other on one logical switch, and not across two.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use qx_proto::node::v1 as pb;
+use qx_test_infra::ovn::{skip_without_ovn, Chassis, OvnCentral};
+use qx_test_infra::ovs::isolate_network;
+use qx_test_infra::{test_guest, Daemon};
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn ovn_network(name: &str, subnet: &str) -> pb::Network {
+    pb::Network { name: name.into(), kind: "ovn".into(), subnet: subnet.into(), ..Default::default() }
+}
+
+/// A test-guest VM with one NIC on `network`, configured by nothing: it asks DHCP.
+async fn create_on(client: &mut Client, name: &str, network: &str) {
+    let nics = format!("nics:\n  - kind: network\n    network: {network}\n");
+    let spec_text = test_guest().spec_yaml(name, &nics);
+    client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+}
+
+/// The VM's first NIC as qx-node reports it.
+async fn nic(client: &mut Client, name: &str) -> pb::NicStatus {
+    get(client, name).await.runtime.unwrap_or_default().nics.into_iter().next().expect("a NIC status")
+}
+
+/// Asks for the VM's first NIC every 100 ms until ovn-controller has bound its logical port and OVN has given it
+/// an address, at most `WAIT`.
+async fn bound_nic(client: &mut Client, name: &str) -> pb::NicStatus {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = nic(client, name).await;
+        if status.up && !status.ipv4.is_empty() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}'s logical port never came up with an address: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Types a line into the guest's shell without waiting for anything.
+async fn type_line(console: &mut Console, line: &str) {
+    let data = format!("{line}\n").into_bytes();
+    console.input.send(pb::ConsoleInput { data, ..Default::default() }).await.unwrap();
+}
+
+/// Runs busybox udhcpc on eth0 with a script that configures the lease, and returns eth0's IPv4 address.
+async fn dhcp(console: &mut Console) -> String {
+    // busybox exports the lease as $ip and $mask (prefix length) to the script.
+    type_line(
+        console,
+        r#"printf '%s\n' '#!/bin/sh' '[ "$1" = bound ] && ip addr add "$ip/$mask" dev "$interface"' 'exit 0' >/tmp/dhcp.sh; chmod +x /tmp/dhcp.sh"#,
+    )
+    .await;
+    let out = console
+        .sh("ip link set eth0 up; timeout 25 udhcpc -i eth0 -n -q -t 8 -T 2 -s /tmp/dhcp.sh >/dev/null 2>&1; ip -4 -o addr show eth0")
+        .await;
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|cidr| cidr.split('/').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Pings `address` from the guest and returns the "N packets received" summary.
+async fn ping(console: &mut Console, address: &str) -> String {
+    console.sh(&format!("ping -c 3 -W 2 {address} | grep -o '[0-9]* packets received'")).await
+}
+
+fn logical_ports(central: &OvnCentral) -> Vec<String> {
+    let names = central.nbctl(&["--bare", "--columns=name", "list", "Logical_Switch_Port"]);
+    names.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().to_owned()).collect()
+}
+
+#[test]
+fn vms_on_one_logical_switch_get_dhcp_addresses_and_reach_each_other_but_not_another_switch() {
+    if skip_without_ovn() {
+        return;
+    }
+    // Taps, br-int, ovs-vswitchd and ovn-controller live in this test's own namespace; the daemon inherits it.
+    isolate_network();
+    let central = OvnCentral::start();
+    let chassis = Chassis::start(&central, "qx-hv1");
+    test_guest();
+    let config = format!(
+        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
+        chassis.ovs().db_socket().display(),
+        central.nb_endpoint(),
+        chassis.name()
+    );
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(&config));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = client(&daemon).await;
+
+        // Bad input is refused by field, and nothing reaches the northbound database.
+        let before = central.nbctl(&["--bare", "--columns=_uuid", "list", "Logical_Switch"]);
+        for (bad, field) in [
+            (pb::Network { subnet: String::new(), ..ovn_network("n", "") }, "subnet"),
+            (ovn_network("n", "10.91.0.1/24"), "subnet"),
+            (ovn_network("n", "10.91.0.0/31"), "subnet"),
+            (pb::Network { kind: "vxlan".into(), ..ovn_network("n", "10.91.0.0/24") }, "kind"),
+            (pb::Network { bridge: "br0".into(), ..ovn_network("n", "10.91.0.0/24") }, "bridge"),
+            (pb::Network { vlan: Some(10), ..ovn_network("n", "10.91.0.0/24") }, "vlan"),
+            (pb::Network { gateway: "10.1.0.1".into(), ..ovn_network("n", "10.91.0.0/24") }, "gateway"),
+            (pb::Network { dns_servers: vec!["x".into()], ..ovn_network("n", "10.91.0.0/24") }, "dns_servers[0]"),
+            (pb::Network { logical_switch: "bad switch".into(), ..ovn_network("n", "10.91.0.0/24") }, "logical_switch"),
+        ] {
+            let status = client.create_network(bad).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(field), "{field} not named: {}", status.message());
+        }
+        client.create_network(ovn_network("net1", "10.91.0.0/24")).await.unwrap();
+        let overlapping = pb::Network { logical_switch: "other".into(), ..ovn_network("net3", "10.91.0.128/25") };
+        let status = client.create_network(overlapping).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("overlaps subnet 10.91.0.0/24"), "{}", status.message());
+        client.create_network(ovn_network("net2", "10.92.0.0/24")).await.unwrap();
+        let switches = central.nbctl(&["--bare", "--columns=name", "list", "Logical_Switch"]);
+        let mut switches: Vec<&str> = switches.lines().filter(|l| !l.is_empty()).collect();
+        switches.sort();
+        assert_eq!(switches, ["net1", "net2"], "before: {before:?}");
+        let listed = client.list_networks(pb::ListNetworksRequest {}).await.unwrap().into_inner().networks;
+        let listed: Vec<_> = listed.iter().map(|n| (n.name.as_str(), n.kind.as_str(), n.subnet.as_str())).collect();
+        assert_eq!(listed, [("net1", "ovn", "10.91.0.0/24"), ("net2", "ovn", "10.92.0.0/24")]);
+
+        create_on(&mut client, "a", "net1").await;
+        create_on(&mut client, "b", "net1").await;
+        create_on(&mut client, "c", "net2").await;
+        for name in ["a", "b", "c"] {
+            start(&mut client, name).await;
+        }
+        let mut a = boot(&mut client, "a").await;
+        let mut b = boot(&mut client, "b").await;
+        let mut c = boot(&mut client, "c").await;
+
+        // Each NIC is a logical port named by its iface-id, bound by this node's ovn-controller.
+        let mut addresses = Vec::new();
+        for name in ["a", "b", "c"] {
+            let status = bound_nic(&mut client, name).await;
+            assert!(logical_ports(&central).contains(&status.iface_id), "{status:?}");
+            assert_eq!(central.bound_chassis(&status.iface_id).as_deref(), Some(chassis.name()));
+            let iface_id = chassis.vsctl(&["get", "Interface", &status.tap, "external_ids:iface-id"]);
+            assert_eq!(iface_id.trim_matches('"'), status.iface_id);
+            addresses.push(status.ipv4);
+        }
+
+        // The guests ask OVN's DHCP and get exactly the addresses OVN allocated to their ports.
+        for (console, expected) in [(&mut a, &addresses[0]), (&mut b, &addresses[1]), (&mut c, &addresses[2])] {
+            let leased = dhcp(console).await;
+            assert_eq!(&leased, expected, "DHCP lease\n{}", console.seen);
+        }
+        assert!(addresses[0].starts_with("10.91.0.") && addresses[2].starts_with("10.92.0."), "{addresses:?}");
+
+        let a_to_b = ping(&mut a, &addresses[1]).await;
+        assert!(!a_to_b.is_empty() && !a_to_b.starts_with("0 "), "a -> b on net1: {a_to_b:?}\n{}", a.seen);
+        // c takes an address of net1's subnet as well: only the logical switch stands between it and a.
+        type_line(&mut c, "ip addr add 10.91.0.200/24 dev eth0").await;
+        let c_to_a = ping(&mut c, &addresses[0]).await;
+        assert_eq!(c_to_a, "0 packets received", "c on net2 must not reach a on net1\n{}", c.seen);
+
+        let status = client.delete_network(pb::NetworkRef { name: "net1".into() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "a network in use stays: {status:?}");
+
+        // Stopping a VM removes its logical port with its OVS port and tap.
+        let b_port = nic(&mut client, "b").await.iface_id;
+        let request = pb::StopVmRequest { name: "b".into(), force: true, timeout_seconds: 0 };
+        client.stop_vm(request).await.unwrap();
+        assert!(!logical_ports(&central).contains(&b_port), "logical port removed at stop");
+        for name in ["a", "c"] {
+            let request = pb::StopVmRequest { name: name.into(), force: true, timeout_seconds: 0 };
+            client.stop_vm(request).await.unwrap();
+        }
+        assert_eq!(logical_ports(&central), Vec::<String>::new(), "no stray logical ports");
+        for name in ["a", "b", "c"] {
+            client.delete_vm(pb::VmRef { name: name.into() }).await.unwrap();
+        }
+        client.delete_network(pb::NetworkRef { name: "net2".into() }).await.unwrap();
+        let switches = central.nbctl(&["--bare", "--columns=name", "list", "Logical_Switch"]);
+        assert_eq!(switches.trim(), "net1", "an unused switch goes with its network");
+    });
+}
+
+#[test]
+fn an_unreachable_northbound_is_reported_and_the_node_runs_on() {
+    if skip_without_ovn() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("unix:{}", dir.path().join("nowhere.sock").display());
+    let config = format!("ovn:\n  northbound: {endpoint}\n");
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = client(&daemon).await;
+        let status = client.create_network(ovn_network("net1", "10.93.0.0/24")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains(&format!("not reachable at {endpoint}")), "{}", status.message());
+        // The daemon serves on: VMs without OVN networks work.
+        create(&mut client, "plain").await;
+        assert!(client.list_networks(pb::ListNetworksRequest {}).await.unwrap().into_inner().networks.is_empty());
+    });
+    let logged = qx_test_infra::wait_until(Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(daemon.log()).unwrap_or_default();
+        log.contains("OVN is configured but not reachable").then_some(())
+    });
+    assert!(
+        logged.is_some(),
+        "qx-node did not say OVN is unreachable:\n{}",
+        std::fs::read_to_string(daemon.log()).unwrap_or_default()
+    );
+}
