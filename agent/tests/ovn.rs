@@ -223,3 +223,51 @@ fn an_unreachable_northbound_is_reported_and_the_node_runs_on() {
         std::fs::read_to_string(daemon.log()).unwrap_or_default()
     );
 }
+
+#[test]
+fn a_northbound_restart_mid_session_loses_and_doubles_no_logical_port() {
+    if skip_without_ovn() {
+        return;
+    }
+    isolate_network();
+    let mut central = OvnCentral::start();
+    let chassis = Chassis::start(&central, "qx-hv2");
+    test_guest();
+    let config = format!(
+        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
+        chassis.ovs().db_socket().display(),
+        central.nb_endpoint(),
+        chassis.name()
+    );
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = client(&daemon).await;
+        client.create_network(ovn_network("net1", "10.94.0.0/24")).await.unwrap();
+        create_on(&mut client, "a", "net1").await;
+        create_on(&mut client, "b", "net1").await;
+        start(&mut client, "a").await;
+        let a = bound_nic(&mut client, "a").await;
+
+        // The NB server goes away and comes back on the same database; qx-node's client reconnects and its
+        // monitor resyncs, so the next NIC's logical port is written once and a's is still there, once.
+        central.kill_nb();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        central.restart_nb();
+        start(&mut client, "b").await;
+        let b = bound_nic(&mut client, "b").await;
+        let mut ports = logical_ports(&central);
+        ports.sort();
+        let mut expected = vec![a.iface_id.clone(), b.iface_id.clone()];
+        expected.sort();
+        assert_eq!(ports, expected, "every logical port once");
+        assert_ne!(a.ipv4, b.ipv4);
+        assert!(nic(&mut client, "a").await.up, "a stays bound");
+
+        for name in ["a", "b"] {
+            let request = pb::StopVmRequest { name: name.into(), force: true, timeout_seconds: 0 };
+            client.stop_vm(request).await.unwrap();
+        }
+        assert_eq!(logical_ports(&central), Vec::<String>::new(), "no stray logical ports");
+    });
+}
