@@ -33,6 +33,7 @@ pub mod device_tree;
 pub mod host;
 pub mod machine;
 mod manager;
+pub mod migration;
 pub mod network;
 pub mod persist;
 pub mod process;

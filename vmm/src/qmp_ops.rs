@@ -97,6 +97,56 @@ pub(crate) async fn simple(
     }
 }
 
+/// `migrate-set-capabilities`: each capability on or off, on the side it is sent to.
+pub(crate) async fn set_migration_capabilities(
+    qmp: &QmpClient,
+    capabilities: &[(qapi_qmp::MigrationCapability, bool)],
+) -> Result<(), Error> {
+    let capabilities = capabilities
+        .iter()
+        .map(|&(capability, state)| qapi_qmp::MigrationCapabilityStatus { capability, state })
+        .collect();
+    qmp.execute(qapi_qmp::migrate_set_capabilities { capabilities }).await.map(drop)
+}
+
+/// `migrate-set-parameters`: every member of 9.1's `MigrateSetParameters` that `parameters` sets exists in 7.2
+/// too for the ones `vmm` uses (bandwidth, downtime limit, multifd channels, xbzrle cache size).
+pub(crate) async fn set_migration_parameters(
+    qmp: &QmpClient,
+    parameters: qapi_qmp::MigrateSetParameters,
+) -> Result<(), Error> {
+    qmp.execute(qapi_qmp::migrate_set_parameters(parameters)).await.map(drop)
+}
+
+/// `query-migrate`. 9.1's `MigrationStats` requires nothing 7.2 does not send (7.2 adds `skipped`, and `disk`
+/// and `compression` beside `ram`, which decoding ignores).
+pub(crate) async fn query_migrate(qmp: &QmpClient) -> Result<qapi_qmp::MigrationInfo, Error> {
+    qmp.execute(qapi_qmp::query_migrate {}).await
+}
+
+/// `migrate` to `uri` (`tcp:HOST:PORT` or `unix:PATH`): 7.2 takes `uri` only, not 9.1's `channels`.
+pub(crate) async fn migrate(qmp: &QmpClient, uri: &str) -> Result<(), Error> {
+    let command = qapi_qmp::migrate { uri: Some(uri.to_owned()), channels: None, detach: None, resume: None };
+    qmp.execute(command).await.map(drop)
+}
+
+/// `migrate-incoming` on `uri`, for a QEMU started with `-incoming defer` (7.2 has no `exit-on-error`: a failed
+/// incoming migration ends the QEMU).
+pub(crate) async fn migrate_incoming(qmp: &QmpClient, uri: &str) -> Result<(), Error> {
+    let command = qapi_qmp::migrate_incoming { uri: Some(uri.to_owned()), channels: None, exit_on_error: None };
+    qmp.execute(command).await.map(drop)
+}
+
+/// `migrate_cancel`: an outgoing precopy migration stops and the source keeps running.
+pub(crate) async fn migrate_cancel(qmp: &QmpClient) -> Result<(), Error> {
+    qmp.execute(qapi_qmp::migrate_cancel {}).await.map(drop)
+}
+
+/// `migrate-start-postcopy`: the source stops, sends the device state, and the target runs while pages follow.
+pub(crate) async fn migrate_start_postcopy(qmp: &QmpClient) -> Result<(), Error> {
+    qmp.execute(qapi_qmp::migrate_start_postcopy {}).await.map(drop)
+}
+
 /// What qx-node makes of a QEMU it finds in some run state after a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Found {
