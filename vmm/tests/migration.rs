@@ -121,3 +121,38 @@ async fn a_running_guest_moves_to_the_target_and_its_counter_goes_on() {
     );
     assert!(outcome.total_time_ms > 0 && !outcome.postcopy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_mid_way_leaves_the_guest_running_on_the_source_and_ends_the_target() {
+    let dir = tempfile::Builder::new().prefix("qx-migration-").tempdir().unwrap();
+    let _source_qemu = start_qemu(dir.path(), "src", false);
+    let mut target_qemu = start_qemu(dir.path(), "dst", true);
+    let source = qmp(dir.path(), "src").await;
+    let target = qmp(dir.path(), "dst").await;
+    let mut console = serial(dir.path(), "src").await;
+    let mut seen = String::new();
+    read_until(&mut console, &mut seen, Duration::from_secs(60), |s| s.contains(qx_test_infra::READY_LINE)).await;
+    console.write_all(b"i=0; while true; do i=$((i+1)); echo C$i; sleep 0.2; done\n").await.unwrap();
+    read_until(&mut console, &mut seen, Duration::from_secs(30), |s| last_count(s) >= 2).await;
+
+    // 1 MiB/s: the guest's ~70 MB of non-zero memory takes about a minute, so a cancel after 1 s is mid-way.
+    let config = MigrationConfig { max_bandwidth: Some(1 << 20), ..Default::default() };
+    let uri = format!("unix:{}", dir.path().join("migrate.sock").display());
+    migration::start_incoming(&target, &config, &uri).await.unwrap();
+    migration::prepare_source(&source, &config).await.unwrap();
+    let mut last = None;
+    let result = migration::migrate_out(&source, &uri, &config, tokio::time::sleep(Duration::from_secs(1)), |p| {
+        if p.phase == migration::Phase::Precopy {
+            last = Some(p.clone());
+        }
+    })
+    .await;
+    assert!(matches!(result, Err(migration::MigrationError::Cancelled)), "{result:?}");
+    let last = last.expect("no precopy poll before the cancel");
+    assert!(last.transferred_bytes > 0 && last.remaining_bytes > 0, "not mid-way: {last:?}");
+    assert_eq!(source.query_status().await.unwrap().state, RunState::Running);
+    let before = last_count(&seen);
+    read_until(&mut console, &mut seen, Duration::from_secs(30), |s| last_count(s) > before + 3).await;
+    let exited = qx_test_infra::wait_until(Duration::from_secs(20), || target_qemu.0.try_wait().unwrap());
+    assert!(exited.is_some(), "the target QEMU did not exit by itself after the cancel");
+}
