@@ -3,14 +3,14 @@
 # the tools the test guest build uses, tmux for the console tests, OVMF (UEFI and Secure Boot firmware) and swtpm
 # (the vTPM) for the devices crate, the guest agent (qemu-ga) for the QGA tests, disk tools for the nested host
 # test (image/build.sh installs what the image build itself needs), and the SSH client the Debian guest tests log
-# in with. Does nothing when everything is there already.
+# in with, and nft for the host firewall test. Does nothing when everything is there already.
 set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 # The nested host test edits the host image's partitions (sgdisk, mkfs.ext4).
 for tool in busybox:busybox-static cpio:cpio depmod:kmod tmux:tmux sgdisk:gdisk mkfs.ext4:e2fsprogs \
-    ssh:openssh-client ssh-keygen:openssh-client; do
+    ssh:openssh-client ssh-keygen:openssh-client nft:nftables; do
     [ -x "/bin/${tool%%:*}" ] || [ -x "/sbin/${tool%%:*}" ] || command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 [ -f /usr/share/OVMF/OVMF_CODE_4M.secboot.fd ] || need+=(ovmf)

@@ -35,4 +35,6 @@ if [[ ${QX_SKIP_HOST_IMAGE:-0} != 1 ]]; then
     export QX_HOST_IMAGE QX_HOST_IMAGE_UPDATE QX_HOST_IMAGE_BROKEN
     phase "host images ready"
 fi
+# The host firewall ruleset in two network namespaces (seconds; real nft and sockets).
+image/test-firewall.sh >&2
 cargo test --workspace "$@"

@@ -28,6 +28,7 @@ fn scripts_are_posix_sh_that_parses() {
     let scripts = [
         "etc/init.d/quantix-node",
         "etc/init.d/quantix-console",
+        "etc/init.d/firewall",
         "etc/conf.d/quantix-node",
         "etc/conf.d/quantix-console",
         "usr/libexec/quantix/console-on-tty1",
