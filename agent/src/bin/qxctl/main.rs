@@ -146,6 +146,7 @@ enum VmCommand {
         #[arg(long, short)]
         file: PathBuf,
     },
+    /// Start a stopped VM.
     Start {
         name: String,
     },
@@ -158,18 +159,23 @@ enum VmCommand {
         #[arg(long)]
         timeout: Option<u32>,
     },
+    /// Reboot a running VM: the ACPI power button, then a reset (at once if the guest ignores the button).
     Reboot {
         name: String,
     },
+    /// Hard reset of a running or paused VM, like the reset button: the guest gets no warning.
     Reset {
         name: String,
     },
+    /// Pause the vCPUs; memory and devices stay as they are.
     Pause {
         name: String,
     },
+    /// Resume a paused VM.
     Resume {
         name: String,
     },
+    /// Delete a stopped or crashed VM's definition and its directory on the node.
     Delete {
         name: String,
     },
