@@ -462,7 +462,7 @@ mod tests {
     fn host() -> HostSummary {
         HostSummary {
             management_address: "10.0.0.5/24".into(),
-            management_url: "grpc://10.0.0.5:7443".into(),
+            management_url: "grpcs://10.0.0.5:7443".into(),
             network: Some(NetworkConfig {
                 interface: "eth0".into(),
                 mode: AddressMode::Static,

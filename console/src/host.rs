@@ -183,7 +183,7 @@ impl From<pb::ClusterStatus> for ClusterSummary {
 pub struct HostSummary {
     /// e.g. `192.0.2.10/24`; empty when the interface has no address.
     pub management_address: String,
-    /// e.g. `grpc://192.0.2.10:7443` or the control plane's URL; empty when there is none.
+    /// e.g. `grpcs://192.0.2.10:7443` or the control plane's URL; empty when there is none.
     pub management_url: String,
     pub network: Option<NetworkConfig>,
     pub ssh: SshState,

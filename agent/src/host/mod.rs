@@ -113,7 +113,7 @@ pub enum PowerAction {
 pub struct HostStatus {
     /// The management interface's IPv4 address with prefix; empty when it has none.
     pub management_address: String,
-    /// The control plane's URL when a member, else `grpc://address:port` of qx-node's TCP listener, else empty.
+    /// The control plane's URL when a member, else `grpcs://address:port` of qx-node's TCP listener, else empty.
     pub management_url: String,
     /// `None` when `network.yaml` cannot be read (GetNetworkConfig says why).
     pub network: Option<ManagementNetwork>,
@@ -360,14 +360,14 @@ impl Host {
     }
 }
 
-/// `grpc://address:port` of the TCP listener; a wildcard listener is named by the management address.
+/// `grpcs://address:port` of the TCP listener; a wildcard listener is named by the management address.
 fn listener_url(tcp: SocketAddr, management_address: &str) -> Option<String> {
     let ip = if tcp.ip().is_unspecified() {
         management_address.split('/').next()?.parse::<IpAddr>().ok()?
     } else {
         tcp.ip()
     };
-    Some(format!("grpc://{}", SocketAddr::new(ip, tcp.port())))
+    Some(format!("grpcs://{}", SocketAddr::new(ip, tcp.port())))
 }
 
 use qx_common::blocking;
@@ -446,10 +446,10 @@ mod tests {
     #[test]
     fn listener_urls() {
         let any: SocketAddr = "0.0.0.0:7443".parse().unwrap();
-        assert_eq!(listener_url(any, "192.0.2.10/24").as_deref(), Some("grpc://192.0.2.10:7443"));
+        assert_eq!(listener_url(any, "192.0.2.10/24").as_deref(), Some("grpcs://192.0.2.10:7443"));
         assert_eq!(listener_url(any, ""), None, "a wildcard listener without an address names nothing useful");
         let v6: SocketAddr = "[2001:db8::1]:7443".parse().unwrap();
-        assert_eq!(listener_url(v6, "").as_deref(), Some("grpc://[2001:db8::1]:7443"));
+        assert_eq!(listener_url(v6, "").as_deref(), Some("grpcs://[2001:db8::1]:7443"));
     }
 
     #[test]

@@ -34,7 +34,7 @@ fn node_info() -> NodeInfo {
 pub(super) fn host() -> HostSummary {
     HostSummary {
         management_address: "192.0.2.10/24".into(),
-        management_url: "grpc://192.0.2.10:7443".into(),
+        management_url: "grpcs://192.0.2.10:7443".into(),
         network: Some(NetworkConfig {
             interface: "eth0".into(),
             mode: AddressMode::Static,
@@ -95,7 +95,7 @@ fn connected_at_80x24() {
         "  Status:        standalone",
         "  Control plane: not joined",
         "  Management IP: 192.0.2.10/24 on eth0 (static)",
-        "  Manage at:     grpc://192.0.2.10:7443",
+        "  Manage at:     grpcs://192.0.2.10:7443",
         "  SSH:           disabled",
         "",
         "",

@@ -159,8 +159,8 @@ pub async fn cert(target: &Target, command: CertCommand, json: bool) -> anyhow::
         Some(address) => Some(address),
         None => {
             let status = host.get_host_status(pb::GetHostStatusRequest {}).await?.into_inner();
-            // A member's management URL is its control plane's (http or https); grpc:// is this node's listener.
-            status.management_url.strip_prefix("grpc://").map(str::to_owned)
+            // A member's management URL is its control plane's (http or https); grpcs:// is this node's TLS listener.
+            status.management_url.strip_prefix("grpcs://").map(str::to_owned)
         }
     };
     let dir = match out {
