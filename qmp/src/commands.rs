@@ -5,6 +5,8 @@
 //!
 //! - [`QueryMachines`]: 9.1's `MachineInfo` requires `acpi` (added in QEMU 8.0), which 7.2 does not send, so
 //!   `qapi_qmp::query_machines`' reply never decodes on 7.2. This is 7.2's shape.
+//! - [`QueryBlockstats`]: 9.1's `BlockDeviceStats` requires the zoned-device counters (`zone_append_*`, added in
+//!   QEMU 8.1), which 7.2 does not send. This is the subset of 7.2's members that metrics read.
 //!
 //! And what the schema leaves untyped on purpose: `device_add` takes any driver property (`'gen': false` in
 //! QEMU's schema, an open `arguments` map in `qapi_qmp::device_add`). `vmm` renders a device, a block node or a
@@ -53,6 +55,48 @@ pub struct MachineInfo {
     /// The id of the default RAM backend.
     #[serde(default)]
     pub default_ram_id: Option<String>,
+}
+
+/// `query-blockstats` as QEMU 7.2 answers it: one entry per block backend (or per named node with
+/// `query_nodes`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct QueryBlockstats {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_nodes: Option<bool>,
+}
+
+impl qapi_spec::Command for QueryBlockstats {
+    type Ok = Vec<BlockStats>;
+    const NAME: &'static str = "query-blockstats";
+    const ALLOW_OOB: bool = false;
+}
+
+/// One entry of `query-blockstats`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStats {
+    /// The backend's name; empty for `-blockdev` backends, which only have a `qdev` path.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// The QOM path of the device the backend is attached to.
+    #[serde(default)]
+    pub qdev: Option<String>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+    pub stats: BlockDeviceStats,
+}
+
+/// The I/O counters of one block backend, since QEMU started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub struct BlockDeviceStats {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
 }
 
 /// The typed `device_add` of a device rendered as a JSON object (`driver`, `id`, `bus` and any properties).
@@ -135,6 +179,36 @@ mod tests {
         assert!(machines[1].is_default && !machines[0].is_default);
         assert!(serde_json::from_value::<Vec<qapi_qmp::MachineInfo>>(reply).is_err(), "qapi-qmp learned 7.2's shape");
         assert_eq!(encode_arguments(&QueryMachines {}).unwrap(), None);
+    }
+
+    #[test]
+    fn query_blockstats_decodes_qemu_7_2() {
+        // Captured from Debian's QEMU 7.2 (a -blockdev qcow2 node on a file node, under virtio-blk-pci): no
+        // `zone_append_*`, which qapi-qmp's BlockDeviceStats requires.
+        let stats = json!({"unmap_operations": 0, "unmap_merged": 0, "flush_total_time_ns": 0, "wr_highest_offset": 0,
+            "wr_total_time_ns": 7, "failed_wr_operations": 0, "failed_rd_operations": 0, "wr_merged": 0,
+            "wr_bytes": 4096, "timed_stats": [], "failed_unmap_operations": 0, "failed_flush_operations": 0,
+            "account_invalid": true, "rd_total_time_ns": 9, "invalid_unmap_operations": 0, "flush_operations": 1,
+            "wr_operations": 1, "unmap_bytes": 0, "rd_merged": 0, "rd_bytes": 512, "unmap_total_time_ns": 0,
+            "invalid_flush_operations": 0, "account_failed": true, "rd_operations": 2, "invalid_wr_operations": 0,
+            "invalid_rd_operations": 0});
+        let reply = json!([{"device": "", "parent": {"stats": stats.clone(), "node-name": "f0"}, "stats": stats,
+            "node-name": "disk0", "qdev": "/machine/peripheral/vd0/virtio-backend"}]);
+        let blocks: Vec<BlockStats> = serde_json::from_value(reply.clone()).unwrap();
+        assert_eq!(blocks[0].qdev.as_deref(), Some("/machine/peripheral/vd0/virtio-backend"));
+        assert_eq!(blocks[0].node_name.as_deref(), Some("disk0"));
+        let expected = BlockDeviceStats {
+            rd_bytes: 512,
+            wr_bytes: 4096,
+            rd_operations: 2,
+            wr_operations: 1,
+            flush_operations: 1,
+            rd_total_time_ns: 9,
+            wr_total_time_ns: 7,
+        };
+        assert_eq!(blocks[0].stats, expected);
+        assert!(serde_json::from_value::<Vec<qapi_qmp::BlockStats>>(reply).is_err(), "qapi-qmp learned 7.2's shape");
+        assert_eq!(encode_arguments(&QueryBlockstats::default()).unwrap(), None);
     }
 
     #[test]
