@@ -217,7 +217,7 @@ fn network_form_gateway_outside_the_subnet_at_120x40() {
     let lines = text(&network_gateway_outside(), 120, 40);
     let expected = [
         "  Management IP: 192.0┌ Configure management network ────────────────────────────────────────────┐",
-        "  Manage at:     grpc:│                                                                          │",
+        "  Manage at:     grpcs│                                                                          │",
         "  SSH:           disab│   Interface       eth0                                                   │",
         "                      │   Mode            ( ) DHCP  (*) static                                   │",
         "                      │   Address         10.0.0.5/24  (with prefix, e.g. 192.0.2.10/24)         │",

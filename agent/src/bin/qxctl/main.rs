@@ -136,9 +136,7 @@ enum VmCommand {
     /// List VMs.
     List,
     /// Show one VM.
-    Show {
-        name: String,
-    },
+    Show { name: String },
     /// Define a VM from a YAML/JSON spec file or from flags.
     Create(CreateArgs),
     /// Replace a stopped VM's spec from a YAML/JSON spec file.
@@ -147,9 +145,7 @@ enum VmCommand {
         file: PathBuf,
     },
     /// Start a stopped VM.
-    Start {
-        name: String,
-    },
+    Start { name: String },
     /// Graceful stop (ACPI power button, then quit, then kill), or --force.
     Stop {
         name: String,
@@ -160,25 +156,15 @@ enum VmCommand {
         timeout: Option<u32>,
     },
     /// Reboot a running VM: the ACPI power button, then a reset (at once if the guest ignores the button).
-    Reboot {
-        name: String,
-    },
+    Reboot { name: String },
     /// Hard reset of a running or paused VM, like the reset button: the guest gets no warning.
-    Reset {
-        name: String,
-    },
+    Reset { name: String },
     /// Pause the vCPUs; memory and devices stay as they are.
-    Pause {
-        name: String,
-    },
+    Pause { name: String },
     /// Resume a paused VM.
-    Resume {
-        name: String,
-    },
+    Resume { name: String },
     /// Delete a stopped or crashed VM's definition and its directory on the node.
-    Delete {
-        name: String,
-    },
+    Delete { name: String },
     /// Disks of a VM: attach (hotplug when running) or detach.
     Disk {
         #[command(subcommand)]
