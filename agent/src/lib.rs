@@ -27,4 +27,5 @@ pub mod host;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod status;
 pub mod volumes;
