@@ -113,3 +113,49 @@ fn python_grpcio_gets_invalid_argument_for_oversized_specs() {
     );
 }
 
+/// The error an import stream ends with.
+async fn import_error(client: &mut Client, source: &Path, kind: pb::ImageKind) -> tonic::Status {
+    let request = pb::ImportImageRequest {
+        name: "bad".into(),
+        kind: kind as i32,
+        source_path: source.display().to_string(),
+        ..Default::default()
+    };
+    let mut stream = match client.import_image(request).await {
+        Ok(stream) => stream.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("importing {} succeeded", source.display()),
+            Err(status) => return status,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn importing_a_directory_a_device_or_a_fifo_is_invalid_argument_on_source_and_leaves_nothing() {
+    let daemon = daemon();
+    let mut client = client(&daemon).await;
+    // Beside the data dir, not in it: the snapshot below would wait forever on the FIFO.
+    let scratch = daemon.data_dir().parent().unwrap().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let fifo = scratch.join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    // The pool comes up on first use: list it once so the snapshot holds its files.
+    client.list_images(pb::ListImagesRequest::default()).await.unwrap();
+    let before = snapshot(&daemon.data_dir());
+    for source in [scratch.as_path(), Path::new("/dev/zero"), &fifo, &scratch.join("missing.raw")] {
+        for kind in [pb::ImageKind::CloudImage, pb::ImageKind::Iso] {
+            let status = import_error(&mut client, source, kind).await;
+            assert_eq!(status.code(), Code::InvalidArgument, "{}: {status:?}", source.display());
+            assert!(status.message().contains("source: "), "{}", status.message());
+            let violations = status.get_details_bad_request().expect("BadRequest details").field_violations;
+            assert_eq!(violations[0].field, "source");
+        }
+    }
+    assert!(client.list_images(pb::ListImagesRequest::default()).await.unwrap().into_inner().images.is_empty());
+    assert_eq!(snapshot(&daemon.data_dir()), before, "refused imports changed the data dir");
+}
