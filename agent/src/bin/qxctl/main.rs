@@ -650,6 +650,8 @@ fn state_name(state: i32) -> &'static str {
         Ok(pb::VmState::Paused) => "paused",
         Ok(pb::VmState::Stopping) => "stopping",
         Ok(pb::VmState::Crashed) => "crashed",
+        Ok(pb::VmState::Migrating) => "migrating",
+        Ok(pb::VmState::Incoming) => "incoming",
         _ => "-",
     }
 }
