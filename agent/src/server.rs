@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qx_proto::node::v1::host_service_server::HostServiceServer;
+use qx_proto::node::v1::migration_peer_service_server::MigrationPeerServiceServer;
+use qx_proto::node::v1::migration_service_server::MigrationServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
 use tokio::net::UnixListener;
@@ -24,6 +26,7 @@ use crate::authz::AuthorizeLayer;
 use crate::certs::TlsState;
 use crate::grpc::NodeApi;
 use crate::grpc_host::HostApi;
+use crate::grpc_migration::MigrationApi;
 use crate::grpc_update::UpdateApi;
 use crate::node::Node;
 
@@ -185,22 +188,34 @@ pub async fn serve(
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
     // UpdateService on both: a control plane pushes system updates.
     let updates = UpdateServiceServer::new(UpdateApi::new(Arc::clone(&node)));
+    // Live migration: MigrateVm for operators on both listeners; the node-to-node calls on both too (over TCP
+    // the source node's certificate needs the admin role).
+    health.set_serving::<MigrationServiceServer<MigrationApi>>().await;
+    health.set_serving::<MigrationPeerServiceServer<MigrationApi>>().await;
+    let migration = MigrationServiceServer::new(MigrationApi::new(Arc::clone(&node)));
+    let migration_peer = MigrationPeerServiceServer::new(MigrationApi::new(Arc::clone(&node)));
     let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
     let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
+    let migration_name = <MigrationServiceServer<MigrationApi> as NamedService>::NAME;
+    let peer_name = <MigrationPeerServiceServer<MigrationApi> as NamedService>::NAME;
     // Over TCP every call passes the role check of the client certificate (crate::authz).
     let tcp_router = tonic::transport::Server::builder()
         .layer(AuthorizeLayer::new(&node.config().tls.clients))
         .add_service(health_service.clone())
         .add_service(api.clone())
         .add_service(updates.clone())
-        .add_service(reflection(&[node_name, update_name])?);
+        .add_service(migration.clone())
+        .add_service(migration_peer.clone())
+        .add_service(reflection(&[node_name, update_name, migration_name, peer_name])?);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api)
         .add_service(updates)
         .add_service(host_api)
-        .add_service(reflection(&[node_name, update_name, host_name])?);
+        .add_service(migration)
+        .add_service(migration_peer)
+        .add_service(reflection(&[node_name, update_name, host_name, migration_name, peer_name])?);
 
     // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
