@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
+mod migrate;
 mod progress;
 mod remote;
 mod storage;
@@ -184,6 +185,10 @@ enum VmCommand {
         #[arg(long)]
         memory: Option<u64>,
     },
+    /// Live-migrate a running VM to another node (Ctrl-C cancels while in precopy).
+    Migrate(migrate::MigrateArgs),
+    /// Cancel a running VM's migration; it keeps running on this node.
+    MigrateCancel { name: String },
     /// Attach to the serial console (detach with Ctrl-]).
     Console {
         name: String,
@@ -296,6 +301,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool { command } => storage::pool(&mut node, command, json).await?,
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
+        Command::Vm { command: VmCommand::Migrate(args) } => migrate::migrate(channel, args, json).await?,
+        Command::Vm { command: VmCommand::MigrateCancel { name } } => migrate::cancel(channel, name).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
         Command::System { command } => system::run(channel, command, json).await?,
     }
@@ -344,6 +351,7 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
+        VmCommand::Migrate(_) | VmCommand::MigrateCancel { .. } => unreachable!("handled in run"),
         VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
             let disk = Some(parse_disk(&device)?);
             node.attach_disk(pb::AttachDiskRequest { vm: name, disk }).await?
