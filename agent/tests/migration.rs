@@ -56,6 +56,14 @@ impl Cluster {
     }
 }
 
+/// Nodes `node-a` and `node-b`, each letting the other migrate VMs to it; the cluster must outlive them.
+async fn two_nodes() -> (Cluster, TlsNode, TlsNode) {
+    let cluster = Cluster::new();
+    let (a, b) = (cluster.node("node-a", "node-b"), cluster.node("node-b", "node-a"));
+    b.wait_tcp().await;
+    (cluster, a, b)
+}
+
 async fn unix(node: &TlsNode) -> (Client, MigrationServiceClient<tonic::transport::Channel>) {
     let channel = qx_agent::client::channel(node.daemon.socket()).await.unwrap();
     (Client::new(channel.clone()), MigrationServiceClient::new(channel))
@@ -77,17 +85,8 @@ fn first_count(text: &str) -> Option<u64> {
 
 /// Reads the console until the counter passes `count`.
 async fn counter_passes(console: &mut Console, count: u64) {
-    let passed = tokio::time::timeout(Duration::from_secs(60), async {
-        while last_count(&console.seen) <= count {
-            match console.output.message().await {
-                Ok(Some(chunk)) => console.seen.push_str(&String::from_utf8_lossy(&chunk.data)),
-                _ => return false,
-            }
-        }
-        true
-    })
-    .await;
-    assert!(matches!(passed, Ok(true)), "the counter never passed {count}; the console showed:\n{}", console.seen);
+    let what = format!("the counter passing {count}");
+    console.expect_that(&what, Duration::from_secs(60), |seen| last_count(seen) > count).await;
 }
 
 /// Boots the test guest as `name` on `client`'s node and starts a counter on its console.
@@ -109,9 +108,7 @@ fn vm_dirs(data_dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_vm_moves_to_the_other_node_and_its_counter_goes_on() {
-    let cluster = Cluster::new();
-    let (a, b) = (cluster.node("node-a", "node-b"), cluster.node("node-b", "node-a"));
-    b.wait_tcp().await;
+    let (_cluster, a, b) = two_nodes().await;
     let (mut client_a, mut migrations_a) = unix(&a).await;
     let (mut client_b, _) = unix(&b).await;
     let mut console = running_counter(&mut client_a, "mover").await;
@@ -169,9 +166,7 @@ async fn a_running_vm_moves_to_the_other_node_and_its_counter_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_a_cancel_mid_way_leave_the_vm_running_on_the_source_and_nothing_on_the_target() {
-    let cluster = Cluster::new();
-    let (a, b) = (cluster.node("node-a", "node-b"), cluster.node("node-b", "node-a"));
-    b.wait_tcp().await;
+    let (_cluster, a, b) = two_nodes().await;
     let (mut client_a, mut migrations_a) = unix(&a).await;
     let (mut client_b, _) = unix(&b).await;
     let mut console = running_counter(&mut client_a, "stay").await;
