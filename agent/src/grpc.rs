@@ -53,6 +53,8 @@ pub fn status(error: VmError) -> Status {
         // QEMU refused the device (an image in the wrong format, say): the request, not the node, must change.
         VmError::Hotplug { .. } => Status::failed_precondition(message),
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
+        VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_status_code(&source, message),
+        VmError::GuestExecTimeout { .. } => Status::deadline_exceeded(message),
     }
 }
 

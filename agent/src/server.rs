@@ -1,5 +1,5 @@
 //! Serving the API: `NodeService` on the unix socket (always, mode 0600) and a TCP listener (when configured),
-//! `HostService` on the unix socket only, `UpdateService` on both, and the standard gRPC health and server
+//! `HostService` on the unix socket only, `UpdateService` and `GuestAgentService` on both, and the standard gRPC health and server
 //! reflection services on both. Unix connections are read through [`AuthorityFix`], so standard gRPC clients
 //! (grpcio, grpc-java) work on the socket without overriding `:authority`. The TCP listener serves TLS 1.3 with
 //! client certificates only ([`crate::certs`]) and checks each call against the certificate's role
@@ -10,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use qx_proto::node::v1::guest_agent_service_server::GuestAgentServiceServer;
 use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
@@ -23,6 +24,7 @@ use crate::authority::AuthorityFix;
 use crate::authz::AuthorizeLayer;
 use crate::certs::TlsState;
 use crate::grpc::NodeApi;
+use crate::grpc_guest::GuestApi;
 use crate::grpc_host::HostApi;
 use crate::grpc_update::UpdateApi;
 use crate::node::Node;
@@ -180,11 +182,14 @@ pub async fn serve(
     health.set_serving::<NodeServiceServer<NodeApi>>().await;
     health.set_serving::<HostServiceServer<HostApi>>().await;
     health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
+    health.set_serving::<GuestAgentServiceServer<GuestApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
     let host_api = HostServiceServer::new(HostApi::new(Arc::clone(&node)));
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
     // UpdateService on both: a control plane pushes system updates.
     let updates = UpdateServiceServer::new(UpdateApi::new(Arc::clone(&node)));
+    let guests = GuestAgentServiceServer::new(GuestApi::new(Arc::clone(&node)));
+    let guest_name = <GuestAgentServiceServer<GuestApi> as NamedService>::NAME;
     let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
     let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
@@ -194,13 +199,15 @@ pub async fn serve(
         .add_service(health_service.clone())
         .add_service(api.clone())
         .add_service(updates.clone())
-        .add_service(reflection(&[node_name, update_name])?);
+        .add_service(guests.clone())
+        .add_service(reflection(&[node_name, update_name, guest_name])?);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api)
         .add_service(updates)
         .add_service(host_api)
-        .add_service(reflection(&[node_name, update_name, host_name])?);
+        .add_service(guests)
+        .add_service(reflection(&[node_name, update_name, guest_name, host_name])?);
 
     // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
