@@ -21,6 +21,7 @@ pub mod client;
 pub mod config;
 mod convert;
 pub mod grpc;
+pub mod grpc_guest;
 pub mod grpc_host;
 pub mod grpc_migration;
 pub mod grpc_update;

@@ -36,6 +36,7 @@ use super::{
     VmInfo, VmManager,
 };
 use crate::device_tree::DeviceTree;
+use crate::guest_agent::{agent_options, GuestAgent};
 use crate::migration::{self, MigrationConfig, MigrationError, Outcome, Progress};
 use crate::persist::{StateRecord, VmDir};
 use crate::process::QemuProcess;
@@ -467,6 +468,7 @@ impl VmManager {
                     process,
                     qmp,
                     console,
+                    agent: GuestAgent::new(entry.dir.qga_socket(), agent_options()),
                     stop_requested: Default::default(),
                     guest_shutdown: Default::default(),
                 }),
