@@ -48,6 +48,7 @@ pub use console::SerialConsole;
 pub use device_tree::{DeviceTree, DiskSlot, NicSlot};
 pub use host::HostRoot;
 pub use manager::hotplug::{DEFAULT_DETACH_TIMEOUT, MEMORY_STEP_MIB};
+pub use manager::stats::DiskStats;
 pub use manager::{Backends, ManagerConfig, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;
 pub use spec::{ValidationErrors, VmSpec};

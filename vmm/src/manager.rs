@@ -52,6 +52,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 // A child module, so that it works on the VM entries like the lifecycle operations here do.
 #[path = "hotplug.rs"]
 pub(crate) mod hotplug;
+#[path = "stats.rs"]
+pub(crate) mod stats;
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
