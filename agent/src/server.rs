@@ -30,6 +30,7 @@ use crate::grpc_guest::GuestApi;
 use crate::grpc_host::HostApi;
 use crate::grpc_migration::MigrationApi;
 use crate::grpc_update::UpdateApi;
+use crate::metrics::RpcMetrics;
 use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,14 @@ pub enum ServeError {
          tls.certificates_dir, or remove listen.tcp"
     )]
     Tls {
+        dir: PathBuf,
+        #[source]
+        source: crate::certs::CertError,
+    },
+    #[error(
+        "ui.listen serves HTTPS with the node certificate from {dir}; fix the files named below, or remove ui.listen"
+    )]
+    UiTls {
         dir: PathBuf,
         #[source]
         source: crate::certs::CertError,
@@ -204,8 +213,11 @@ pub async fn serve(
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
     let migration_name = <MigrationServiceServer<MigrationApi> as NamedService>::NAME;
     let peer_name = <MigrationPeerServiceServer<MigrationApi> as NamedService>::NAME;
+    // Every call is counted for /metrics, on whichever listener it came in.
+    let rpc = RpcMetrics::default();
     // Over TCP every call passes the role check of the client certificate (crate::authz).
     let tcp_router = tonic::transport::Server::builder()
+        .layer(rpc.layer())
         .layer(AuthorizeLayer::new(&node.config().tls.clients))
         .add_service(health_service.clone())
         .add_service(api.clone())
@@ -215,6 +227,7 @@ pub async fn serve(
         .add_service(guests.clone())
         .add_service(reflection(&[node_name, update_name, migration_name, peer_name, guest_name])?);
     let router = tonic::transport::Server::builder()
+        .layer(rpc.layer())
         .add_service(health_service)
         .add_service(api)
         .add_service(updates)
@@ -255,6 +268,20 @@ pub async fn serve(
         }
         None => None,
     };
+    let ui = match node.config().ui.listen {
+        Some(addr) => {
+            let certs = node.certs().clone();
+            let dir = certs.dir().to_owned();
+            let tls = tokio::task::spawn_blocking(move || certs.browser_server_config())
+                .await
+                .expect("loading certificates does not panic")
+                .map_err(|source| ServeError::UiTls { dir, source })?;
+            let listener = crate::ui::bind(addr).await?;
+            let stop = stopped(stop_tx.subscribe());
+            Some(tokio::spawn(crate::ui::serve(Arc::clone(&node), rpc.clone(), listener, tls, stop)))
+        }
+        None => None,
+    };
     let stop = stopped(stop_tx.subscribe());
     tokio::spawn(async move {
         shutdown.await;
@@ -267,6 +294,9 @@ pub async fn serve(
         if let Ok(result) = tcp.await {
             result?;
         }
+    }
+    if let Some(ui) = ui {
+        let _ = ui.await;
     }
     let _ = fs::remove_file(&node.config().listen.unix);
     Ok(())

@@ -57,6 +57,8 @@ pub(crate) mod guest_ops;
 pub(crate) mod hotplug;
 #[path = "live_migration.rs"]
 pub(crate) mod live_migration;
+#[path = "stats.rs"]
+pub(crate) mod stats;
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
