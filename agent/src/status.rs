@@ -134,7 +134,12 @@ impl ApiError for VmError {
             VmError::DetachTimeout { .. } => Code::DeadlineExceeded,
             // QEMU refused the device (an image in the wrong format, say): the request, not the node, must change.
             VmError::Hotplug { .. } => Code::FailedPrecondition,
+            VmError::MigrationRefused { .. } => Code::FailedPrecondition,
+            VmError::MigrationCancelled { .. } => Code::Cancelled,
+            VmError::Migration { .. } => Code::Aborted,
             VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Code::Internal,
+            VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_code(source),
+            VmError::GuestExecTimeout { .. } => Code::DeadlineExceeded,
         }
     }
     fn problems(&self) -> Cow<'_, [FieldError]> {
