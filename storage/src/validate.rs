@@ -29,10 +29,18 @@ pub(crate) fn check_name(problems: &mut Problems, field: &str, value: &str) {
     }
     if let Some(c) = value.chars().find(|c| c.is_control()) {
         problems.add(field, value, format!("contains the control character {c:?}"));
+    } else if let Some(c) = value.chars().find(|&c| is_invisible(c)) {
+        problems.add(field, value, format!("contains the invisible character {c:?}"));
     }
     if problems.0.len() == before && value.trim() != value {
         problems.add(field, value, "starts or ends with whitespace");
     }
+}
+
+/// Zero-width and bidirectional formatting characters: a name holding one shows as another name (`\u{202e}`
+/// reverses what follows it).
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
 }
 
 /// [`check_name`] for a single name, as a `Result`.
