@@ -185,31 +185,17 @@ async fn refusals_and_a_cancel_mid_way_leave_the_vm_running_on_the_source_and_no
     assert_eq!(state(&get(&mut client_a, "stay").await), pb::VmState::Running);
     client_b.delete_vm(pb::VmRef { name: "stay".into() }).await.unwrap();
     // A bad target URL names the field.
-    let bad = pb::MigrateVmRequest { target_url: "http://x:1".into(), ..request.clone() };
+    let bad = pb::MigrateVmRequest { target_url: "http://x:1".into(), ..request };
     let err = async { migrations_a.migrate_vm(bad).await?.into_inner().message().await }.await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("target_url: \"http://x:1\""), "{}", err.message());
 
     // 1 MiB/s: the guest's memory takes about a minute, so a cancel after the first precopy progress is mid-way.
-    let slow = pb::MigrateVmRequest { max_bandwidth_bytes: 1 << 20, ..request };
-    let mut stream = migrations_a.migrate_vm(slow).await.unwrap().into_inner();
-    loop {
-        match stream.message().await.unwrap().and_then(|e| e.event) {
-            Some(pb::migration_event::Event::Progress(p)) if p.phase == "precopy" && p.transferred_bytes > 0 => break,
-            Some(pb::migration_event::Event::Progress(_)) => {}
-            other => panic!("no precopy progress: {other:?}"),
-        }
-    }
+    let mut stream = slow_migration(&mut migrations_a, "stay", &b).await;
     assert_eq!(state(&get(&mut client_a, "stay").await), pb::VmState::Migrating);
     assert_eq!(state(&get(&mut client_b, "stay").await), pb::VmState::Incoming);
     migrations_a.cancel_migration(pb::CancelMigrationRequest { name: "stay".into() }).await.expect("CancelMigration");
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the stream ended without saying the migration was cancelled"),
-            Err(status) => break status,
-        }
-    };
+    let err = stream_error(&mut stream, "the stream ended without saying the migration was cancelled").await;
     assert_eq!(err.code(), Code::Cancelled, "{err:?}");
 
     // The guest runs on the source as before; the target has no VM, no files and no QEMU left.
@@ -226,7 +212,7 @@ async fn refusals_and_a_cancel_mid_way_leave_the_vm_running_on_the_source_and_no
     assert_eq!(err.code(), Code::NotFound);
 }
 
-/// Starts a slow (1 MiB/s) migration of `name` from `a` to `b` and returns its stream once precopy is under way.
+/// Starts a slow (1 MiB/s) migration of `name` to `b` and returns its stream once precopy is under way.
 async fn slow_migration(
     migrations: &mut MigrationServiceClient<tonic::transport::Channel>,
     name: &str,
@@ -246,6 +232,17 @@ async fn slow_migration(
             }
             Some(pb::migration_event::Event::Progress(_)) => {}
             other => panic!("no precopy progress: {other:?}"),
+        }
+    }
+}
+
+/// Reads `stream` to its end, which must be an error, and returns it.
+async fn stream_error(stream: &mut tonic::Streaming<pb::MigrationEvent>, what: &str) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("{what}: the stream ended without an error"),
+            Err(status) => return status,
         }
     }
 }
@@ -288,13 +285,7 @@ async fn a_crash_of_the_target_qemu_the_source_daemon_or_the_target_daemon_mid_w
     for pid in b.daemon.qemu_pids() {
         qx_test_infra::kill_pid(pid);
     }
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the migration ended well without its target"),
-            Err(status) => break status,
-        }
-    };
+    let err = stream_error(&mut stream, "the migration ended well without its target").await;
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     assert!(err.message().contains("it keeps running here"), "{}", err.message());
     runs_on_the_source_only(&a, &b, "tough", "target QEMU killed").await;
@@ -314,13 +305,7 @@ async fn a_crash_of_the_target_qemu_the_source_daemon_or_the_target_daemon_mid_w
     let mut stream = slow_migration(&mut migrations, "tough", &b).await;
     b.daemon.kill9();
     b.daemon.restart();
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the migration ended well without its target daemon"),
-            Err(status) => break status,
-        }
-    };
+    let err = stream_error(&mut stream, "the migration ended well without its target daemon").await;
     assert_eq!(err.code(), Code::Aborted, "{err:?}");
     runs_on_the_source_only(&a, &b, "tough", "target daemon killed").await;
     assert!(b.daemon.log_text().contains("cut short by a qx-node restart"));
