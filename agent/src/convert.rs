@@ -553,6 +553,8 @@ pub fn state_to_pb(state: VmState) -> pb::VmState {
         VmState::Paused => pb::VmState::Paused,
         VmState::Stopping => pb::VmState::Stopping,
         VmState::Crashed => pb::VmState::Crashed,
+        VmState::Migrating => pb::VmState::Migrating,
+        VmState::Incoming => pb::VmState::Incoming,
     }
 }
 
@@ -566,6 +568,7 @@ pub fn vm_to_pb(vm: &VmInfo) -> pb::Vm {
             accelerator: vm.accel.map(|a| a.to_string()).unwrap_or_default(),
             last_reason: vm.reason.clone(),
             nics: Vec::new(),
+            guest_agent: vm.agent.as_ref().map(crate::grpc_guest::agent_to_pb),
         }),
         devices: devices_to_pb(&vm.devices),
         root_ports: vm.devices.root_ports,

@@ -23,6 +23,7 @@ use crate::accel::{Accel, AccelProbe};
 use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
 use crate::console::{ConsoleError, SerialConsole};
 use crate::device_tree::{DeviceTree, Growth};
+use crate::guest_agent::{agent_options, GuestAgent, AGENT_PORT_ID};
 use crate::host::HostRoot;
 use crate::machine::{QemuCaps, HOST_CPU};
 use crate::network::{network_nics, NetworkBackend};
@@ -49,9 +50,13 @@ const WARM_RETRY: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-// A child module, so that it works on the VM entries like the lifecycle operations here do.
+// Child modules, so that they work on the VM entries like the lifecycle operations here do.
+#[path = "guest_ops.rs"]
+pub(crate) mod guest_ops;
 #[path = "hotplug.rs"]
 pub(crate) mod hotplug;
+#[path = "live_migration.rs"]
+pub(crate) mod live_migration;
 #[path = "stats.rs"]
 pub(crate) mod stats;
 
@@ -125,6 +130,32 @@ pub enum VmError {
     /// The guest did not release the device in time; it stays attached (in QEMU and in the spec) until it does.
     #[error("VM {name:?} did not release device {device:?} within {waited:?}; it stays attached, and its removal finishes when the guest releases it")]
     DetachTimeout { name: String, device: String, waited: Duration },
+    /// The target node cannot host the VM (a live migration's refusal before anything moved).
+    #[error("node {target} cannot take VM {name:?}: {reason}")]
+    MigrationRefused { name: String, target: String, reason: String },
+    /// A live migration was cancelled; the VM runs here as before.
+    #[error("the migration of VM {name:?} was cancelled; it keeps running here")]
+    MigrationCancelled { name: String },
+    /// A live migration failed at `stage`; `outcome` says where the VM is.
+    #[error("the migration of VM {name:?} to {target} failed while {stage}; {outcome}")]
+    Migration {
+        name: String,
+        target: String,
+        stage: &'static str,
+        outcome: &'static str,
+        #[source]
+        source: BoxError,
+    },
+    /// The guest agent did not answer, refused, or its answer did not decode.
+    #[error("guest agent of VM {name:?}")]
+    GuestAgent {
+        name: String,
+        #[source]
+        source: qx_qmp::qga::QgaError,
+    },
+    /// A program started through the guest agent did not exit in time.
+    #[error("the program started in VM {name:?} (guest pid {pid}) did not exit within {timeout:?}; {}", killed_text(*.killed))]
+    GuestExecTimeout { name: String, pid: i64, timeout: Duration, killed: bool },
     /// QEMU refused a hotplug step; what earlier steps added was removed again.
     #[error("cannot hotplug {device:?} into VM {name:?}: {stage} failed")]
     Hotplug {
@@ -139,6 +170,14 @@ pub enum VmError {
 impl From<ValidationErrors> for VmError {
     fn from(errors: ValidationErrors) -> Self {
         VmError::Invalid(errors)
+    }
+}
+
+fn killed_text(killed: bool) -> &'static str {
+    if killed {
+        "it was killed"
+    } else {
+        "killing it failed"
     }
 }
 
@@ -162,6 +201,8 @@ pub struct VmInfo {
     pub accel: Option<Accel>,
     /// Why the VM is in its state (e.g. how QEMU exited).
     pub reason: String,
+    /// The guest agent as last seen, while QEMU runs.
+    pub agent: Option<crate::guest_agent::AgentStatus>,
 }
 
 /// A QEMU that runs for a VM.
@@ -169,6 +210,8 @@ struct Runtime {
     process: QemuProcess,
     qmp: QmpClient,
     console: Option<SerialConsole>,
+    /// The guest agent on the VM's `qga.sock`.
+    agent: GuestAgent,
     /// Set before qx-node stops QEMU, so its exit counts as a stop rather than a crash.
     stop_requested: AtomicBool,
     /// The guest powered off (SHUTDOWN event), so QEMU's exit is a stop rather than a crash.
@@ -236,6 +279,7 @@ impl Entry {
             started_at_unix: status.record.started_at_unix,
             accel: status.record.accel,
             reason: status.record.reason.clone(),
+            agent: status.runtime.as_ref().map(|runtime| runtime.agent.status()),
         }
     }
 
@@ -344,6 +388,12 @@ impl VmManager {
         if !was.is_active() {
             return;
         }
+        if was == VmState::Incoming {
+            return self.stale_incoming(&entry, record.pid).await;
+        }
+        if was == VmState::Migrating {
+            self.migration_cut_short(&entry).await;
+        }
         let span = tracing::info_span!("vm", vm = %name);
         async {
             let pid = read_pidfile(&dir.pidfile()).or(record.pid);
@@ -404,6 +454,7 @@ impl VmManager {
             process,
             qmp,
             console,
+            agent: GuestAgent::new(entry.dir.qga_socket(), agent_options()),
             stop_requested: AtomicBool::new(false),
             guest_shutdown: AtomicBool::new(false),
         });
@@ -417,6 +468,11 @@ impl VmManager {
         self.set_state(entry, state, &reason).await;
         self.supervise(Arc::clone(entry), Arc::clone(&runtime));
         self.reconcile_devices(entry, &runtime).await;
+        // The port may have opened while no daemon watched: ask the agent instead of waiting for an event.
+        if state == VmState::Running {
+            let probed = Arc::clone(&runtime);
+            tokio::spawn(async move { probed.agent.probe().await }.instrument(tracing::Span::current()));
+        }
         Ok(state)
     }
 
@@ -775,17 +831,8 @@ impl VmManager {
             let name = entry.name.clone();
             move |source: BoxError| VmError::Start { name, stage, log: String::new(), source }
         };
-        let seed = match spec.seed_config() {
-            Some(config) => {
-                let path = dir.seed_image();
-                qx_storage::cloudinit::write_seed(&config, &path)
-                    .await
-                    .map_err(|e| start_error("writing the cloud-init seed")(e.into()))?;
-                Some(path)
-            }
-            None => None,
-        };
-        let qemu = self.spawn_qemu(&dir, spec, devices, accel, seed, false).await.map_err(|failure| {
+        let seed = write_seed(&dir, spec).await.map_err(start_error("writing the cloud-init seed"))?;
+        let qemu = self.spawn_qemu(&dir, spec, devices, accel, seed, false, false).await.map_err(|failure| {
             let (stage, log, source) = failure;
             VmError::Start { name: entry.name.clone(), stage, log, source }
         })?;
@@ -848,7 +895,9 @@ impl VmManager {
     }
 
     /// Binds the sockets in `dir`, spawns QEMU and negotiates QMP. On failure QEMU is gone and the error carries
-    /// the stage, the tail of QEMU's log and the cause.
+    /// the stage, the tail of QEMU's log and the cause. `incoming`: QEMU waits for a live migration's stream
+    /// (`-incoming defer`, then `migrate-incoming`).
+    #[allow(clippy::too_many_arguments)]
     async fn spawn_qemu(
         &self,
         dir: &VmDir,
@@ -857,6 +906,7 @@ impl VmManager {
         accel: Accel,
         seed: Option<PathBuf>,
         hotplug: bool,
+        incoming: bool,
     ) -> Result<(QemuProcess, QmpClient), (&'static str, String, BoxError)> {
         let serial = spec.serial;
         let prepared = {
@@ -866,7 +916,10 @@ impl VmManager {
         let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
         let serial_fd = serial.then_some(SERIAL_FD);
         let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile: dir.pidfile(), seed, hotplug };
-        let args = qemu_args(spec, devices, accel, &layout);
+        let mut args = qemu_args(spec, devices, accel, &layout);
+        if incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
         debug!(vm = %spec.name, ?args, "spawning QEMU");
         let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
             .map_err(|e: ProcessError| ("spawning QEMU", String::new(), e.into()))?;
@@ -946,6 +999,7 @@ impl VmManager {
                 process,
                 qmp,
                 console,
+                agent: GuestAgent::new(entry.dir.qga_socket(), agent_options()),
                 stop_requested: AtomicBool::new(false),
                 guest_shutdown: AtomicBool::new(false),
             })),
@@ -985,7 +1039,7 @@ impl VmManager {
                     tokio::time::sleep(WARM_RETRY).await;
                     continue;
                 }
-                match self.spawn_qemu(&dir, &spec, &devices, accel, None, true).await {
+                match self.spawn_qemu(&dir, &spec, &devices, accel, None, true, false).await {
                     Ok((process, qmp)) => {
                         debug!(shape, pid = process.pid(), "warm QEMU ready");
                         let key = launch_key(&spec, &devices, accel);
@@ -1045,9 +1099,19 @@ impl VmManager {
         );
     }
 
-    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Runtime, event: QemuEvent) {
+    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Arc<Runtime>, event: QemuEvent) {
         match event {
             QemuEvent::Shutdown { .. } => runtime.guest_shutdown.store(true, Ordering::SeqCst),
+            QemuEvent::VserportChange { id, open } if id == AGENT_PORT_ID => {
+                if open {
+                    // qemu-ga opened its port; its version comes with the first answer. Not awaited here: the
+                    // supervisor must not wait for a guest.
+                    let runtime = Arc::clone(runtime);
+                    tokio::spawn(async move { runtime.agent.probe().await }.instrument(tracing::Span::current()));
+                } else {
+                    runtime.agent.port_closed();
+                }
+            }
             // Pause and resume that qx-node did not ask for (monitor, I/O error, watchdog). Operations in progress
             // set the state themselves, and events may arrive after them, so ask QEMU for the truth.
             QemuEvent::Stop | QemuEvent::Resume => {
@@ -1069,6 +1133,10 @@ impl VmManager {
 
     async fn on_exit(&self, entry: &Arc<Entry>, runtime: &Arc<Runtime>, how: Option<String>) {
         let how = how.unwrap_or_else(|| "exited".to_owned());
+        if entry.state() == VmState::Incoming {
+            // The source still owns the VM: this node's copy goes with its QEMU.
+            return self.incoming_ended(entry, &format!("the incoming QEMU {how}")).await;
+        }
         let (state, reason) = if runtime.guest_shutdown.load(Ordering::SeqCst) {
             (VmState::Stopped, "the guest powered off".to_owned())
         } else if runtime.stop_requested.load(Ordering::SeqCst) {
@@ -1288,6 +1356,14 @@ fn kill(runtime: &Runtime) {
     if let Err(e) = runtime.process.kill() {
         error!(pid = runtime.process.pid(), error = %e, "cannot kill QEMU");
     }
+}
+
+/// Writes the cloud-init seed of `spec` into `dir` when it has one.
+async fn write_seed(dir: &VmDir, spec: &VmSpec) -> Result<Option<PathBuf>, BoxError> {
+    let Some(config) = spec.seed_config() else { return Ok(None) };
+    let path = dir.seed_image();
+    qx_storage::cloudinit::write_seed(&config, &path).await?;
+    Ok(Some(path))
 }
 
 /// Validates off the runtime threads (image checks touch the filesystem).

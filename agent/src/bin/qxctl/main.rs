@@ -15,6 +15,8 @@ use tonic::transport::Channel;
 
 use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
+mod guest;
+mod migrate;
 mod progress;
 mod remote;
 mod storage;
@@ -184,6 +186,15 @@ enum VmCommand {
         #[arg(long)]
         memory: Option<u64>,
     },
+    /// Live-migrate a running VM to another node (Ctrl-C cancels while in precopy).
+    Migrate(migrate::MigrateArgs),
+    /// Cancel a running VM's migration; it keeps running on this node.
+    MigrateCancel { name: String },
+    /// The guest agent of a running VM: info, exec, files, passwords.
+    Guest {
+        #[command(subcommand)]
+        command: guest::GuestCommand,
+    },
     /// Attach to the serial console (detach with Ctrl-]).
     Console {
         name: String,
@@ -296,6 +307,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool { command } => storage::pool(&mut node, command, json).await?,
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
+        Command::Vm { command: VmCommand::Migrate(args) } => migrate::migrate(channel, args, json).await?,
+        Command::Vm { command: VmCommand::MigrateCancel { name } } => migrate::cancel(channel, name).await?,
+        Command::Vm { command: VmCommand::Guest { command } } => guest::run(channel, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
         Command::System { command } => system::run(channel, command, json).await?,
     }
@@ -344,6 +358,9 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
+        VmCommand::Migrate(_) | VmCommand::MigrateCancel { .. } | VmCommand::Guest { .. } => {
+            unreachable!("handled in run")
+        }
         VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
             let disk = Some(parse_disk(&device)?);
             node.attach_disk(pb::AttachDiskRequest { vm: name, disk }).await?
@@ -650,6 +667,8 @@ fn state_name(state: i32) -> &'static str {
         Ok(pb::VmState::Paused) => "paused",
         Ok(pb::VmState::Stopping) => "stopping",
         Ok(pb::VmState::Crashed) => "crashed",
+        Ok(pb::VmState::Migrating) => "migrating",
+        Ok(pb::VmState::Incoming) => "incoming",
         _ => "-",
     }
 }
@@ -697,6 +716,9 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "started_at_unix": (runtime.started_at_unix != 0).then_some(runtime.started_at_unix),
         "running_accelerator": runtime.accelerator,
         "reason": runtime.last_reason,
+        "guest_agent": runtime.guest_agent.map(|a| json!({
+            "state": guest::agent_state_name(a.state), "version": a.version, "reason": a.reason,
+        })),
     })
 }
 
@@ -749,6 +771,11 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     if runtime.pid != 0 {
         rows.push(("pid", runtime.pid.to_string()));
         rows.push(("accelerator", runtime.accelerator));
+        if let Some(agent) = &runtime.guest_agent {
+            let state = guest::agent_state_name(agent.state);
+            let text = if agent.version.is_empty() { state.to_owned() } else { format!("{state} ({})", agent.version) };
+            rows.push(("guest agent", text));
+        }
     } else {
         rows.push(("accelerator", spec.accelerator));
     }
