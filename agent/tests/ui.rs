@@ -213,3 +213,51 @@ fn nothing_of_the_api_without_a_session_and_every_refusal_says_why() {
     let log = daemon.log_text();
     assert!(!log.contains(PASSWORD) && !log.contains("wrong again"), "passwords stay out of the log");
 }
+
+#[test]
+fn the_web_app_files_are_served_with_its_routes_and_nothing_outside_them() {
+    test_guest();
+    let port = free_port();
+    let scratch = tempfile::tempdir().unwrap();
+    let assets = scratch.path().join("ui");
+    std::fs::create_dir_all(assets.join("assets")).unwrap();
+    std::fs::write(assets.join("index.html"), "<!doctype html><div id=root></div>").unwrap();
+    std::fs::write(assets.join("assets/app-1a2b.js"), "console.log('plain')").unwrap();
+    std::fs::write(assets.join("assets/app-1a2b.js.gz"), "gzip bytes").unwrap();
+    std::fs::write(scratch.path().join("secret.txt"), "outside").unwrap();
+    let config = format!("ui:\n  listen: 127.0.0.1:{port}\n  assets_dir: {}\n", assets.display());
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(&config));
+    let ui = Ui { port, ca: daemon.data_dir().parent().unwrap().join("certificates/local-ca.pem"), scratch };
+    let index = wait_until(Duration::from_secs(30), || {
+        let mut curl = Command::new("curl");
+        curl.args(["-sf", "--cacert"]).arg(&ui.ca).arg(format!("https://localhost:{port}/"));
+        curl.output().ok().filter(|o| o.status.success())
+    })
+    .expect("the Host UI listener answers");
+    assert_eq!(String::from_utf8_lossy(&index.stdout), "<!doctype html><div id=root></div>");
+
+    let reply = ui.request("GET", "/", &[], b"");
+    assert_eq!(reply.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(reply.header("x-frame-options"), Some("DENY"));
+    assert!(reply.header("content-security-policy").is_some_and(|csp| csp.contains("frame-ancestors 'none'")));
+    // The app's own routes load the app.
+    let reply = ui.request("GET", "/vms/web1", &[], b"");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "<!doctype html><div id=root></div>"));
+    let reply = ui.request("GET", "/assets/app-1a2b.js", &[], b"");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "console.log('plain')"));
+    assert_eq!(reply.header("content-type"), Some("text/javascript; charset=utf-8"));
+    assert_eq!(reply.header("cache-control"), Some("public, max-age=31536000, immutable"));
+    let reply = ui.request("GET", "/assets/app-1a2b.js", &[("accept-encoding", "gzip")], b"");
+    assert_eq!((reply.header("content-encoding"), reply.text().as_str()), (Some("gzip"), "gzip bytes"));
+    let reply = ui.request("GET", "/assets/missing.js", &[], b"");
+    assert_eq!(reply.status, 404);
+    assert!(reply.json()["error"].as_str().unwrap().contains("no such file"), "{}", reply.text());
+    // Nothing outside the assets directory, however the path is spelled.
+    for path in ["/../secret.txt", "/assets/../../secret.txt", "/%2e%2e/secret.txt", "/.hidden"] {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "--path-as-is", "--cacert"]).arg(&ui.ca).arg(format!("https://localhost:{port}{path}"));
+        let body = String::from_utf8_lossy(&curl.output().unwrap().stdout).into_owned();
+        assert!(!body.contains("outside"), "{path} reached a file outside: {body}");
+    }
+    assert_eq!(ui.request("DELETE", "/", &[], b"").status, 405);
+}

@@ -1,11 +1,12 @@
 //! The Host UI listener: HTTPS on its own port (`ui.listen`, 8443 on the host image) with the node's certificate.
 //! It serves the node API to the browser as gRPC-Web (`tonic-web` in front of the same `NodeService` the other
 //! listeners serve: no second API), behind a login ([`auth`]); `/api/login`, `/api/logout` and `/api/session` for
-//! the session; and `/metrics` for Prometheus.
+//! the session; `/metrics` for Prometheus; and the web app's built files ([`assets`]).
 //!
 //! Not for: the node API's own clients (qxctl, a control plane), which use the unix socket or the mutual-TLS TCP
 //! listener ([`crate::server`]).
 
+mod assets;
 pub mod auth;
 pub mod config;
 
@@ -62,6 +63,7 @@ fn router(node: Arc<Node>, rpc: RpcMetrics) -> Router {
         .route("/api/logout", post(logout))
         .route("/api/session", get(session))
         .merge(api_routes)
+        .fallback(assets::serve)
         .with_state(state)
 }
 
