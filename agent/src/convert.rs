@@ -568,6 +568,7 @@ pub fn vm_to_pb(vm: &VmInfo) -> pb::Vm {
             accelerator: vm.accel.map(|a| a.to_string()).unwrap_or_default(),
             last_reason: vm.reason.clone(),
             nics: Vec::new(),
+            guest_agent: vm.agent.as_ref().map(crate::grpc_guest::agent_to_pb),
         }),
         devices: devices_to_pb(&vm.devices),
         root_ports: vm.devices.root_ports,

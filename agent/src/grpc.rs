@@ -56,6 +56,8 @@ pub fn status(error: VmError) -> Status {
         VmError::MigrationCancelled { .. } => Status::cancelled(message),
         VmError::Migration { .. } => Status::aborted(message),
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
+        VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_status_code(&source, message),
+        VmError::GuestExecTimeout { .. } => Status::deadline_exceeded(message),
     }
 }
 

@@ -19,8 +19,8 @@ pub enum NodeError {
     #[error("QEMU binary {binary} does not run: {detail}")]
     QemuMissing { binary: String, detail: String },
     #[error(
-        "listen.tcp serves TLS only and cannot create its certificates in {dir}: set tls.certificates_dir to a \
-         writable directory, or remove listen.tcp"
+        "listen.tcp and ui.listen serve TLS only and cannot create their certificates in {dir}: set \
+         tls.certificates_dir to a writable directory, or remove those listeners"
     )]
     Certificates {
         dir: String,
@@ -349,7 +349,7 @@ async fn ensure_certificates(config: &NodeConfig) -> Result<CertPaths, NodeError
         .expect("making certificates does not panic");
     match made {
         Ok(()) => Ok(certs),
-        Err(source) if config.listen.tcp.is_some() => {
+        Err(source) if config.listen.tcp.is_some() || config.ui.listen.is_some() => {
             Err(NodeError::Certificates { dir: certs.dir().display().to_string(), source })
         }
         Err(error) => {

@@ -2,7 +2,8 @@
 //! image library, a VM on a thin qcow2 overlay of it with a cloud-init seed from qx-node, and everything the seed
 //! asks for checked from inside the guest over SSH (through the user NIC's loopback port forward): the hostname, the
 //! user with the key this test made, the static address on the NIC matched by its MAC, `runcmd`. The library image
-//! stays byte-identical, and the VM's guest agent socket reaches qemu-ga in the guest.
+//! stays byte-identical. The guest agent API (GetVm's agent status, GetGuestInfo, ExecGuest, guest files and
+//! passwords) agrees with what the guest shows over SSH.
 //!
 //! One guest boots for all the checks (about a minute to cloud-init's "finished" under TCG).
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use qx_proto::node::v1 as pb;
+use qx_proto::node::v1::guest_agent_service_client::GuestAgentServiceClient;
 use qx_test_infra::debian_guest;
 use sha2::{Digest, Sha256};
 
@@ -113,37 +115,146 @@ async fn overlay(client: &mut Client, name: &str, image: &pb::Image) -> pb::Volu
     panic!("the stream ended without a volume");
 }
 
-/// Asks the guest agent for the guest's host name over the VM's agent socket, speaking the protocol by hand (the
-/// product's QGA front end is `qx_qmp::qga`): 0xFF and `guest-sync-delimited`, skipping what comes before its answer.
-async fn agent_host_name(socket: &Path) -> Result<String, String> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| format!("{}: {e}", socket.display()))?;
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).split(b'\n');
-    let sync_id = 31_337_u64;
-    let mut request = vec![0xffu8];
-    request.extend_from_slice(
-        format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{sync_id}}}}}\n").as_bytes(),
-    );
-    write.write_all(&request).await.map_err(|e| e.to_string())?;
-    let exchange = async {
-        let mut synced = false;
-        while let Some(line) = lines.next_segment().await.map_err(|e| e.to_string())? {
-            // The agent answers a sync with 0xFF before the reply; stale replies and parse errors may come first.
-            let text = String::from_utf8_lossy(&line).trim_start_matches('\u{fffd}').trim().to_owned();
-            let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
-            if !synced {
-                if value["return"].as_u64() == Some(sync_id) {
-                    synced = true;
-                    write.write_all(b"{\"execute\":\"guest-get-host-name\"}\n").await.map_err(|e| e.to_string())?;
-                }
-                continue;
-            }
-            return value["return"]["host-name"].as_str().map(str::to_owned).ok_or(format!("agent answered {value}"));
-        }
-        Err("the agent socket closed".to_owned())
+type Guests = GuestAgentServiceClient<tonic::transport::Channel>;
+
+/// Runs `argv` through ExecGuest; returns the exit code, stdout and stderr.
+async fn exec(
+    guests: &mut Guests,
+    argv: &[&str],
+    stdin: &[u8],
+    timeout: u32,
+) -> Result<(i64, String, String), tonic::Status> {
+    let request = pb::ExecGuestRequest {
+        vm: "deb".into(),
+        path: argv[0].into(),
+        args: argv[1..].iter().map(|a| a.to_string()).collect(),
+        stdin: stdin.to_vec(),
+        timeout_seconds: timeout,
+        ..Default::default()
     };
-    tokio::time::timeout(Duration::from_secs(30), exchange).await.map_err(|_| "no answer in 30 s".to_owned())?
+    let mut stream = guests.exec_guest(request).await?.into_inner();
+    let mut started = false;
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(pb::exec_guest_event::Event::Started(pid)) => {
+                assert!(pid > 0, "guest pid {pid}");
+                started = true;
+            }
+            Some(pb::exec_guest_event::Event::Exited(exited)) => {
+                assert!(started, "exited came before started");
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                return Ok((exited.exit_code.unwrap_or(-1), text(&exited.stdout), text(&exited.stderr)));
+            }
+            None => {}
+        }
+    }
+    panic!("the exec stream ended without an exit");
+}
+
+/// Everything the guest agent API promises, checked against what the guest shows over SSH. Err says what differs.
+async fn guest_agent_checks(client: &mut Client, guests: &mut Guests, ssh: &Ssh, mac: &str) -> Result<(), String> {
+    let shell = |command: &'static str| async move { ssh.run("ops", command).await };
+    // qemu-ga opened its port during boot; GetVm shows it connected with its version once qx-node heard it.
+    let mut agent = None;
+    for _ in 0..30 {
+        let vm = get(client, "deb").await;
+        agent = vm.runtime.and_then(|r| r.guest_agent);
+        if agent.as_ref().is_some_and(|a| a.state == pb::GuestAgentState::Connected as i32 && !a.version.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let agent = agent.ok_or("GetVm has no guest agent status")?;
+    if agent.state != pb::GuestAgentState::Connected as i32 || !agent.version.starts_with("7.2") {
+        return Err(format!("GetVm's guest agent: {agent:?}"));
+    }
+
+    let info = guests
+        .get_guest_info(pb::GetGuestInfoRequest { vm: "deb".into() })
+        .await
+        .map_err(|e| format!("GetGuestInfo: {e:?}"))?
+        .into_inner();
+    let os = info.os.clone().unwrap_or_default();
+    let kernel = shell("uname -r").await?;
+    // The agent reports the zone's abbreviation (tzname), as `date` prints it.
+    let zone = shell("date +%Z").await?;
+    let mut wrong = Vec::new();
+    let mut want = |what: &str, ok: bool, got: String| {
+        if !ok {
+            wrong.push(format!("{what}: {got}"));
+        }
+    };
+    want("os id", os.id == "debian" && os.version_id == "12", format!("{os:?}"));
+    want("kernel", os.kernel_release == kernel, format!("agent {:?}, uname {kernel:?}", os.kernel_release));
+    want("host name", info.host_name == "deb-e2e", info.host_name.clone());
+    want("time zone", info.timezone == zone, format!("agent {:?}, guest {zone:?}", info.timezone));
+    let nic = info.interfaces.iter().find(|n| n.mac.eq_ignore_ascii_case(mac));
+    let address = nic.and_then(|n| n.addresses.iter().find(|a| a.family == "ipv4"));
+    want(
+        "NIC address",
+        address.is_some_and(|a| format!("{}/{}", a.address, a.prefix) == format!("{GUEST_ADDRESS}/24")),
+        format!("{:?}", info.interfaces),
+    );
+    let root = info.filesystems.iter().find(|f| f.mountpoint == "/");
+    want("root fs", root.is_some_and(|f| f.fs_type == "ext4" && f.total_bytes > 0), format!("{:?}", info.filesystems));
+    want("unavailable", info.unavailable.is_empty(), format!("{:?}", info.unavailable));
+    if !wrong.is_empty() {
+        return Err(format!("GetGuestInfo differs from the guest:\n{}", wrong.join("\n")));
+    }
+
+    // Exec: exit code, both outputs, stdin.
+    let ran =
+        exec(guests, &["/bin/sh", "-c", "read line; echo \"got $line\"; echo oops >&2; exit 7"], b"hello\n", 30).await;
+    let ran = ran.map_err(|e| format!("ExecGuest: {e:?}"))?;
+    if ran != (7, "got hello\n".to_owned(), "oops\n".to_owned()) {
+        return Err(format!("ExecGuest answered {ran:?}"));
+    }
+    // A program past its timeout is killed, and the call says so.
+    let err = exec(guests, &["/bin/sleep", "300"], b"", 2).await.expect_err("sleep 300 with a 2 s timeout");
+    if err.code() != tonic::Code::DeadlineExceeded || !err.message().contains("killed") {
+        return Err(format!("ExecGuest past its timeout: {err:?}"));
+    }
+    let left = shell("pgrep -x sleep || true").await?;
+    if !left.is_empty() {
+        return Err(format!("the timed-out program still runs: pids {left}"));
+    }
+
+    // Files: written through the agent, read over SSH, and back.
+    let content = b"written by the guest agent\n\x00\x01\xff".to_vec();
+    let write =
+        pb::WriteGuestFileRequest { vm: "deb".into(), path: "/var/tmp/qx-agent-file".into(), content: content.clone() };
+    guests.write_guest_file(write).await.map_err(|e| format!("WriteGuestFile: {e:?}"))?;
+    let over_ssh = shell("sudo od -An -tx1 /var/tmp/qx-agent-file | tr -s ' \n' ' '").await?;
+    let hex: Vec<String> = content.iter().map(|b| format!("{b:02x}")).collect();
+    if over_ssh.trim() != hex.join(" ") {
+        return Err(format!("the file over SSH holds {over_ssh:?}, want {:?}", hex.join(" ")));
+    }
+    shell("echo made over ssh > /var/tmp/qx-ssh-file").await?;
+    let read = pb::ReadGuestFileRequest { vm: "deb".into(), path: "/var/tmp/qx-ssh-file".into(), max_bytes: 0 };
+    let read = guests.read_guest_file(read).await.map_err(|e| format!("ReadGuestFile: {e:?}"))?.into_inner();
+    if read.content != b"made over ssh\n" {
+        return Err(format!("ReadGuestFile: {:?}", String::from_utf8_lossy(&read.content)));
+    }
+    let missing = pb::ReadGuestFileRequest { vm: "deb".into(), path: "/nonexistent".into(), max_bytes: 0 };
+    let err = guests.read_guest_file(missing).await.expect_err("a missing file");
+    if err.code() != tonic::Code::FailedPrecondition || !err.message().contains("No such file") {
+        return Err(format!("ReadGuestFile of a missing file: {err:?}"));
+    }
+
+    // Password: the shadow entry changes from locked to a hash.
+    let before = shell("sudo getent shadow ops | cut -d: -f2").await?;
+    let set = pb::SetGuestPasswordRequest {
+        vm: "deb".into(),
+        user: "ops".into(),
+        password: "s3cret-Pass".into(),
+        crypted: false,
+    };
+    guests.set_guest_password(set).await.map_err(|e| format!("SetGuestPassword: {e:?}"))?;
+    let after = shell("sudo getent shadow ops | cut -d: -f2").await?;
+    if after == before || !after.starts_with('$') {
+        return Err(format!("the shadow entry went from {before:?} to {after:?}"));
+    }
+    Ok(())
 }
 
 fn spec_yaml(name: &str, ssh: &Ssh) -> String {
@@ -269,11 +380,11 @@ async fn a_debian_guest_applies_its_cloud_init_seed_on_an_overlay() {
         panic!("the guest does not show its seed:\n{}\n{}", wrong.join("\n"), post_mortem(&ssh, &console).await);
     }
 
-    // The guest agent's channel: qx-node's socket reaches qemu-ga in the guest.
-    let agent_socket = daemon.data_dir().join("vms/deb/qga.sock");
-    match agent_host_name(&agent_socket).await {
-        Ok(name) => assert_eq!(name, "deb-e2e"),
-        Err(e) => panic!("guest agent over {}: {e}\n{}", agent_socket.display(), post_mortem(&ssh, &console).await),
+    // The guest agent, through qx-node's API: what it reports matches what the guest shows over SSH.
+    let channel = qx_agent::client::channel(daemon.socket()).await.expect("connect to qx-node");
+    let mut guests = GuestAgentServiceClient::new(channel);
+    if let Err(e) = guest_agent_checks(&mut client, &mut guests, &ssh, &mac).await {
+        panic!("guest agent: {e}\n{}", post_mortem(&ssh, &console).await);
     }
 
     client.stop_vm(pb::StopVmRequest { name: "deb".into(), force: true, timeout_seconds: 0 }).await.expect("StopVm");

@@ -92,6 +92,14 @@ pub enum QemuEvent {
         /// What the job does about it: `ignore`, `report` or `stop`.
         action: String,
     },
+    /// `VSERPORT_CHANGE`: the guest opened or closed a virtio-serial port (qemu-ga starting or stopping, for the
+    /// guest agent's port).
+    VserportChange {
+        /// The port device's id.
+        id: String,
+        /// Whether the guest has it open now.
+        open: bool,
+    },
     /// Any other event, or one whose data does not decode: kept whole.
     Other {
         /// The event name.
@@ -125,6 +133,12 @@ pub struct BlockJobInfo {
 struct ShutdownData {
     guest: bool,
     reason: ShutdownCause,
+}
+
+#[derive(Deserialize)]
+struct VserportChangeData {
+    id: String,
+    open: bool,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +202,9 @@ impl QmpEvent {
             }
             "JOB_STATUS_CHANGE" => {
                 data(self).map(|d: JobStatusData| QemuEvent::JobStatusChange { id: d.id, status: d.status })
+            }
+            "VSERPORT_CHANGE" => {
+                data(self).map(|d: VserportChangeData| QemuEvent::VserportChange { id: d.id, open: d.open })
             }
             "MIGRATION" => data(self).map(|d: MigrationData| QemuEvent::Migration { status: d.status }),
             "MIGRATION_PASS" => data(self).map(|d: MigrationPassData| QemuEvent::MigrationPass { pass: d.pass }),
@@ -366,6 +383,14 @@ mod tests {
         assert_eq!(
             event("GUEST_PANICKED", json!({"action": "pause", "info": {"type": "hyper-v"}})).typed(),
             QemuEvent::GuestPanicked { action: "pause".into() }
+        );
+    }
+
+    #[test]
+    fn vserport_change_decodes() {
+        assert_eq!(
+            event("VSERPORT_CHANGE", json!({"id": "qga0", "open": true})).typed(),
+            QemuEvent::VserportChange { id: "qga0".into(), open: true }
         );
     }
 

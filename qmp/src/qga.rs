@@ -49,6 +49,16 @@ use tracing::debug;
 use crate::channel::{self, Channel};
 use crate::error::Error;
 
+/// The typed agent commands and answers this client uses where they match QEMU 7.2's agent (`guest-get-fsinfo`,
+/// `guest-network-get-interfaces`, `guest-get-timezone`, `guest-file-*`, `guest-set-user-password`), re-exported so
+/// callers name the same version. `guest-exec` stays raw JSON: `qapi-qga` follows QEMU 9.1, whose `capture-output`
+/// is an alternate that 7.2's agent refuses.
+pub use qapi_qga;
+
+/// How many bytes [`QgaClient::read_file`] and [`QgaClient::write_file`] move per command: 1 MiB is 1.4 MB of
+/// base64, well inside the channel's message limit, and few round trips over the virtio-serial port.
+pub const FILE_CHUNK: usize = 1 << 20;
+
 /// Timeouts of a [`QgaClient`]; `Default` has the values below.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QgaOptions {
@@ -135,6 +145,20 @@ pub enum QgaError {
         /// The serde error.
         #[source]
         source: serde_json::Error,
+    },
+    /// [`QgaClient::read_file`] found the file longer than allowed.
+    #[error("guest file {path:?} is larger than {max_bytes} bytes")]
+    FileTooLarge {
+        /// The guest path.
+        path: String,
+        /// The limit.
+        max_bytes: usize,
+    },
+    /// The agent wrote nothing of what [`QgaClient::write_file`] sent.
+    #[error("the guest agent wrote no bytes to {path:?}")]
+    ShortWrite {
+        /// The guest path.
+        path: String,
     },
     /// Encoding or writing the command failed.
     #[error("sending guest agent command `{command}`")]
@@ -518,6 +542,111 @@ impl QgaClient {
         })
     }
 
+    /// Runs a typed `qapi-qga` command (QEMU 9.1's schema, for the commands whose 7.2 answers it decodes).
+    async fn typed<C: qapi_spec::Command>(&self, command: C, timeout: Duration) -> Result<C::Ok, QgaError> {
+        let arguments = crate::client::encode_arguments(&command)
+            .map_err(|source| QgaError::Send { command: C::NAME.to_owned(), source })?;
+        let value = self.execute_raw(C::NAME, arguments, timeout).await?;
+        serde_json::from_value(value).map_err(|source| QgaError::Decode { command: C::NAME.to_owned(), source })
+    }
+
+    /// `guest-get-timezone`: the guest's time zone name (when it has one) and its offset from UTC in seconds.
+    pub async fn timezone(&self) -> Result<qapi_qga::GuestTimezone, QgaError> {
+        self.typed(qapi_qga::guest_get_timezone {}, self.inner.opts.command_timeout).await
+    }
+
+    /// `guest-network-get-interfaces`: every interface with its MAC, addresses and counters.
+    pub async fn network_interfaces(&self) -> Result<Vec<qapi_qga::GuestNetworkInterface>, QgaError> {
+        self.typed(qapi_qga::guest_network_get_interfaces {}, self.inner.opts.command_timeout).await
+    }
+
+    /// `guest-get-fsinfo`: every mounted file system with its type, usage and the disks under it.
+    pub async fn fsinfo(&self) -> Result<Vec<qapi_qga::GuestFilesystemInfo>, QgaError> {
+        self.typed(qapi_qga::guest_get_fsinfo {}, self.inner.opts.command_timeout).await
+    }
+
+    /// `guest-set-user-password`: sets `username`'s password; `crypted` says it is already hashed (crypt(3)).
+    pub async fn set_user_password(&self, username: &str, password: &[u8], crypted: bool) -> Result<(), QgaError> {
+        let command =
+            qapi_qga::guest_set_user_password { username: username.to_owned(), password: password.to_vec(), crypted };
+        self.typed(command, self.inner.opts.command_timeout).await.map(drop)
+    }
+
+    /// `guest-file-open`: opens `path` in the guest with an `fopen(3)` mode (`r`, `w`, `a`, `r+`, ...); returns
+    /// the handle for the other `file_*` calls, which [`file_close`](Self::file_close) must give back.
+    pub async fn file_open(&self, path: &str, mode: &str) -> Result<i64, QgaError> {
+        let command = qapi_qga::guest_file_open { path: path.to_owned(), mode: Some(mode.to_owned()) };
+        self.typed(command, self.inner.opts.command_timeout).await
+    }
+
+    /// `guest-file-read`: up to `count` bytes from the handle's position, and whether the end was reached.
+    pub async fn file_read(&self, handle: i64, count: usize) -> Result<(Vec<u8>, bool), QgaError> {
+        let command = qapi_qga::guest_file_read { handle, count: Some(count as i64) };
+        let read = self.typed(command, self.inner.opts.command_timeout).await?;
+        Ok((read.buf_b64, read.eof))
+    }
+
+    /// `guest-file-write`: writes `bytes` at the handle's position; returns how many the agent wrote.
+    pub async fn file_write(&self, handle: i64, bytes: &[u8]) -> Result<usize, QgaError> {
+        let command = qapi_qga::guest_file_write { handle, buf_b64: bytes.to_vec(), count: None };
+        let written = self.typed(command, self.inner.opts.command_timeout).await?;
+        Ok(usize::try_from(written.count).unwrap_or(0))
+    }
+
+    /// `guest-file-close`.
+    pub async fn file_close(&self, handle: i64) -> Result<(), QgaError> {
+        self.typed(qapi_qga::guest_file_close { handle }, self.inner.opts.command_timeout).await.map(drop)
+    }
+
+    /// Reads the guest file at `path` whole, in [`FILE_CHUNK`] pieces, refusing one longer than `max_bytes`
+    /// ([`QgaError::FileTooLarge`]). The handle is closed on every path, errors included.
+    pub async fn read_file(&self, path: &str, max_bytes: usize) -> Result<Vec<u8>, QgaError> {
+        let handle = self.file_open(path, "r").await?;
+        let read = async {
+            let mut content = Vec::new();
+            loop {
+                // One byte more than allowed tells a file of exactly `max_bytes` from a longer one.
+                let want = FILE_CHUNK.min(max_bytes.saturating_add(1) - content.len());
+                let (bytes, eof) = self.file_read(handle, want).await?;
+                content.extend_from_slice(&bytes);
+                if content.len() > max_bytes {
+                    return Err(QgaError::FileTooLarge { path: path.to_owned(), max_bytes });
+                }
+                if eof || bytes.is_empty() {
+                    return Ok(content);
+                }
+            }
+        };
+        let result = read.await;
+        let closed = self.file_close(handle).await;
+        let content = result?;
+        closed?;
+        Ok(content)
+    }
+
+    /// Writes `content` to the guest file at `path` (created, or truncated), in [`FILE_CHUNK`] pieces. The handle
+    /// is closed on every path; the agent flushes it at close.
+    pub async fn write_file(&self, path: &str, content: &[u8]) -> Result<(), QgaError> {
+        let handle = self.file_open(path, "w").await?;
+        let write = async {
+            for chunk in content.chunks(FILE_CHUNK) {
+                let mut rest = chunk;
+                while !rest.is_empty() {
+                    let written = self.file_write(handle, rest).await?;
+                    if written == 0 {
+                        return Err(QgaError::ShortWrite { path: path.to_owned() });
+                    }
+                    rest = &rest[written.min(rest.len())..];
+                }
+            }
+            Ok(())
+        };
+        let result = write.await;
+        let closed = self.file_close(handle).await;
+        result?;
+        closed
+    }
+
     /// Whether the connection is closed (QEMU exited, or the agent's socket closed).
     pub fn is_closed(&self) -> bool {
         self.inner.channel.is_closed()
@@ -827,6 +956,142 @@ mod tests {
         let (err, ()) = tokio::join!(commands, peer);
         assert!(matches!(&err, QgaError::Closed { command } if command == "guest-fsfreeze-thaw"), "{err:?}");
         assert!(client.is_closed());
+    }
+
+    /// What qemu-ga 7.2 answered on this host (`guest-get-fsinfo`, `guest-network-get-interfaces`,
+    /// `guest-get-timezone`), decoded by the `qapi-qga` types.
+    #[tokio::test]
+    async fn info_answers_of_a_7_2_agent_decode() {
+        let (client, mut agent) = pair();
+        let peer = async {
+            agent.answer_sync().await;
+            let tz = agent.recv().await;
+            assert_eq!(tz["execute"], "guest-get-timezone");
+            agent.reply(&tz["id"], json!({"zone": "UTC", "offset": 0})).await;
+            let fs = agent.recv().await;
+            assert_eq!(fs["execute"], "guest-get-fsinfo");
+            let disk = json!({"bus-type": "virtio", "bus": 0, "unit": 0, "target": 0, "dev": "/dev/vda",
+                "pci-controller": {"bus": 0, "slot": 2, "domain": 0, "function": 0}});
+            let answer = json!([{"name": "vda", "total-bytes": 97572749312u64, "mountpoint": "/", "disk": [disk],
+                "used-bytes": 13115097088u64, "type": "ext4"}]);
+            agent.reply(&fs["id"], answer).await;
+            let nics = agent.recv().await;
+            assert_eq!(nics["execute"], "guest-network-get-interfaces");
+            let answer = json!([
+                {"name": "lo", "hardware-address": "00:00:00:00:00:00", "ip-addresses": [
+                    {"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}],
+                 "statistics": {"tx-packets": 29, "tx-errs": 0, "rx-bytes": 3193, "rx-dropped": 0, "rx-packets": 29,
+                    "rx-errs": 0, "tx-bytes": 3193, "tx-dropped": 0}},
+                {"name": "ifb0", "hardware-address": "36:80:1a:49:3b:0c"}]);
+            agent.reply(&nics["id"], answer).await;
+        };
+        let commands = async {
+            (
+                client.timezone().await.unwrap(),
+                client.fsinfo().await.unwrap(),
+                client.network_interfaces().await.unwrap(),
+            )
+        };
+        let ((tz, fs, nics), ()) = tokio::join!(commands, peer);
+        assert_eq!((tz.zone.as_deref(), tz.offset), (Some("UTC"), 0));
+        assert_eq!(
+            (fs[0].mountpoint.as_str(), fs[0].type_.as_str(), fs[0].used_bytes),
+            ("/", "ext4", Some(13115097088))
+        );
+        assert_eq!(fs[0].disk[0].dev.as_deref(), Some("/dev/vda"));
+        assert_eq!(nics.len(), 2);
+        let lo = nics[0].ip_addresses.as_ref().unwrap();
+        assert_eq!((lo[0].ip_address.as_str(), lo[0].prefix), ("127.0.0.1", 8));
+        assert!(nics[1].ip_addresses.is_none());
+    }
+
+    /// A file read in pieces until `eof`; one longer than allowed is refused, and the handle is closed either way.
+    #[tokio::test]
+    async fn read_file_reads_to_eof_refuses_large_files_and_always_closes() {
+        let (client, mut agent) = pair();
+        let peer = async {
+            agent.answer_sync().await;
+            for (content, chunks) in [(&b"hello\n"[..], 1), (&b"0123456789"[..], 1)] {
+                let open = agent.recv().await;
+                assert_eq!(open["arguments"], json!({"path": "/etc/motd", "mode": "r"}));
+                agent.reply(&open["id"], json!(7)).await;
+                for _ in 0..chunks {
+                    let read = agent.recv().await;
+                    assert_eq!(read["execute"], "guest-file-read");
+                    assert_eq!(read["arguments"]["handle"], 7);
+                    let want = read["arguments"]["count"].as_u64().unwrap() as usize;
+                    let part = &content[..want.min(content.len())];
+                    let eof = part.len() == content.len();
+                    agent
+                        .reply(&read["id"], json!({"count": part.len(), "buf-b64": base64::encode(part), "eof": eof}))
+                        .await;
+                }
+                let close = agent.recv().await;
+                assert_eq!(
+                    (close["execute"].as_str(), &close["arguments"]),
+                    (Some("guest-file-close"), &json!({"handle": 7}))
+                );
+                agent.reply(&close["id"], json!({})).await;
+            }
+        };
+        let commands = async {
+            let small = client.read_file("/etc/motd", 8).await;
+            let large = client.read_file("/etc/motd", 8).await;
+            (small, large)
+        };
+        let ((small, large), ()) = tokio::join!(commands, peer);
+        assert_eq!(small.unwrap(), b"hello\n");
+        let err = large.unwrap_err();
+        assert!(matches!(&err, QgaError::FileTooLarge { max_bytes: 8, .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn write_file_sends_base64_and_closes_even_when_a_write_fails() {
+        let (client, mut agent) = pair();
+        let peer = async {
+            agent.answer_sync().await;
+            let open = agent.recv().await;
+            assert_eq!(open["arguments"], json!({"path": "/tmp/x", "mode": "w"}));
+            agent.reply(&open["id"], json!(1000)).await;
+            let write = agent.recv().await;
+            assert_eq!(write["arguments"], json!({"handle": 1000, "buf-b64": "aGkK"}));
+            agent.reply(&write["id"], json!({"count": 3, "eof": false})).await;
+            let close = agent.recv().await;
+            assert_eq!(close["execute"], "guest-file-close");
+            agent.reply(&close["id"], json!({})).await;
+            // The second time the disk is full.
+            let open = agent.recv().await;
+            agent.reply(&open["id"], json!(1001)).await;
+            let write = agent.recv().await;
+            let error =
+                json!({"error": {"class": "GenericError", "desc": "failed to write to file"}, "id": write["id"]});
+            agent.send(format!("{error}\n").as_bytes()).await;
+            let close = agent.recv().await;
+            assert_eq!(close["arguments"], json!({"handle": 1001}));
+            agent.reply(&close["id"], json!({})).await;
+        };
+        let commands =
+            async { (client.write_file("/tmp/x", b"hi\n").await, client.write_file("/tmp/x", b"hi\n").await) };
+        let ((first, second), ()) = tokio::join!(commands, peer);
+        first.unwrap();
+        assert!(
+            matches!(second, Err(QgaError::Command { ref command, .. }) if command == "guest-file-write"),
+            "{second:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn set_user_password_sends_it_in_base64() {
+        let (client, mut agent) = pair();
+        let peer = async {
+            agent.answer_sync().await;
+            let set = agent.recv().await;
+            assert_eq!(set["execute"], "guest-set-user-password");
+            assert_eq!(set["arguments"], json!({"username": "ops", "password": "aGkK", "crypted": false}));
+            agent.reply(&set["id"], json!({})).await;
+        };
+        let (result, ()) = tokio::join!(client.set_user_password("ops", b"hi\n", false), peer);
+        result.unwrap();
     }
 
     #[test]

@@ -19,6 +19,11 @@ const BLOCKED: &str = "guest-shutdown,guest-suspend-disk,guest-suspend-ram,guest
 guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fstrim,guest-set-time,guest-set-user-password,\
 guest-set-vcpus,guest-set-memory-blocks,guest-file-open,guest-file-write,guest-ssh-add-authorized-keys,\
 guest-ssh-remove-authorized-keys,guest-network-get-interfaces";
+/// [`BLOCKED`] but for the file commands, for a test that only opens files in its own directory.
+const BLOCKED_BUT_FILES: &str = "guest-shutdown,guest-suspend-disk,guest-suspend-ram,guest-suspend-hybrid,\
+guest-fsfreeze-freeze,guest-fsfreeze-freeze-list,guest-fstrim,guest-set-time,guest-set-user-password,\
+guest-set-vcpus,guest-set-memory-blocks,guest-ssh-add-authorized-keys,guest-ssh-remove-authorized-keys,\
+guest-network-get-interfaces";
 
 struct Agent {
     child: Child,
@@ -27,6 +32,11 @@ struct Agent {
 
 impl Agent {
     fn start() -> Self {
+        Self::start_blocking(BLOCKED)
+    }
+
+    /// An agent with `blocked` RPCs disabled.
+    fn start_blocking(blocked: &str) -> Self {
         let scratch = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
         std::fs::create_dir_all(&scratch).expect("scratch dir");
         let dir = tempfile::Builder::new().prefix("qx-qga-").tempdir_in(&scratch).expect("temp dir").keep();
@@ -38,7 +48,7 @@ impl Agent {
             .arg(dir.join("qemu-ga.pid"))
             .arg("--statedir")
             .arg(&dir)
-            .args(["--block-rpcs", BLOCKED])
+            .args(["--block-rpcs", blocked])
             .arg("--logfile")
             .arg(dir.join("qemu-ga.log"))
             .stdin(Stdio::null())
@@ -173,4 +183,40 @@ async fn an_agent_that_went_away_is_reported_not_awaited() {
     let err =
         tokio::time::timeout(WAIT, client.ping()).await.expect("a gone agent must not hang the client").unwrap_err();
     assert!(matches!(err, QgaError::Closed { .. } | QgaError::Send { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn timezone_and_file_systems_decode_as_qapi_qga_types() {
+    let agent = Agent::start();
+    let client = agent.connect().await;
+    let tz = client.timezone().await.unwrap();
+    assert!(tz.offset.abs() <= 14 * 3600, "{tz:?}");
+    let filesystems = client.fsinfo().await.unwrap();
+    assert!(filesystems.iter().any(|fs| fs.mountpoint == "/"), "{filesystems:?}");
+    // A blocked command through the typed path is the same clean error.
+    let err = client.network_interfaces().await.unwrap_err();
+    assert!(matches!(&err, QgaError::Command { class, .. } if class == "CommandNotFound"), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_file_written_through_the_agent_reads_back_whole() {
+    let agent = Agent::start_blocking(BLOCKED_BUT_FILES);
+    let client = agent.connect().await;
+    let path = agent.dir.join("file.bin");
+    let path_text = path.to_str().unwrap();
+    // More than one chunk, and bytes that are not text.
+    let content: Vec<u8> = (0..qx_qmp::qga::FILE_CHUNK + 4099).map(|i| (i % 251) as u8).collect();
+    client.write_file(path_text, &content).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), content, "what the agent wrote on disk");
+    assert_eq!(client.read_file(path_text, content.len()).await.unwrap(), content);
+    let err = client.read_file(path_text, content.len() - 1).await.unwrap_err();
+    assert!(matches!(err, QgaError::FileTooLarge { .. }), "{err:?}");
+    let err = client.read_file("/nonexistent/qx-file", 10).await.unwrap_err();
+    assert!(
+        matches!(&err, QgaError::Command { command, desc, .. } if command == "guest-file-open" && desc.contains("No such file")),
+        "{err:?}"
+    );
+    // No handle is left open: the agent answers and the file is still whole.
+    client.ping().await.unwrap();
+    assert_eq!(client.read_file(path_text, content.len()).await.unwrap().len(), content.len());
 }

@@ -37,6 +37,7 @@ use super::{
     VmInfo, VmManager,
 };
 use crate::device_tree::DeviceTree;
+use crate::guest_agent::{agent_options, GuestAgent};
 use crate::migration::{self, MigrationConfig, MigrationError, Outcome, Progress};
 use crate::persist::{StateRecord, VmDir};
 use crate::process::QemuProcess;
@@ -501,6 +502,7 @@ impl VmManager {
                     process,
                     qmp,
                     console,
+                    agent: GuestAgent::new(entry.dir.qga_socket(), agent_options()),
                     stop_requested: Default::default(),
                     guest_shutdown: Default::default(),
                 }),

@@ -23,6 +23,7 @@ use crate::accel::{Accel, AccelProbe};
 use crate::cmdline::{qemu_args, Hardware, LaunchLayout, NetworkNic};
 use crate::console::{ConsoleError, SerialConsole};
 use crate::device_tree::{DeviceTree, Growth};
+use crate::guest_agent::{agent_options, GuestAgent, AGENT_PORT_ID};
 use crate::host::HostRoot;
 use crate::machine::{QemuCaps, HOST_CPU};
 use crate::network::{network_nics, NetworkBackend};
@@ -50,10 +51,14 @@ const WARM_RETRY: Duration = Duration::from_secs(10);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 // Child modules, so that they work on the VM entries like the lifecycle operations here do.
+#[path = "guest_ops.rs"]
+pub(crate) mod guest_ops;
 #[path = "hotplug.rs"]
 pub(crate) mod hotplug;
 #[path = "live_migration.rs"]
 pub(crate) mod live_migration;
+#[path = "stats.rs"]
+pub(crate) mod stats;
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
@@ -141,6 +146,16 @@ pub enum VmError {
         #[source]
         source: BoxError,
     },
+    /// The guest agent did not answer, refused, or its answer did not decode.
+    #[error("guest agent of VM {name:?}")]
+    GuestAgent {
+        name: String,
+        #[source]
+        source: qx_qmp::qga::QgaError,
+    },
+    /// A program started through the guest agent did not exit in time.
+    #[error("the program started in VM {name:?} (guest pid {pid}) did not exit within {timeout:?}; {}", killed_text(*.killed))]
+    GuestExecTimeout { name: String, pid: i64, timeout: Duration, killed: bool },
     /// QEMU refused a hotplug step; what earlier steps added was removed again.
     #[error("cannot hotplug {device:?} into VM {name:?}: {stage} failed")]
     Hotplug {
@@ -155,6 +170,14 @@ pub enum VmError {
 impl From<ValidationErrors> for VmError {
     fn from(errors: ValidationErrors) -> Self {
         VmError::Invalid(errors)
+    }
+}
+
+fn killed_text(killed: bool) -> &'static str {
+    if killed {
+        "it was killed"
+    } else {
+        "killing it failed"
     }
 }
 
@@ -178,6 +201,8 @@ pub struct VmInfo {
     pub accel: Option<Accel>,
     /// Why the VM is in its state (e.g. how QEMU exited).
     pub reason: String,
+    /// The guest agent as last seen, while QEMU runs.
+    pub agent: Option<crate::guest_agent::AgentStatus>,
 }
 
 /// A QEMU that runs for a VM.
@@ -185,6 +210,8 @@ struct Runtime {
     process: QemuProcess,
     qmp: QmpClient,
     console: Option<SerialConsole>,
+    /// The guest agent on the VM's `qga.sock`.
+    agent: GuestAgent,
     /// Set before qx-node stops QEMU, so its exit counts as a stop rather than a crash.
     stop_requested: AtomicBool,
     /// The guest powered off (SHUTDOWN event), so QEMU's exit is a stop rather than a crash.
@@ -252,6 +279,7 @@ impl Entry {
             started_at_unix: status.record.started_at_unix,
             accel: status.record.accel,
             reason: status.record.reason.clone(),
+            agent: status.runtime.as_ref().map(|runtime| runtime.agent.status()),
         }
     }
 
@@ -426,6 +454,7 @@ impl VmManager {
             process,
             qmp,
             console,
+            agent: GuestAgent::new(entry.dir.qga_socket(), agent_options()),
             stop_requested: AtomicBool::new(false),
             guest_shutdown: AtomicBool::new(false),
         });
@@ -439,6 +468,11 @@ impl VmManager {
         self.set_state(entry, state, &reason).await;
         self.supervise(Arc::clone(entry), Arc::clone(&runtime));
         self.reconcile_devices(entry, &runtime).await;
+        // The port may have opened while no daemon watched: ask the agent instead of waiting for an event.
+        if state == VmState::Running {
+            let probed = Arc::clone(&runtime);
+            tokio::spawn(async move { probed.agent.probe().await }.instrument(tracing::Span::current()));
+        }
         Ok(state)
     }
 
@@ -965,6 +999,7 @@ impl VmManager {
                 process,
                 qmp,
                 console,
+                agent: GuestAgent::new(entry.dir.qga_socket(), agent_options()),
                 stop_requested: AtomicBool::new(false),
                 guest_shutdown: AtomicBool::new(false),
             })),
@@ -1064,9 +1099,19 @@ impl VmManager {
         );
     }
 
-    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Runtime, event: QemuEvent) {
+    async fn on_qmp_event(&self, entry: &Arc<Entry>, runtime: &Arc<Runtime>, event: QemuEvent) {
         match event {
             QemuEvent::Shutdown { .. } => runtime.guest_shutdown.store(true, Ordering::SeqCst),
+            QemuEvent::VserportChange { id, open } if id == AGENT_PORT_ID => {
+                if open {
+                    // qemu-ga opened its port; its version comes with the first answer. Not awaited here: the
+                    // supervisor must not wait for a guest.
+                    let runtime = Arc::clone(runtime);
+                    tokio::spawn(async move { runtime.agent.probe().await }.instrument(tracing::Span::current()));
+                } else {
+                    runtime.agent.port_closed();
+                }
+            }
             // Pause and resume that qx-node did not ask for (monitor, I/O error, watchdog). Operations in progress
             // set the state themselves, and events may arrive after them, so ask QEMU for the truth.
             QemuEvent::Stop | QemuEvent::Resume => {

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
+mod guest;
 mod migrate;
 mod progress;
 mod remote;
@@ -189,6 +190,11 @@ enum VmCommand {
     Migrate(migrate::MigrateArgs),
     /// Cancel a running VM's migration; it keeps running on this node.
     MigrateCancel { name: String },
+    /// The guest agent of a running VM: info, exec, files, passwords.
+    Guest {
+        #[command(subcommand)]
+        command: guest::GuestCommand,
+    },
     /// Attach to the serial console (detach with Ctrl-]).
     Console {
         name: String,
@@ -303,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image { command } => storage::image(&mut node, command, json).await?,
         Command::Vm { command: VmCommand::Migrate(args) } => migrate::migrate(channel, args, json).await?,
         Command::Vm { command: VmCommand::MigrateCancel { name } } => migrate::cancel(channel, name).await?,
+        Command::Vm { command: VmCommand::Guest { command } } => guest::run(channel, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
         Command::System { command } => system::run(channel, command, json).await?,
     }
@@ -351,7 +358,9 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
-        VmCommand::Migrate(_) | VmCommand::MigrateCancel { .. } => unreachable!("handled in run"),
+        VmCommand::Migrate(_) | VmCommand::MigrateCancel { .. } | VmCommand::Guest { .. } => {
+            unreachable!("handled in run")
+        }
         VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
             let disk = Some(parse_disk(&device)?);
             node.attach_disk(pb::AttachDiskRequest { vm: name, disk }).await?
@@ -707,6 +716,9 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "started_at_unix": (runtime.started_at_unix != 0).then_some(runtime.started_at_unix),
         "running_accelerator": runtime.accelerator,
         "reason": runtime.last_reason,
+        "guest_agent": runtime.guest_agent.map(|a| json!({
+            "state": guest::agent_state_name(a.state), "version": a.version, "reason": a.reason,
+        })),
     })
 }
 
@@ -759,6 +771,11 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     if runtime.pid != 0 {
         rows.push(("pid", runtime.pid.to_string()));
         rows.push(("accelerator", runtime.accelerator));
+        if let Some(agent) = &runtime.guest_agent {
+            let state = guest::agent_state_name(agent.state);
+            let text = if agent.version.is_empty() { state.to_owned() } else { format!("{state} ({})", agent.version) };
+            rows.push(("guest agent", text));
+        }
     } else {
         rows.push(("accelerator", spec.accelerator));
     }
