@@ -106,6 +106,7 @@ async fn reflection_and_health_answer_on_the_unix_socket() {
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "quantix.node.v1.GuestAgentService",
             "quantix.node.v1.HostService",
             "quantix.node.v1.MigrationPeerService",
             "quantix.node.v1.MigrationService",

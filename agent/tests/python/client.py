@@ -18,7 +18,9 @@ import grpc
 
 def stubs(proto_dir):
     out = tempfile.mkdtemp(prefix="qx-pystubs-")
-    protos = [os.path.join(proto_dir, "quantix/node/v1", f) for f in ("node.proto", "host.proto")]
+    # Every file of the package: node.proto imports the others (host.proto, guest.proto).
+    package = os.path.join(proto_dir, "quantix/node/v1")
+    protos = sorted(os.path.join(package, f) for f in os.listdir(package) if f.endswith(".proto"))
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I", proto_dir, f"--python_out={out}", f"--grpc_python_out={out}"]
         + protos,
