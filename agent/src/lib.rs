@@ -23,6 +23,7 @@ mod convert;
 pub mod grpc;
 pub mod grpc_guest;
 pub mod grpc_host;
+pub mod grpc_snapshot;
 pub mod grpc_update;
 pub mod host;
 pub mod network;

@@ -1,5 +1,5 @@
 //! Serving the API: `NodeService` on the unix socket (always, mode 0600) and a TCP listener (when configured),
-//! `HostService` on the unix socket only, `UpdateService` and `GuestAgentService` on both, and the standard gRPC health and server
+//! `HostService` on the unix socket only, `UpdateService`, `GuestAgentService` and `SnapshotService` on both, and the standard gRPC health and server
 //! reflection services on both. Unix connections are read through [`AuthorityFix`], so standard gRPC clients
 //! (grpcio, grpc-java) work on the socket without overriding `:authority`. The TCP listener serves TLS 1.3 with
 //! client certificates only ([`crate::certs`]) and checks each call against the certificate's role
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use qx_proto::node::v1::guest_agent_service_server::GuestAgentServiceServer;
 use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
+use qx_proto::node::v1::snapshot_service_server::SnapshotServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
@@ -26,6 +27,7 @@ use crate::certs::TlsState;
 use crate::grpc::NodeApi;
 use crate::grpc_guest::GuestApi;
 use crate::grpc_host::HostApi;
+use crate::grpc_snapshot::SnapshotApi;
 use crate::grpc_update::UpdateApi;
 use crate::node::Node;
 
@@ -183,6 +185,7 @@ pub async fn serve(
     health.set_serving::<HostServiceServer<HostApi>>().await;
     health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
     health.set_serving::<GuestAgentServiceServer<GuestApi>>().await;
+    health.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
     let host_api = HostServiceServer::new(HostApi::new(Arc::clone(&node)));
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
@@ -190,6 +193,8 @@ pub async fn serve(
     let updates = UpdateServiceServer::new(UpdateApi::new(Arc::clone(&node)));
     let guests = GuestAgentServiceServer::new(GuestApi::new(Arc::clone(&node)));
     let guest_name = <GuestAgentServiceServer<GuestApi> as NamedService>::NAME;
+    let snapshots = SnapshotServiceServer::new(SnapshotApi::new(Arc::clone(&node)));
+    let snapshot_name = <SnapshotServiceServer<SnapshotApi> as NamedService>::NAME;
     let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
     let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
@@ -200,14 +205,16 @@ pub async fn serve(
         .add_service(api.clone())
         .add_service(updates.clone())
         .add_service(guests.clone())
-        .add_service(reflection(&[node_name, update_name, guest_name])?);
+        .add_service(snapshots.clone())
+        .add_service(reflection(&[node_name, update_name, guest_name, snapshot_name])?);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api)
         .add_service(updates)
         .add_service(host_api)
         .add_service(guests)
-        .add_service(reflection(&[node_name, update_name, guest_name, host_name])?);
+        .add_service(snapshots)
+        .add_service(reflection(&[node_name, update_name, guest_name, snapshot_name, host_name])?);
 
     // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());

@@ -140,6 +140,7 @@ async fn tcp_serves_tls_1_3_with_client_certificates_only() {
             "grpc.reflection.v1.ServerReflection",
             "quantix.node.v1.GuestAgentService",
             "quantix.node.v1.NodeService",
+            "quantix.node.v1.SnapshotService",
             "quantix.node.v1.UpdateService"
         ]
     );

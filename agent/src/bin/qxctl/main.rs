@@ -18,6 +18,7 @@ use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 mod guest;
 mod progress;
 mod remote;
+mod snapshot;
 mod storage;
 mod system;
 
@@ -190,6 +191,11 @@ enum VmCommand {
         #[command(subcommand)]
         command: guest::GuestCommand,
     },
+    /// Snapshots of a VM's disks, with or without its memory: create, list, revert, delete.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
     /// Attach to the serial console (detach with Ctrl-]).
     Console {
         name: String,
@@ -303,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
         Command::Vm { command: VmCommand::Guest { command } } => guest::run(channel, command, json).await?,
+        Command::Vm { command: VmCommand::Snapshot { command } } => snapshot::run(channel, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
         Command::System { command } => system::run(channel, command, json).await?,
     }
@@ -351,7 +358,7 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
-        VmCommand::Guest { .. } => unreachable!("handled in run"),
+        VmCommand::Guest { .. } | VmCommand::Snapshot { .. } => unreachable!("handled in run"),
         VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
             let disk = Some(parse_disk(&device)?);
             node.attach_disk(pb::AttachDiskRequest { vm: name, disk }).await?
