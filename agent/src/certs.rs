@@ -293,6 +293,20 @@ impl CertPaths {
         Ok(Arc::new(config))
     }
 
+    /// The TLS server configuration of the Host UI listener: browsers and monitoring scrapers have no client
+    /// certificate, so none is asked for (the UI's login stands in for it); TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1
+    /// (WebSockets need the latter).
+    pub fn browser_server_config(&self) -> Result<Arc<rustls::ServerConfig>, CertError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::from_pem_file(self.node_key()).map_err(|e| parse(&self.node_key(), e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_single_cert(certificates(&self.node_cert())?, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// When each file the server configuration reads last changed, to notice a rotation.
     fn stamp(&self) -> Vec<Option<SystemTime>> {
         [self.local_ca(), self.cluster_ca(), self.node_cert(), self.node_key()]

@@ -39,6 +39,8 @@ pub struct NodeConfig {
     /// `reflink`, threads and io_uring settings. See `qx_storage::EngineConfig`.
     pub storage: qx_storage::EngineConfig,
     pub tls: TlsConfig,
+    /// The Host UI's HTTPS listener, which serves `/metrics` too. Default: off.
+    pub ui: crate::ui::UiConfig,
     /// The file this config was read from, if any: `certificates/` lives next to it.
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -209,6 +211,7 @@ impl Default for NodeConfig {
             warm_pool: Vec::new(),
             storage: qx_storage::EngineConfig::default(),
             tls: TlsConfig::default(),
+            ui: crate::ui::UiConfig::default(),
             config_file: None,
         }
     }
@@ -356,6 +359,7 @@ impl NodeConfig {
                 problem: e.problem,
             }));
         }
+        errors.extend(self.ui.validate());
         if errors.is_empty() {
             Ok(())
         } else {

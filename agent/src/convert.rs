@@ -553,6 +553,8 @@ pub fn state_to_pb(state: VmState) -> pb::VmState {
         VmState::Paused => pb::VmState::Paused,
         VmState::Stopping => pb::VmState::Stopping,
         VmState::Crashed => pb::VmState::Crashed,
+        VmState::Migrating => pb::VmState::Migrating,
+        VmState::Incoming => pb::VmState::Incoming,
     }
 }
 

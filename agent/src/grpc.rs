@@ -52,6 +52,9 @@ pub fn status(error: VmError) -> Status {
         VmError::DetachTimeout { .. } => Status::deadline_exceeded(message),
         // QEMU refused the device (an image in the wrong format, say): the request, not the node, must change.
         VmError::Hotplug { .. } => Status::failed_precondition(message),
+        VmError::MigrationRefused { .. } => Status::failed_precondition(message),
+        VmError::MigrationCancelled { .. } => Status::cancelled(message),
+        VmError::Migration { .. } => Status::aborted(message),
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
         VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_status_code(&source, message),
         VmError::GuestExecTimeout { .. } => Status::deadline_exceeded(message),

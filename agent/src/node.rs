@@ -19,8 +19,8 @@ pub enum NodeError {
     #[error("QEMU binary {binary} does not run: {detail}")]
     QemuMissing { binary: String, detail: String },
     #[error(
-        "listen.tcp serves TLS only and cannot create its certificates in {dir}: set tls.certificates_dir to a \
-         writable directory, or remove listen.tcp"
+        "listen.tcp and ui.listen serve TLS only and cannot create their certificates in {dir}: set \
+         tls.certificates_dir to a writable directory, or remove those listeners"
     )]
     Certificates {
         dir: String,
@@ -67,6 +67,7 @@ pub struct Node {
     vms: VmManager,
     host: Host,
     certs: CertPaths,
+    migrations: crate::migration::Migrations,
 }
 
 impl Node {
@@ -103,7 +104,7 @@ impl Node {
             let networks = Arc::clone(&networks);
             async move { networks.probe_ovn().await }
         });
-        Ok(Self { config, qemu_version, networks, pools, vms, host, certs })
+        Ok(Self { config, qemu_version, networks, pools, vms, host, certs, migrations: Default::default() })
     }
 
     /// The node's certificates (node-local CA, node key and certificate, cluster CA).
@@ -127,6 +128,11 @@ impl Node {
         })
         .await
         .expect("signing does not panic")
+    }
+
+    /// The live migrations this node runs as the source.
+    pub fn migrations(&self) -> &crate::migration::Migrations {
+        &self.migrations
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -265,7 +271,8 @@ impl Node {
         let (cpu_model, cpu_count, memory_total_bytes, memory_available_bytes) =
             tokio::task::spawn_blocking(host_resources).await.unwrap_or_default();
         let vms = self.vms.list();
-        let running = vms.iter().filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused)).count();
+        let running =
+            vms.iter().filter(|vm| matches!(vm.state, VmState::Running | VmState::Paused | VmState::Migrating)).count();
         let (warm_ready, warm_reserved) = self.vms.warm_pool_counts();
         let system = self.host.updates().status().await;
         NodeInfo {
@@ -315,7 +322,8 @@ async fn qemu_version(binary: &std::path::Path) -> Result<String, NodeError> {
     Ok(version.to_owned())
 }
 
-fn host_resources() -> (String, u32, u64, u64) {
+/// CPU model, CPU count, total and available memory (bytes).
+pub(crate) fn host_resources() -> (String, u32, u64, u64) {
     use sysinfo::{CpuRefreshKind, MemoryRefreshKind, RefreshKind, System};
     let Ok(system) = System::new_with_specifics(
         RefreshKind::nothing().with_cpu(CpuRefreshKind::nothing()).with_memory(MemoryRefreshKind::nothing().with_ram()),
@@ -341,7 +349,7 @@ async fn ensure_certificates(config: &NodeConfig) -> Result<CertPaths, NodeError
         .expect("making certificates does not panic");
     match made {
         Ok(()) => Ok(certs),
-        Err(source) if config.listen.tcp.is_some() => {
+        Err(source) if config.listen.tcp.is_some() || config.ui.listen.is_some() => {
             Err(NodeError::Certificates { dir: certs.dir().display().to_string(), source })
         }
         Err(error) => {

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use qx_proto::node::v1::guest_agent_service_server::GuestAgentServiceServer;
 use qx_proto::node::v1::host_service_server::HostServiceServer;
+use qx_proto::node::v1::migration_peer_service_server::MigrationPeerServiceServer;
+use qx_proto::node::v1::migration_service_server::MigrationServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
 use qx_proto::node::v1::snapshot_service_server::SnapshotServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
@@ -27,8 +29,10 @@ use crate::certs::TlsState;
 use crate::grpc::NodeApi;
 use crate::grpc_guest::GuestApi;
 use crate::grpc_host::HostApi;
+use crate::grpc_migration::MigrationApi;
 use crate::grpc_snapshot::SnapshotApi;
 use crate::grpc_update::UpdateApi;
+use crate::metrics::RpcMetrics;
 use crate::node::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,14 @@ pub enum ServeError {
          tls.certificates_dir, or remove listen.tcp"
     )]
     Tls {
+        dir: PathBuf,
+        #[source]
+        source: crate::certs::CertError,
+    },
+    #[error(
+        "ui.listen serves HTTPS with the node certificate from {dir}; fix the files named below, or remove ui.listen"
+    )]
+    UiTls {
         dir: PathBuf,
         #[source]
         source: crate::certs::CertError,
@@ -191,6 +203,12 @@ pub async fn serve(
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
     // UpdateService on both: a control plane pushes system updates.
     let updates = UpdateServiceServer::new(UpdateApi::new(Arc::clone(&node)));
+    // Live migration: MigrateVm for operators on both listeners; the node-to-node calls on both too (over TCP
+    // the source node's certificate needs the admin role).
+    health.set_serving::<MigrationServiceServer<MigrationApi>>().await;
+    health.set_serving::<MigrationPeerServiceServer<MigrationApi>>().await;
+    let migration = MigrationServiceServer::new(MigrationApi::new(Arc::clone(&node)));
+    let migration_peer = MigrationPeerServiceServer::new(MigrationApi::new(Arc::clone(&node)));
     let guests = GuestAgentServiceServer::new(GuestApi::new(Arc::clone(&node)));
     let guest_name = <GuestAgentServiceServer<GuestApi> as NamedService>::NAME;
     let snapshots = SnapshotServiceServer::new(SnapshotApi::new(Arc::clone(&node)));
@@ -198,23 +216,41 @@ pub async fn serve(
     let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
     let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
+    let migration_name = <MigrationServiceServer<MigrationApi> as NamedService>::NAME;
+    let peer_name = <MigrationPeerServiceServer<MigrationApi> as NamedService>::NAME;
+    // Every call is counted for /metrics, on whichever listener it came in.
+    let rpc = RpcMetrics::default();
     // Over TCP every call passes the role check of the client certificate (crate::authz).
     let tcp_router = tonic::transport::Server::builder()
+        .layer(rpc.layer())
         .layer(AuthorizeLayer::new(&node.config().tls.clients))
         .add_service(health_service.clone())
         .add_service(api.clone())
         .add_service(updates.clone())
+        .add_service(migration.clone())
+        .add_service(migration_peer.clone())
         .add_service(guests.clone())
         .add_service(snapshots.clone())
-        .add_service(reflection(&[node_name, update_name, guest_name, snapshot_name])?);
+        .add_service(reflection(&[node_name, update_name, migration_name, peer_name, guest_name, snapshot_name])?);
     let router = tonic::transport::Server::builder()
+        .layer(rpc.layer())
         .add_service(health_service)
         .add_service(api)
         .add_service(updates)
         .add_service(host_api)
+        .add_service(migration)
+        .add_service(migration_peer)
         .add_service(guests)
         .add_service(snapshots)
-        .add_service(reflection(&[node_name, update_name, guest_name, snapshot_name, host_name])?);
+        .add_service(reflection(&[
+            node_name,
+            update_name,
+            host_name,
+            migration_name,
+            peer_name,
+            guest_name,
+            snapshot_name,
+        ])?);
 
     // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
@@ -247,6 +283,20 @@ pub async fn serve(
         }
         None => None,
     };
+    let ui = match node.config().ui.listen {
+        Some(addr) => {
+            let certs = node.certs().clone();
+            let dir = certs.dir().to_owned();
+            let tls = tokio::task::spawn_blocking(move || certs.browser_server_config())
+                .await
+                .expect("loading certificates does not panic")
+                .map_err(|source| ServeError::UiTls { dir, source })?;
+            let listener = crate::ui::bind(addr).await?;
+            let stop = stopped(stop_tx.subscribe());
+            Some(tokio::spawn(crate::ui::serve(Arc::clone(&node), rpc.clone(), listener, tls, stop)))
+        }
+        None => None,
+    };
     let stop = stopped(stop_tx.subscribe());
     tokio::spawn(async move {
         shutdown.await;
@@ -259,6 +309,9 @@ pub async fn serve(
         if let Ok(result) = tcp.await {
             result?;
         }
+    }
+    if let Some(ui) = ui {
+        let _ = ui.await;
     }
     let _ = fs::remove_file(&node.config().listen.unix);
     Ok(())

@@ -108,6 +108,8 @@ async fn reflection_and_health_answer_on_the_unix_socket() {
             "grpc.reflection.v1.ServerReflection",
             "quantix.node.v1.GuestAgentService",
             "quantix.node.v1.HostService",
+            "quantix.node.v1.MigrationPeerService",
+            "quantix.node.v1.MigrationService",
             "quantix.node.v1.NodeService",
             "quantix.node.v1.SnapshotService",
             "quantix.node.v1.UpdateService"

@@ -50,13 +50,17 @@ const WARM_RETRY: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-// A child module, so that it works on the VM entries like the lifecycle operations here do.
+// Child modules, so that they work on the VM entries like the lifecycle operations here do.
 #[path = "guest_ops.rs"]
 pub(crate) mod guest_ops;
 #[path = "hotplug.rs"]
 pub(crate) mod hotplug;
+#[path = "live_migration.rs"]
+pub(crate) mod live_migration;
 #[path = "snapshot_ops.rs"]
 pub(crate) mod snapshot_ops;
+#[path = "stats.rs"]
+pub(crate) mod stats;
 
 /// What the daemon provides for VM resources beyond QEMU; `None` where the node has none (such VMs are refused
 /// at start, naming the field).
@@ -128,6 +132,22 @@ pub enum VmError {
     /// The guest did not release the device in time; it stays attached (in QEMU and in the spec) until it does.
     #[error("VM {name:?} did not release device {device:?} within {waited:?}; it stays attached, and its removal finishes when the guest releases it")]
     DetachTimeout { name: String, device: String, waited: Duration },
+    /// The target node cannot host the VM (a live migration's refusal before anything moved).
+    #[error("node {target} cannot take VM {name:?}: {reason}")]
+    MigrationRefused { name: String, target: String, reason: String },
+    /// A live migration was cancelled; the VM runs here as before.
+    #[error("the migration of VM {name:?} was cancelled; it keeps running here")]
+    MigrationCancelled { name: String },
+    /// A live migration failed at `stage`; `outcome` says where the VM is.
+    #[error("the migration of VM {name:?} to {target} failed while {stage}; {outcome}")]
+    Migration {
+        name: String,
+        target: String,
+        stage: &'static str,
+        outcome: &'static str,
+        #[source]
+        source: BoxError,
+    },
     /// The guest agent did not answer, refused, or its answer did not decode.
     #[error("guest agent of VM {name:?}")]
     GuestAgent {
@@ -385,6 +405,12 @@ impl VmManager {
         self.vms_write().insert(name.clone(), Arc::clone(&entry));
         if !was.is_active() {
             return;
+        }
+        if was == VmState::Incoming {
+            return self.stale_incoming(&entry, record.pid).await;
+        }
+        if was == VmState::Migrating {
+            self.migration_cut_short(&entry).await;
         }
         let span = tracing::info_span!("vm", vm = %name);
         async {
@@ -823,17 +849,8 @@ impl VmManager {
             let name = entry.name.clone();
             move |source: BoxError| VmError::Start { name, stage, log: String::new(), source }
         };
-        let seed = match spec.seed_config() {
-            Some(config) => {
-                let path = dir.seed_image();
-                qx_storage::cloudinit::write_seed(&config, &path)
-                    .await
-                    .map_err(|e| start_error("writing the cloud-init seed")(e.into()))?;
-                Some(path)
-            }
-            None => None,
-        };
-        let qemu = self.spawn_qemu(&dir, spec, devices, accel, seed, false).await.map_err(|failure| {
+        let seed = write_seed(&dir, spec).await.map_err(start_error("writing the cloud-init seed"))?;
+        let qemu = self.spawn_qemu(&dir, spec, devices, accel, seed, false, false).await.map_err(|failure| {
             let (stage, log, source) = failure;
             VmError::Start { name: entry.name.clone(), stage, log, source }
         })?;
@@ -896,7 +913,9 @@ impl VmManager {
     }
 
     /// Binds the sockets in `dir`, spawns QEMU and negotiates QMP. On failure QEMU is gone and the error carries
-    /// the stage, the tail of QEMU's log and the cause.
+    /// the stage, the tail of QEMU's log and the cause. `incoming`: QEMU waits for a live migration's stream
+    /// (`-incoming defer`, then `migrate-incoming`).
+    #[allow(clippy::too_many_arguments)]
     async fn spawn_qemu(
         &self,
         dir: &VmDir,
@@ -905,6 +924,7 @@ impl VmManager {
         accel: Accel,
         seed: Option<PathBuf>,
         hotplug: bool,
+        incoming: bool,
     ) -> Result<(QemuProcess, QmpClient), (&'static str, String, BoxError)> {
         let serial = spec.serial;
         let prepared = {
@@ -914,7 +934,10 @@ impl VmManager {
         let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
         let serial_fd = serial.then_some(SERIAL_FD);
         let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile: dir.pidfile(), seed, hotplug };
-        let args = qemu_args(spec, devices, accel, &layout);
+        let mut args = qemu_args(spec, devices, accel, &layout);
+        if incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
         debug!(vm = %spec.name, ?args, "spawning QEMU");
         let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
             .map_err(|e: ProcessError| ("spawning QEMU", String::new(), e.into()))?;
@@ -1034,7 +1057,7 @@ impl VmManager {
                     tokio::time::sleep(WARM_RETRY).await;
                     continue;
                 }
-                match self.spawn_qemu(&dir, &spec, &devices, accel, None, true).await {
+                match self.spawn_qemu(&dir, &spec, &devices, accel, None, true, false).await {
                     Ok((process, qmp)) => {
                         debug!(shape, pid = process.pid(), "warm QEMU ready");
                         let key = launch_key(&spec, &devices, accel);
@@ -1128,6 +1151,10 @@ impl VmManager {
 
     async fn on_exit(&self, entry: &Arc<Entry>, runtime: &Arc<Runtime>, how: Option<String>) {
         let how = how.unwrap_or_else(|| "exited".to_owned());
+        if entry.state() == VmState::Incoming {
+            // The source still owns the VM: this node's copy goes with its QEMU.
+            return self.incoming_ended(entry, &format!("the incoming QEMU {how}")).await;
+        }
         let (state, reason) = if runtime.guest_shutdown.load(Ordering::SeqCst) {
             (VmState::Stopped, "the guest powered off".to_owned())
         } else if runtime.stop_requested.load(Ordering::SeqCst) {
@@ -1347,6 +1374,14 @@ fn kill(runtime: &Runtime) {
     if let Err(e) = runtime.process.kill() {
         error!(pid = runtime.process.pid(), error = %e, "cannot kill QEMU");
     }
+}
+
+/// Writes the cloud-init seed of `spec` into `dir` when it has one.
+async fn write_seed(dir: &VmDir, spec: &VmSpec) -> Result<Option<PathBuf>, BoxError> {
+    let Some(config) = spec.seed_config() else { return Ok(None) };
+    let path = dir.seed_image();
+    qx_storage::cloudinit::write_seed(&config, &path).await?;
+    Ok(Some(path))
 }
 
 /// Validates off the runtime threads (image checks touch the filesystem).

@@ -4,7 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// `stopped → starting → running ⇄ paused → stopping → stopped`; `crashed` when QEMU dies unasked.
+/// `stopped → starting → running ⇄ paused → stopping → stopped`; `crashed` when QEMU dies unasked;
+/// `running → migrating → (gone | running)` on a migration's source, `incoming → (running | gone)` on its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
@@ -20,12 +21,26 @@ pub enum VmState {
     Stopping,
     /// QEMU exited without being asked (killed, crashed, or lost while the daemon was down). Like `stopped`.
     Crashed,
+    /// The guest runs here while it is live-migrated to another node; every other operation waits. It ends
+    /// `running` (cancelled or failed) or with the VM gone from this node (it runs on the target).
+    Migrating,
+    /// A QEMU waits for the guest's state from another node (the source owns the VM until it finishes the
+    /// migration); only finishing or aborting the migration applies. It ends `running`, or with the VM gone.
+    Incoming,
 }
 
 impl VmState {
     /// Whether a QEMU process belongs to this state.
     pub fn is_active(self) -> bool {
-        matches!(self, VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+        matches!(
+            self,
+            VmState::Starting
+                | VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Migrating
+                | VmState::Incoming
+        )
     }
 }
 
@@ -38,6 +53,8 @@ impl fmt::Display for VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Crashed => "crashed",
+            VmState::Migrating => "migrating",
+            VmState::Incoming => "incoming",
         })
     }
 }

@@ -72,8 +72,14 @@ impl Console {
 
     /// Waits until `needle` has appeared `count` times since the session opened.
     pub async fn expect_count(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let what = format!("{needle:?} {count} times");
+        self.expect_that(&what, timeout, |seen| seen.matches(needle).count() >= count).await;
+    }
+
+    /// Waits until `done` holds for the output since the session opened; `what` names it in the failure.
+    pub async fn expect_that(&mut self, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) {
         let found = tokio::time::timeout(timeout, async {
-            while self.seen.matches(needle).count() < count {
+            while !done(&self.seen) {
                 match self.output.message().await {
                     Ok(Some(chunk)) => self.seen.push_str(&String::from_utf8_lossy(&chunk.data)),
                     _ => return false,
@@ -82,7 +88,7 @@ impl Console {
             true
         })
         .await;
-        assert!(matches!(found, Ok(true)), "console never showed {needle:?} {count} times; it showed:\n{}", self.seen);
+        assert!(matches!(found, Ok(true)), "console never showed {what}; it showed:\n{}", self.seen);
     }
 
     /// Runs `command` in the guest's shell and returns exactly what it printed (lines joined by `\n`). The output

@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
 mod guest;
+mod migrate;
 mod progress;
 mod remote;
 mod snapshot;
@@ -186,6 +187,10 @@ enum VmCommand {
         #[arg(long)]
         memory: Option<u64>,
     },
+    /// Live-migrate a running VM to another node (Ctrl-C cancels while in precopy).
+    Migrate(migrate::MigrateArgs),
+    /// Cancel a running VM's migration; it keeps running on this node.
+    MigrateCancel { name: String },
     /// The guest agent of a running VM: info, exec, files, passwords.
     Guest {
         #[command(subcommand)]
@@ -308,6 +313,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool { command } => storage::pool(&mut node, command, json).await?,
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
+        Command::Vm { command: VmCommand::Migrate(args) } => migrate::migrate(channel, args, json).await?,
+        Command::Vm { command: VmCommand::MigrateCancel { name } } => migrate::cancel(channel, name).await?,
         Command::Vm { command: VmCommand::Guest { command } } => guest::run(channel, command, json).await?,
         Command::Vm { command: VmCommand::Snapshot { command } } => snapshot::run(channel, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
@@ -358,7 +365,12 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
-        VmCommand::Guest { .. } | VmCommand::Snapshot { .. } => unreachable!("handled in run"),
+        VmCommand::Migrate(_)
+        | VmCommand::MigrateCancel { .. }
+        | VmCommand::Guest { .. }
+        | VmCommand::Snapshot { .. } => {
+            unreachable!("handled in run")
+        }
         VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
             let disk = Some(parse_disk(&device)?);
             node.attach_disk(pb::AttachDiskRequest { vm: name, disk }).await?
@@ -665,6 +677,8 @@ fn state_name(state: i32) -> &'static str {
         Ok(pb::VmState::Paused) => "paused",
         Ok(pb::VmState::Stopping) => "stopping",
         Ok(pb::VmState::Crashed) => "crashed",
+        Ok(pb::VmState::Migrating) => "migrating",
+        Ok(pb::VmState::Incoming) => "incoming",
         _ => "-",
     }
 }

@@ -29,6 +29,11 @@ impl ProgressBar {
         }
     }
 
+    /// Replaces the text in front of the bar (a migration names its phase there).
+    pub fn set_label(&mut self, label: impl Into<String>) {
+        self.label = label.into();
+    }
+
     pub fn update(&mut self, done: u64, total: u64) {
         if self.quiet {
             return;
