@@ -58,6 +58,10 @@ pub fn status(error: VmError) -> Status {
         VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
         VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_status_code(&source, message),
         VmError::GuestExecTimeout { .. } => Status::deadline_exceeded(message),
+        VmError::NoSnapshot { .. } => Status::not_found(message),
+        VmError::SnapshotExists { .. } => Status::already_exists(message),
+        VmError::SnapshotRefused(_) => Status::failed_precondition(message),
+        VmError::Snapshot { .. } => Status::internal(message),
     }
 }
 
