@@ -38,68 +38,10 @@ impl NodeApi {
     }
 }
 
-/// Domain errors to gRPC status codes, in one place.
-pub fn status(error: VmError) -> Status {
-    let message = error_chain(&error);
-    match error {
-        VmError::Invalid(_) => Status::invalid_argument(message),
-        VmError::NotFound(_) => Status::not_found(message),
-        VmError::AlreadyExists(_) => Status::already_exists(message),
-        VmError::WrongState { .. } | VmError::NoConsole { .. } | VmError::Orphan { .. } | VmError::VolumesInUse(_) => {
-            Status::failed_precondition(message)
-        }
-        VmError::NoDevice { .. } => Status::not_found(message),
-        VmError::DetachTimeout { .. } => Status::deadline_exceeded(message),
-        // QEMU refused the device (an image in the wrong format, say): the request, not the node, must change.
-        VmError::Hotplug { .. } => Status::failed_precondition(message),
-        VmError::MigrationRefused { .. } => Status::failed_precondition(message),
-        VmError::MigrationCancelled { .. } => Status::cancelled(message),
-        VmError::Migration { .. } => Status::aborted(message),
-        VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Status::internal(message),
-        VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_status_code(&source, message),
-        VmError::GuestExecTimeout { .. } => Status::deadline_exceeded(message),
-        VmError::NoSnapshot { .. } => Status::not_found(message),
-        VmError::SnapshotExists { .. } => Status::already_exists(message),
-        VmError::SnapshotRefused(_) => Status::failed_precondition(message),
-        VmError::Snapshot { .. } => Status::internal(message),
-    }
-}
-
-/// Network errors to gRPC status codes.
-pub fn network_status(error: NetworkError) -> Status {
-    let message = error_chain(&error);
-    match error {
-        NetworkError::Invalid(_) => Status::invalid_argument(message),
-        NetworkError::NotFound(_) => Status::not_found(message),
-        NetworkError::AlreadyExists(_) => Status::already_exists(message),
-        NetworkError::InUse { .. } => Status::failed_precondition(message),
-        NetworkError::Unreachable { .. } | NetworkError::OvnUnreachable { .. } => Status::unavailable(message),
-        NetworkError::OvnNotConfigured => Status::failed_precondition(message),
-        NetworkError::Switch { .. } | NetworkError::Ovn { .. } | NetworkError::Persist { .. } => {
-            Status::internal(message)
-        }
-    }
-}
-
-/// Storage errors to gRPC status codes, by the kind the storage crate assigns.
-pub fn volume_status(error: VolumeError) -> Status {
-    use qx_storage::ErrorKind;
-    let message = error_chain(&error);
-    let kind = match &error {
-        VolumeError::PoolNotFound(_) => ErrorKind::NotFound,
-        VolumeError::Engine(_) => ErrorKind::Internal,
-        VolumeError::Pool(e) => e.kind(),
-    };
-    match kind {
-        ErrorKind::NotFound => Status::not_found(message),
-        ErrorKind::AlreadyExists => Status::already_exists(message),
-        ErrorKind::InvalidArgument => Status::invalid_argument(message),
-        ErrorKind::FailedPrecondition => Status::failed_precondition(message),
-        ErrorKind::Cancelled => Status::cancelled(message),
-        ErrorKind::ResourceExhausted => Status::resource_exhausted(message),
-        ErrorKind::Internal => Status::internal(message),
-    }
-}
+/// Domain errors to gRPC statuses, in one place (`crate::status`).
+pub use crate::status::status;
+/// The same function, under the names it had when it took one error type each.
+pub use crate::status::{status as network_status, status as volume_status};
 
 fn pool_name(pool: &str) -> &str {
     if pool.is_empty() {
@@ -179,7 +121,7 @@ impl NodeService for NodeApi {
 
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(e.into()))?;
+        let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("CreateVm", vm = %spec.name);
         vm_reply(self.node.vms().create(spec).instrument(span).await)
     }
@@ -198,7 +140,7 @@ impl NodeService for NodeApi {
 
     async fn update_vm(&self, request: Request<pb::UpdateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(e.into()))?;
+        let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("UpdateVm", vm = %spec.name);
         vm_reply(self.node.vms().update(spec).instrument(span).await)
     }
@@ -239,7 +181,7 @@ impl NodeService for NodeApi {
 
     async fn attach_disk(&self, request: Request<pb::AttachDiskRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let disk = disk_from_pb(request.disk.unwrap_or_default()).map_err(|e| status(e.into()))?;
+        let disk = disk_from_pb(request.disk.unwrap_or_default()).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("AttachDisk", vm = %request.vm);
         vm_reply(self.node.attach_disk(&request.vm, disk).instrument(span).await)
     }
@@ -253,7 +195,7 @@ impl NodeService for NodeApi {
 
     async fn attach_nic(&self, request: Request<pb::AttachNicRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
-        let nic = nic_from_pb(request.nic.unwrap_or_default()).map_err(|e| status(e.into()))?;
+        let nic = nic_from_pb(request.nic.unwrap_or_default()).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("AttachNic", vm = %request.vm);
         vm_reply(self.node.attach_nic(&request.vm, nic).instrument(span).await)
     }
@@ -283,9 +225,9 @@ impl NodeService for NodeApi {
     }
 
     async fn create_network(&self, request: Request<pb::Network>) -> Result<Response<pb::Network>, Status> {
-        let spec = network_from_pb(request.into_inner()).map_err(|e| network_status(NetworkError::Invalid(e)))?;
+        let spec = network_from_pb(request.into_inner()).map_err(|e| status(NetworkError::Invalid(e)))?;
         let span = info_span!("CreateNetwork", network = %spec.name);
-        let created = self.node.create_network(spec).instrument(span).await.map_err(network_status)?;
+        let created = self.node.create_network(spec).instrument(span).await.map_err(status)?;
         Ok(Response::new(network_to_pb(&created)))
     }
 
@@ -303,14 +245,14 @@ impl NodeService for NodeApi {
     ) -> Result<Response<pb::DeleteNetworkResponse>, Status> {
         let name = request.into_inner().name;
         let span = info_span!("DeleteNetwork", network = %name);
-        self.node.delete_network(&name).instrument(span).await.map_err(network_status)?;
+        self.node.delete_network(&name).instrument(span).await.map_err(status)?;
         Ok(Response::new(pb::DeleteNetworkResponse {}))
     }
 
     async fn list_pools(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
         let mut pools = Vec::new();
-        for pool in self.node.pools().all().await.map_err(volume_status)? {
-            let stats = pool.stats().await.map_err(|e| volume_status(e.into()))?;
+        for pool in self.node.pools().all().await.map_err(status)? {
+            let stats = pool.stats().await.map_err(|e| status(VolumeError::from(e)))?;
             pools.push(pool_to_pb(pool.name(), pool.kind(), &stats, pool.copy_plan().as_ref()));
         }
         Ok(Response::new(pb::ListPoolsResponse { pools }))
@@ -318,8 +260,8 @@ impl NodeService for NodeApi {
 
     async fn get_pool(&self, request: Request<pb::PoolRef>) -> Result<Response<pb::Pool>, Status> {
         let name = pool_name(&request.into_inner().name).to_owned();
-        let pool = self.node.pools().pool(&name).await.map_err(volume_status)?;
-        let stats = pool.stats().await.map_err(|e| volume_status(e.into()))?;
+        let pool = self.node.pools().pool(&name).await.map_err(status)?;
+        let stats = pool.stats().await.map_err(|e| status(VolumeError::from(e)))?;
         Ok(Response::new(pool_to_pb(pool.name(), pool.kind(), &stats, pool.copy_plan().as_ref())))
     }
 
@@ -331,11 +273,11 @@ impl NodeService for NodeApi {
     ) -> Result<Response<Self::CreateVolumeStream>, Status> {
         let request = request.into_inner();
         let pool = pool_name(&request.pool).to_owned();
-        let create = create_volume_from_pb(request).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let create = create_volume_from_pb(request).map_err(status)?;
         let span = info_span!("CreateVolume", pool = %pool, volume = %create.name);
         let node = Arc::clone(&self.node);
         let stream = operation_stream(span, volume_progress, move |ctl| async move {
-            let volume = node.create_volume(&pool, create, &ctl).await.map_err(volume_status)?;
+            let volume = node.create_volume(&pool, create, &ctl).await.map_err(status)?;
             Ok(volume_done(&pool, &volume))
         });
         Ok(Response::new(stream))
@@ -344,8 +286,8 @@ impl NodeService for NodeApi {
     async fn get_volume(&self, request: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
         let request = request.into_inner();
         let pool = pool_name(&request.pool);
-        let volume = self.node.pools().pool(pool).await.map_err(volume_status)?.volume(&request.name).await;
-        Ok(Response::new(volume_to_pb(pool, &volume.map_err(|e| volume_status(e.into()))?)))
+        let volume = self.node.pools().pool(pool).await.map_err(status)?.volume(&request.name).await;
+        Ok(Response::new(volume_to_pb(pool, &volume.map_err(|e| status(VolumeError::from(e)))?)))
     }
 
     async fn list_volumes(
@@ -353,8 +295,8 @@ impl NodeService for NodeApi {
         request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let pool = pool_name(&request.into_inner().pool).to_owned();
-        let volumes = self.node.pools().pool(&pool).await.map_err(volume_status)?.list_volumes().await;
-        let volumes = volumes.map_err(|e| volume_status(e.into()))?;
+        let volumes = self.node.pools().pool(&pool).await.map_err(status)?.list_volumes().await;
+        let volumes = volumes.map_err(|e| status(VolumeError::from(e)))?;
         Ok(Response::new(pb::ListVolumesResponse { volumes: volumes.iter().map(|v| volume_to_pb(&pool, v)).collect() }))
     }
 
@@ -363,7 +305,7 @@ impl NodeService for NodeApi {
         let pool = pool_name(&request.pool);
         let span = info_span!("ResizeVolume", pool = %pool, volume = %request.name, size = request.size_bytes);
         let resize = self.node.resize_volume(pool, &request.name, request.size_bytes);
-        let volume = resize.instrument(span).await.map_err(volume_status)?;
+        let volume = resize.instrument(span).await.map_err(status)?;
         Ok(Response::new(volume_to_pb(pool, &volume)))
     }
 
@@ -379,7 +321,7 @@ impl NodeService for NodeApi {
         let node = Arc::clone(&self.node);
         let stream = operation_stream(span, volume_progress, move |ctl| async move {
             let clone = node.clone_volume(&pool, &request.name, &request.new_name, &ctl);
-            Ok(volume_done(&pool, &clone.await.map_err(volume_status)?))
+            Ok(volume_done(&pool, &clone.await.map_err(status)?))
         });
         Ok(Response::new(stream))
     }
@@ -391,7 +333,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let pool = pool_name(&request.pool).to_owned();
         let span = info_span!("DeleteVolume", pool = %pool, volume = %request.name);
-        self.node.delete_volume(&pool, &request.name).instrument(span).await.map_err(volume_status)?;
+        self.node.delete_volume(&pool, &request.name).instrument(span).await.map_err(status)?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -403,12 +345,12 @@ impl NodeService for NodeApi {
     ) -> Result<Response<Self::ImportImageStream>, Status> {
         let request = request.into_inner();
         let pool = pool_name(&request.pool).to_owned();
-        let import = import_image_from_pb(request).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let import = import_image_from_pb(request).map_err(status)?;
         let span = info_span!("ImportImage", pool = %pool, image = %import.name, source = %import.source.display());
         let node = Arc::clone(&self.node);
         let progress = |p: pb::Progress| pb::ImageOperation { event: Some(pb::image_operation::Event::Progress(p)) };
         let stream = operation_stream(span, progress, move |ctl| async move {
-            let image = node.import_image(&pool, import, &ctl).await.map_err(volume_status)?;
+            let image = node.import_image(&pool, import, &ctl).await.map_err(status)?;
             Ok(pb::ImageOperation { event: Some(pb::image_operation::Event::Image(image_to_pb(&pool, &image))) })
         });
         Ok(Response::new(stream))
@@ -417,8 +359,8 @@ impl NodeService for NodeApi {
     async fn get_image(&self, request: Request<pb::ImageRef>) -> Result<Response<pb::Image>, Status> {
         let request = request.into_inner();
         let pool = pool_name(&request.pool);
-        let image = self.node.pools().pool(pool).await.map_err(volume_status)?.image(&request.name).await;
-        Ok(Response::new(image_to_pb(pool, &image.map_err(|e| volume_status(e.into()))?)))
+        let image = self.node.pools().pool(pool).await.map_err(status)?.image(&request.name).await;
+        Ok(Response::new(image_to_pb(pool, &image.map_err(|e| status(VolumeError::from(e)))?)))
     }
 
     async fn list_images(
@@ -426,8 +368,8 @@ impl NodeService for NodeApi {
         request: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
         let pool = pool_name(&request.into_inner().pool).to_owned();
-        let images = self.node.pools().pool(&pool).await.map_err(volume_status)?.list_images().await;
-        let images = images.map_err(|e| volume_status(e.into()))?;
+        let images = self.node.pools().pool(&pool).await.map_err(status)?.list_images().await;
+        let images = images.map_err(|e| status(VolumeError::from(e)))?;
         Ok(Response::new(pb::ListImagesResponse { images: images.iter().map(|i| image_to_pb(&pool, i)).collect() }))
     }
 
@@ -435,7 +377,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let pool = pool_name(&request.pool).to_owned();
         let span = info_span!("DeleteImage", pool = %pool, image = %request.name);
-        self.node.delete_image(&pool, &request.name).instrument(span).await.map_err(volume_status)?;
+        self.node.delete_image(&pool, &request.name).instrument(span).await.map_err(status)?;
         Ok(Response::new(pb::DeleteImageResponse {}))
     }
 

@@ -10,7 +10,7 @@ use qx_vmm::qga::{qapi_qga, GuestExec, QgaError};
 use qx_vmm::{AgentState, AgentStatus, GuestInfo};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use tracing::{info_span, Instrument};
 
 use crate::grpc::status;
@@ -35,14 +35,14 @@ impl GuestApi {
 
 /// The status code of a guest agent failure: silence is DEADLINE_EXCEEDED (the agent's timeout passed), a gone
 /// connection UNAVAILABLE, the agent's refusal FAILED_PRECONDITION (a missing file, a disabled command).
-pub(crate) fn agent_status_code(error: &QgaError, message: String) -> Status {
+pub(crate) fn agent_code(error: &QgaError) -> Code {
     match error {
-        QgaError::NotResponding { .. } => Status::deadline_exceeded(message),
-        QgaError::Connect { .. } | QgaError::Closed { .. } => Status::unavailable(message),
+        QgaError::NotResponding { .. } => Code::DeadlineExceeded,
+        QgaError::Connect { .. } | QgaError::Closed { .. } => Code::Unavailable,
         QgaError::Command { .. } | QgaError::FileTooLarge { .. } | QgaError::ShortWrite { .. } => {
-            Status::failed_precondition(message)
+            Code::FailedPrecondition
         }
-        QgaError::Sync { .. } | QgaError::Decode { .. } | QgaError::Send { .. } => Status::internal(message),
+        QgaError::Sync { .. } | QgaError::Decode { .. } | QgaError::Send { .. } => Code::Internal,
     }
 }
 

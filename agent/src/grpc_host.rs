@@ -6,16 +6,16 @@ use std::sync::Arc;
 use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::host_service_server::HostService;
 use qx_vmm::ValidationErrors;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{info_span, Instrument};
 
-use crate::certs::{CertError, Role};
-use crate::grpc::error_chain;
+use crate::certs::Role;
 use crate::host::{
     AddressMode, ClusterState, ClusterStatus, Diagnostics, HostError, HostStatus, ManagementNetwork, PowerAction,
     SshStatus,
 };
 use crate::node::{Node, NodeInfo};
+use crate::status::status;
 
 /// The gRPC face of the host backend.
 #[derive(Debug, Clone)]
@@ -26,28 +26,6 @@ pub struct HostApi {
 impl HostApi {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
-    }
-}
-
-/// Host errors to gRPC status codes, in one place.
-pub fn host_status(error: HostError) -> Status {
-    let message = error_chain(&error);
-    match error {
-        HostError::Invalid(_) => Status::invalid_argument(message),
-        HostError::NetworkApply { .. }
-        | HostError::NetworkParse { .. }
-        | HostError::SshCommand { .. }
-        | HostError::VmsRunning { .. }
-        | HostError::ClusterMember { .. } => Status::failed_precondition(message),
-        HostError::ClusterConnect { .. } => Status::unavailable(message),
-        HostError::ClusterRegister { code: Code::Unavailable | Code::DeadlineExceeded, .. } => {
-            Status::unavailable(message)
-        }
-        HostError::ClusterRegister { .. } | HostError::ClusterCertificates { .. } => {
-            Status::failed_precondition(message)
-        }
-        HostError::ClusterTokenRefused { .. } => Status::permission_denied(message),
-        HostError::NetworkRead { .. } | HostError::Persist { .. } => Status::internal(message),
     }
 }
 
@@ -63,7 +41,7 @@ impl HostService for HostApi {
         _: Request<pb::GetNetworkConfigRequest>,
     ) -> Result<Response<pb::ManagementNetwork>, Status> {
         let network = self.node.host().network().instrument(info_span!("GetNetworkConfig")).await;
-        Ok(Response::new(network_to_pb(network.map_err(host_status)?)))
+        Ok(Response::new(network_to_pb(network.map_err(status)?)))
     }
 
     async fn set_network_config(
@@ -72,15 +50,15 @@ impl HostService for HostApi {
     ) -> Result<Response<pb::ManagementNetwork>, Status> {
         let network = network_from_pb(request.into_inner());
         let span = info_span!("SetNetworkConfig", interface = %network.interface);
-        let network = self.node.host().set_network(network).instrument(span).await.map_err(host_status)?;
+        let network = self.node.host().set_network(network).instrument(span).await.map_err(status)?;
         Ok(Response::new(network_to_pb(network)))
     }
 
     async fn set_ssh(&self, request: Request<pb::SetSshRequest>) -> Result<Response<pb::SshStatus>, Status> {
         let request = request.into_inner();
         let span = info_span!("SetSsh", enabled = request.enabled, timeout_minutes = request.timeout_minutes);
-        let status = self.node.host().set_ssh(request.enabled, request.timeout_minutes).instrument(span).await;
-        Ok(Response::new(ssh_to_pb(status.map_err(host_status)?)))
+        let ssh = self.node.host().set_ssh(request.enabled, request.timeout_minutes).instrument(span).await;
+        Ok(Response::new(ssh_to_pb(ssh.map_err(status)?)))
     }
 
     async fn join_cluster(
@@ -91,12 +69,12 @@ impl HostService for HostApi {
         // The join token is a secret: it stays out of the span.
         let span = info_span!("JoinCluster", control_plane = %request.control_plane_url);
         let joined = self.node.host().join_cluster(&request.control_plane_url, &request.join_token).instrument(span);
-        Ok(Response::new(cluster_to_pb(joined.await.map_err(host_status)?)))
+        Ok(Response::new(cluster_to_pb(joined.await.map_err(status)?)))
     }
 
     async fn leave_cluster(&self, _: Request<pb::LeaveClusterRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let left = self.node.host().leave_cluster().instrument(info_span!("LeaveCluster")).await;
-        Ok(Response::new(cluster_to_pb(left.map_err(host_status)?)))
+        Ok(Response::new(cluster_to_pb(left.map_err(status)?)))
     }
 
     async fn restart_services(
@@ -120,9 +98,9 @@ impl HostService for HostApi {
 
     async fn power(&self, request: Request<pb::PowerRequest>) -> Result<Response<pb::PowerResponse>, Status> {
         let request = request.into_inner();
-        let action = power_action_from_pb(request.action).map_err(host_status)?;
+        let action = power_action_from_pb(request.action).map_err(status)?;
         let span = info_span!("Power", ?action, confirm_running_vms = request.confirm_running_vms);
-        span.in_scope(|| self.node.host().power(action, request.confirm_running_vms)).map_err(host_status)?;
+        span.in_scope(|| self.node.host().power(action, request.confirm_running_vms)).map_err(status)?;
         Ok(Response::new(pb::PowerResponse {}))
     }
 
@@ -146,21 +124,12 @@ impl HostService for HostApi {
         };
         let days = if request.days == 0 { 365 } else { request.days };
         let issued = self.node.issue_client_certificate(request.name, role, days, request.csr_pem).instrument(span);
-        let (issued, node_names) = issued.await.map_err(cert_status)?;
+        let (issued, node_names) = issued.await.map_err(status)?;
         Ok(Response::new(pb::IssuedCertificate {
             certificate_pem: issued.certificate_pem,
             ca_pem: issued.ca_pem,
             node_names,
         }))
-    }
-}
-
-/// Certificate errors to gRPC status codes: a bad request is the caller's, anything else the node's files.
-pub fn cert_status(error: CertError) -> Status {
-    let message = error_chain(&error);
-    match error {
-        CertError::Invalid { .. } => Status::invalid_argument(message),
-        _ => Status::failed_precondition(message),
     }
 }
 
@@ -251,6 +220,7 @@ fn power_action_from_pb(action: i32) -> Result<PowerAction, HostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     #[test]
     fn network_round_trips_and_unknown_modes_are_unspecified() {
@@ -270,14 +240,14 @@ mod tests {
     #[test]
     fn errors_map_to_codes() {
         let invalid = power_action_from_pb(0).unwrap_err();
-        let status = host_status(invalid);
-        assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(status.message(), r#"action: "POWER_ACTION_UNSPECIFIED" must be REBOOT or SHUTDOWN"#);
-        assert_eq!(host_status(HostError::VmsRunning { running: 2 }).code(), Code::FailedPrecondition);
+        let invalid = status(invalid);
+        assert_eq!(invalid.code(), Code::InvalidArgument);
+        assert_eq!(invalid.message(), r#"action: "POWER_ACTION_UNSPECIFIED" must be REBOOT or SHUTDOWN"#);
+        assert_eq!(status(HostError::VmsRunning { running: 2 }).code(), Code::FailedPrecondition);
         let refused = HostError::ClusterTokenRefused { url: "http://cp".into(), message: "bad token".into() };
-        assert_eq!(host_status(refused).code(), Code::PermissionDenied);
+        assert_eq!(status(refused).code(), Code::PermissionDenied);
         let register =
             HostError::ClusterRegister { url: "http://cp".into(), code: Code::Unavailable, message: "down".into() };
-        assert_eq!(host_status(register).code(), Code::Unavailable);
+        assert_eq!(status(register).code(), Code::Unavailable);
     }
 }

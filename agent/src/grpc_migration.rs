@@ -103,7 +103,8 @@ fn result_to_pb(done: &Migrated) -> pb::MigrationEvent {
 fn peer_status(error: VmError) -> Status {
     match error {
         VmError::Invalid(_) | VmError::AlreadyExists(_) | VmError::VolumesInUse(_) => {
-            Status::failed_precondition(error_chain(&error))
+            use crate::status::ApiError;
+            crate::status::to_status(tonic::Code::FailedPrecondition, &error_chain(&error), &error.problems())
         }
         other => status(other),
     }

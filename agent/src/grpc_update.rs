@@ -14,12 +14,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info_span, Instrument};
 
-use crate::grpc::error_chain;
 use crate::host::update::{
-    Outcome, Phase, Slot, SlotVersion, SystemStatus, UpdateControl, UpdateError, UpdateProgress, UpdateRecord,
-    UpdateRequest, UpdateSource,
+    Outcome, Phase, Slot, SlotVersion, SystemStatus, UpdateControl, UpdateProgress, UpdateRecord, UpdateRequest,
+    UpdateSource,
 };
 use crate::node::Node;
+use crate::status::status;
 
 /// Chunks buffered between the gRPC stream and the staging file.
 const CHUNKS_IN_FLIGHT: usize = 4;
@@ -32,24 +32,6 @@ pub struct UpdateApi {
 impl UpdateApi {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
-    }
-}
-
-/// Update errors to gRPC status codes, in one place.
-pub fn update_status(error: UpdateError) -> Status {
-    let message = error_chain(&error);
-    match error {
-        UpdateError::Invalid(_) | UpdateError::Refused { .. } => Status::invalid_argument(message),
-        UpdateError::Unavailable(_)
-        | UpdateError::Busy
-        | UpdateError::OnTrial
-        | UpdateError::VmsRunning { .. }
-        | UpdateError::Key { .. }
-        | UpdateError::NoPartition { .. } => Status::failed_precondition(message),
-        UpdateError::Cancelled => Status::cancelled(message),
-        UpdateError::SourceChanged { .. } => Status::aborted(message),
-        UpdateError::WriteMismatch { .. } => Status::data_loss(message),
-        UpdateError::Io { .. } | UpdateError::GrubEnv(_) => Status::internal(message),
     }
 }
 
@@ -110,7 +92,7 @@ impl UpdateService for UpdateApi {
                     let done = UpdateProgress { phase: Phase::Done, done: total, total };
                     progress_to_pb(done, Some(status))
                 });
-                let _ = tx.send(reply.map_err(update_status)).await;
+                let _ = tx.send(reply.map_err(status)).await;
             }
             .instrument(span),
         );

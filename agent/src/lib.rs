@@ -32,5 +32,6 @@ pub mod migration;
 pub mod network;
 pub mod node;
 pub mod server;
+pub mod status;
 pub mod ui;
 pub mod volumes;

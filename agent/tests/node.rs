@@ -265,27 +265,6 @@ async fn a_daemon_killed_before_running_is_written_reattaches_the_vm() {
 }
 
 /// Every file under `dir`, with its contents, to prove a refused request changed nothing.
-fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            let name = path.file_name().unwrap().to_string_lossy();
-            if name.ends_with(".sock") || name.ends_with(".log") || name == "qemu.pid" {
-                continue;
-            }
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push((path.display().to_string(), std::fs::read(&path).unwrap()));
-            }
-        }
-    }
-    files.sort();
-    files
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     let daemon = daemon();

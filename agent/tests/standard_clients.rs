@@ -4,29 +4,15 @@
 mod common;
 mod tls_common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use qx_test_infra::{skip, test_guest, Daemon};
+use qx_test_infra::{test_guest, Daemon};
 use tokio_stream::StreamExt;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::ServerReflectionRequest;
-
-/// The virtualenv `agent/tests/install-python-grpc.sh` makes, or `None` (and a skip) without it.
-fn python() -> Option<PathBuf> {
-    let venv = std::env::var_os("QX_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/quantix/python-grpc")
-    });
-    let python = venv.join("bin/python3");
-    if python.exists() {
-        Some(python)
-    } else {
-        skip(&format!("no grpcio at {}: run agent/tests/install-python-grpc.sh", venv.display()));
-        None
-    }
-}
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
@@ -54,7 +40,7 @@ pub fn run_python(python: &Path, daemon: &Daemon, args: &[&str]) -> String {
 
 #[test]
 fn python_grpcio_drives_a_vm_over_the_unix_socket() {
-    let Some(python) = python() else { return };
+    let Some(python) = common::python() else { return };
     let daemon = common::daemon();
     let spec = daemon.data_dir().parent().unwrap().join("py-unix.yaml");
     std::fs::write(&spec, test_guest().spec_yaml("py-unix", "nics:\n  - kind: user\n")).unwrap();
@@ -66,7 +52,7 @@ fn python_grpcio_drives_a_vm_over_the_unix_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_drives_a_vm_over_mutual_tls() {
-    let Some(python) = python() else { return };
+    let Some(python) = common::python() else { return };
     let node = tls_common::TlsNode::start("");
     let files = node.issue("py-operator", "admin").await;
     node.wait_tcp().await;

@@ -28,4 +28,4 @@ mod validate;
 pub use error::error_chain;
 pub use host::HostRoot;
 pub use task::{blocking, BoxFuture};
-pub use validate::{FieldError, Problems, ValidationErrors, REDACTED};
+pub use validate::{shorten, FieldError, Problems, ValidationErrors, REDACTED};

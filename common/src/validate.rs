@@ -5,8 +5,26 @@
 //! escaped as Rust's `{:?}` does (so a value may hold `; `, `: ` or quotes), then the problem in words. A problem
 //! with no value to show (a missing field) is `field: problem`; a secret's is `field: <redacted> problem`. Problems
 //! are joined by `; `, which problem texts therefore never contain.
+//!
+//! Messages are bounded, because a caller controls the values and protocols limit what a message may hold (gRPC
+//! clients refuse metadata over 8-16 KiB): a value longer than [`MAX_SHOWN_VALUE`] is shown as its start, `…` and
+//! its size (`"aaaa…" (1048576 bytes) is too long`, which reads back as the same text), a field path or problem
+//! text is cut likewise, and a list shows at most [`MAX_SHOWN_PROBLEMS`] problems (and no more than about
+//! [`MESSAGE_BUDGET`] bytes of them), then how many more there are. The problems themselves are kept whole.
 
 use std::fmt;
+use std::fmt::Write as _;
+
+/// The longest value shown whole, in characters as quoted (escapes count); longer ones are cut to about half.
+pub const MAX_SHOWN_VALUE: usize = 100;
+/// The longest field path shown whole (a label key is part of its field's path).
+pub const MAX_SHOWN_FIELD: usize = 100;
+/// The longest problem text shown whole (a problem may quote what a parser said of the input).
+pub const MAX_SHOWN_PROBLEM: usize = 300;
+/// How many problems a message lists at most; the rest are counted.
+pub const MAX_SHOWN_PROBLEMS: usize = 8;
+/// About how many bytes the listed problems of one message take at most: once past it, the rest are counted.
+pub const MESSAGE_BUDGET: usize = 800;
 
 /// The value recorded for a secret field (a password, cloud-init user data): shown unquoted, never the secret.
 pub const REDACTED: &str = "<redacted>";
@@ -35,36 +53,98 @@ impl FieldError {
     }
 
     /// The problem without the field's name, `"5000" is outside 1..=4094`: what a form shows under the field.
+    /// Bounded: a long value is shown as its start and its size, a long problem text is cut.
     pub fn without_field(&self) -> String {
+        let problem = shorten(&self.problem, MAX_SHOWN_PROBLEM);
         if self.value.is_empty() {
-            self.problem.clone()
+            problem.into_owned()
         } else if self.value == REDACTED {
-            format!("{REDACTED} {}", self.problem)
+            format!("{REDACTED} {problem}")
         } else {
-            format!("{:?} {}", self.value, self.problem)
+            format!("{} {problem}", quote_bounded(&self.value))
         }
+    }
+
+    /// The field path as a message shows it: control characters escaped, cut when longer than
+    /// [`MAX_SHOWN_FIELD`].
+    pub fn shown_field(&self) -> String {
+        let escaped: String = self.field.chars().flat_map(escape).collect();
+        shorten(&escaped, MAX_SHOWN_FIELD).into_owned()
     }
 }
 
 impl fmt::Display for FieldError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.field, self.without_field())
+        write!(f, "{}: {}", self.shown_field(), self.without_field())
     }
+}
+
+/// A control character escaped as `{:?}` would, anything else as it is.
+fn escape(c: char) -> impl Iterator<Item = char> {
+    let escaped = c.is_control().then(|| c.escape_debug());
+    let plain = (!c.is_control()).then_some(c);
+    escaped.into_iter().flatten().chain(plain)
+}
+
+/// `value` quoted as `{:?}` quotes it; when that is longer than [`MAX_SHOWN_VALUE`], its start (escapes counted),
+/// `…` inside the quotes, and the whole value's size after them: `"aaaa…" (1048576 bytes)`.
+fn quote_bounded(value: &str) -> String {
+    let quoted = |text: &str| format!("{text:?}");
+    if value.len() <= MAX_SHOWN_VALUE && quoted(value).len() <= MAX_SHOWN_VALUE + 2 {
+        return quoted(value);
+    }
+    let mut shown = 0;
+    let end = value
+        .char_indices()
+        .find(|&(_, c)| {
+            shown += c.escape_debug().count();
+            shown > MAX_SHOWN_VALUE / 2
+        })
+        .map_or(value.len(), |(i, _)| i);
+    if end == value.len() {
+        return quoted(value);
+    }
+    format!("{} ({} bytes)", quoted(&format!("{}…", &value[..end])), value.len())
+}
+
+/// `text` when it has at most `max` bytes, else its start (cut at a character boundary) and `…`.
+pub fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
 }
 
 /// Every problem found in a request, in field order; never empty when returned as an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ValidationErrors(pub Vec<FieldError>);
 
+/// At most [`MAX_SHOWN_PROBLEMS`] problems (fewer when they pass [`MESSAGE_BUDGET`] bytes; always the first),
+/// then `and N more problems`.
 impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, error) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
+        let mut shown = String::new();
+        let mut count = 0;
+        for error in &self.0 {
+            if count == MAX_SHOWN_PROBLEMS || (count > 0 && shown.len() >= MESSAGE_BUDGET) {
+                break;
             }
-            write!(f, "{error}")?;
+            if count > 0 {
+                shown.push_str("; ");
+            }
+            write!(shown, "{error}")?;
+            count += 1;
         }
-        Ok(())
+        f.write_str(&shown)?;
+        match self.0.len() - count {
+            0 => Ok(()),
+            1 => f.write_str("; and 1 more problem"),
+            more => write!(f, "; and {more} more problems"),
+        }
     }
 }
 
@@ -287,6 +367,71 @@ mod tests {
         );
         assert_eq!(FieldError::new("kernel", "", "is required").without_field(), "is required");
         assert_eq!(FieldError::secret("password", "is too short").without_field(), "<redacted> is too short");
+    }
+
+    #[test]
+    fn long_values_are_shown_as_their_start_and_size_and_read_back_as_shown() {
+        let huge = "x".repeat(1 << 20);
+        let error = FieldError::new("labels.big", &huge, "is not a valid label value");
+        let text = error.to_string();
+        assert!(text.len() < 200, "{text}");
+        assert!(text.starts_with(r#"labels.big: "xxxx"#), "{text}");
+        assert!(text.ends_with(r#"…" (1048576 bytes) is not a valid label value"#), "{text}");
+        let parsed = ValidationErrors::parse(&text);
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].field, "labels.big");
+        assert_eq!(parsed[0].to_string(), text, "what was shown reads back as the same text");
+
+        // Escapes count: a value of control characters is cut by its quoted length; a multi-byte character is never
+        // split.
+        let bells = FieldError::new("name", "\u{7}".repeat(500), "contains control characters").to_string();
+        assert!(bells.len() < 200, "{bells}");
+        assert!(bells.contains(r#"\u{7}…" (500 bytes)"#), "{bells}");
+        let wide = FieldError::new("name", "é".repeat(5000), "is too long").to_string();
+        assert!(wide.contains(r#"é…" (10000 bytes)"#), "{wide}");
+        assert!(wide.len() < 300, "{wide}");
+        // Values up to the limit are shown whole.
+        let path = format!("/{}", "p".repeat(MAX_SHOWN_VALUE - 1));
+        let error = FieldError::new("kernel", &path, "does not exist");
+        assert_eq!(error.to_string(), format!("kernel: {path:?} does not exist"));
+    }
+
+    #[test]
+    fn long_fields_and_problems_are_cut_and_control_characters_in_fields_escaped() {
+        let key = "k".repeat(10_000);
+        let error = FieldError::new(format!("labels.{key}"), &key, format!("is bad: {}", "why ".repeat(1000)));
+        let text = error.to_string();
+        assert!(text.len() < MAX_SHOWN_FIELD + MAX_SHOWN_VALUE + MAX_SHOWN_PROBLEM + 40, "{} bytes", text.len());
+        assert_eq!(FieldError::new("labels.a\nb", "v", "is bad").to_string(), r#"labels.a\nb: "v" is bad"#);
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcdef", 4), "a…");
+        assert_eq!(shorten("ééé", 5), "é…");
+        assert_eq!(shorten("ééé", 6), "ééé");
+        assert_eq!(shorten("éééé", 7), "éé…");
+    }
+
+    #[test]
+    fn a_message_lists_a_bounded_number_of_problems_and_counts_the_rest() {
+        let many = ValidationErrors(
+            (0..200).map(|i| FieldError::new(format!("disks[{i}].path"), "/nope", "does not exist")).collect(),
+        );
+        let text = many.to_string();
+        assert!(text.ends_with(&format!("; and {} more problems", 200 - MAX_SHOWN_PROBLEMS)), "{text}");
+        assert!(text.starts_with(r#"disks[0].path: "/nope" does not exist; disks[1].path"#), "{text}");
+        let parsed = ValidationErrors::parse(&text);
+        assert_eq!(parsed.len(), MAX_SHOWN_PROBLEMS + 1);
+        assert_eq!(parsed[MAX_SHOWN_PROBLEMS].field, "", "the count is free text");
+        // Big problems stop the list sooner, but the first is always there.
+        let big = ValidationErrors(
+            (0..5).map(|i| FieldError::new(format!("labels.l{i}"), "v".repeat(1000), "x".repeat(1000))).collect(),
+        );
+        let text = big.to_string();
+        assert!(text.len() < MESSAGE_BUDGET + 600, "{} bytes", text.len());
+        assert!(text.starts_with("labels.l0: "), "{text}");
+        assert!(text.ends_with(" more problems"), "{text}");
+        let nine = (0..=MAX_SHOWN_PROBLEMS).map(|i| FieldError::new(format!("f{i}"), "", "x"));
+        let nine = ValidationErrors(nine.collect());
+        assert!(nine.to_string().ends_with("; and 1 more problem"), "{nine}");
     }
 
     #[test]

@@ -838,6 +838,11 @@ impl DirPool {
 
     pub async fn do_import_image(&self, req: ImportImage, ctl: &OpControl) -> Result<Image, PoolError> {
         req.validate().map_err(|e| self.invalid(e))?;
+        let source = req.source.clone();
+        if let Err(problem) = blocking(&self.name, "inspect image source", move || check_import_source(&source)).await?
+        {
+            return Err(self.invalid(Invalid::one("source", req.source.display(), problem)));
+        }
         let name = req.name.clone();
         let _hold = {
             let meta = self.meta.lock().await;
@@ -1013,6 +1018,32 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, PoolError> {
     tokio::task::spawn_blocking(f).await.map_err(|source| PoolError::Join { pool: pool.to_owned(), operation, source })
+}
+
+/// An import reads a regular file (through a symlink or not); a directory, a device (`/dev/zero` never ends), a
+/// FIFO or a socket is the caller's mistake, refused before anything is written.
+fn check_import_source(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => "does not exist".to_owned(),
+        _ => format!("cannot be read: {e}"),
+    })?;
+    let kind = meta.file_type();
+    let what = if kind.is_file() {
+        // Opening it is the only true test of whether this process may read it.
+        return std::fs::File::open(path).map(drop).map_err(|e| format!("cannot be read: {e}"));
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "something other than a regular file"
+    };
+    Err(format!("is {what}, not an image file"))
 }
 
 fn allocated_bytes(path: &Path) -> u64 {

@@ -322,3 +322,36 @@ fn first_copy_measures_the_copy_plan_which_is_cached_and_reported() {
         assert_eq!(sha256_file(&volumes.join("w.raw")), sha256_file(&disk));
     });
 }
+
+#[test]
+fn importing_what_is_no_image_file_is_refused_by_field_and_leaves_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let fifo = work.path().join("fifo");
+    run(Command::new("mkfifo").arg(&fifo));
+    let socket = work.path().join("sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let root = work.path().join("pool");
+        let pool = open(&root).await;
+        let cases: [(&std::path::Path, &str); 6] = [
+            (work.path(), "is a directory, not an image file"),
+            (std::path::Path::new("/dev/zero"), "is a device, not an image file"),
+            (std::path::Path::new("/dev/null"), "is a device, not an image file"),
+            (&fifo, "is a FIFO, not an image file"),
+            (&socket, "is a socket, not an image file"),
+            (&work.path().join("missing.raw"), "does not exist"),
+        ];
+        for (source, problem) in cases {
+            for kind in [ImageKind::CloudImage, ImageKind::Iso] {
+                let err = pool.import_image(import("bad", kind, source), &OpControl::new()).await.unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{}: {err}", source.display());
+                let PoolError::Invalid { problems, .. } = &err else { panic!("{err:?}") };
+                assert_eq!(problems.first_field(), "source", "{err}");
+                assert_eq!(problems.0[0].problem, problem, "{err}");
+            }
+        }
+        assert!(pool.list_images().await.unwrap().is_empty());
+        assert_eq!(fs::read_dir(root.join("images")).unwrap().count(), 0, "nothing in the library directory");
+    });
+}

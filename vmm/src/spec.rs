@@ -448,11 +448,7 @@ impl VmSpec {
             }
         }
         if kernel.cmdline.len() > MAX_CMDLINE_LEN {
-            p.add(
-                "kernel.cmdline",
-                format!("{}...", &kernel.cmdline[..32]),
-                format!("is longer than {MAX_CMDLINE_LEN} bytes"),
-            );
+            p.add("kernel.cmdline", &kernel.cmdline, format!("is longer than {MAX_CMDLINE_LEN} bytes"));
         } else if kernel.cmdline.chars().any(char::is_control) {
             p.add("kernel.cmdline", &kernel.cmdline, "contains control characters");
         }
@@ -808,6 +804,15 @@ mod tests {
         let text = errors.to_string();
         assert!(text.contains("memory_mib: \"0\" is below the minimum 16"), "{text}");
         assert!(text.contains("/img/missing.raw\" does not exist"), "{text}");
+    }
+
+    #[test]
+    fn a_long_cmdline_of_wide_characters_is_refused_not_a_panic() {
+        let mut spec = minimal();
+        spec.kernel = Some(KernelBoot { kernel: "/boot/vmlinuz".into(), initrd: None, cmdline: "é".repeat(3000) });
+        let errors = spec.validate(&files()).unwrap_err();
+        assert_eq!(errors.first_field(), "kernel.cmdline");
+        assert!(errors.to_string().contains("(6000 bytes) is longer than 4096 bytes"), "{errors}");
     }
 
     #[test]

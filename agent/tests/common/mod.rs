@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -148,4 +148,41 @@ pub async fn boot(client: &mut Client, name: &str) -> Console {
     let mut console = Console::open(client, name).await;
     console.expect(READY_LINE, BOOT_TIMEOUT).await;
     console
+}
+
+/// Every file under `dir` with its contents, sorted, except sockets, logs and pidfiles: what "nothing changed"
+/// compares.
+pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy();
+            if name.ends_with(".sock") || name.ends_with(".log") || name == "qemu.pid" {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push((path.display().to_string(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The virtualenv `agent/tests/install-python-grpc.sh` makes, or `None` (and a skip) without it.
+pub fn python() -> Option<PathBuf> {
+    let venv = std::env::var_os("QX_PYTHON_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/quantix/python-grpc")
+    });
+    let python = venv.join("bin/python3");
+    if python.exists() {
+        Some(python)
+    } else {
+        qx_test_infra::skip(&format!("no grpcio at {}: run agent/tests/install-python-grpc.sh", venv.display()));
+        None
+    }
 }

@@ -18,7 +18,7 @@ import grpc
 
 def stubs(proto_dir):
     out = tempfile.mkdtemp(prefix="qx-pystubs-")
-    # Every file of the package: node.proto imports the others (host.proto, guest.proto).
+    # Every file of the package: node.proto imports its siblings (guest.proto, ...).
     package = os.path.join(proto_dir, "quantix/node/v1")
     protos = sorted(os.path.join(package, f) for f in os.listdir(package) if f.endswith(".proto"))
     subprocess.run(

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 
 use crate::storage::{ImageCommand, PoolCommand, VolumeCommand};
 
+mod clock;
 mod guest;
 mod migrate;
 mod progress;
@@ -76,11 +77,18 @@ enum Command {
         #[command(subcommand)]
         command: system::SystemCommand,
     },
-    /// Follow VM state changes.
+    /// Follow VM state changes, one line each: local time, VM, previous -> new state, reason.
     Events {
         /// Only this VM.
         #[arg(long)]
         vm: Option<String>,
+    },
+    /// Print a shell completion script: `source <(qxctl completions bash)`, or save it where the shell looks
+    /// (`/usr/share/bash-completion/completions/qxctl`, a directory of `$fpath` as `_qxctl`,
+    /// `~/.config/fish/completions/qxctl.fish`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -284,6 +292,7 @@ struct CreateArgs {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    clock::read_local_offset();
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
         let message = match e.downcast_ref::<tonic::Status>() {
@@ -297,13 +306,19 @@ async fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "qxctl", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Command::Node { command: NodeCommand::Cert { command } } = cli.command {
         return remote::cert(&cli.target, command, json).await;
     }
     let channel = cli.target.channel().await?;
     let mut node = NodeServiceClient::new(channel.clone());
     match cli.command {
-        Command::Node { command: NodeCommand::Cert { .. } } => unreachable!("handled above"),
+        Command::Node { command: NodeCommand::Cert { .. } } | Command::Completions { .. } => {
+            unreachable!("handled above")
+        }
         Command::Node { command: NodeCommand::Info } => {
             let info = node.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
             print_node(&info, json);
@@ -444,7 +459,7 @@ async fn network(node: &mut NodeServiceClient<Channel>, command: NetworkCommand,
         println!("{}", Value::Array(list));
         return Ok(());
     }
-    println!("{:<20} {:<5} {:<16} {:>5} {:>6}  {}", "NAME", "KIND", "BRIDGE/SWITCH", "VLAN", "MTU", "SUBNET");
+    println!("{:<20} {:<5} {:<16} {:>5} {:>6}  SUBNET", "NAME", "KIND", "BRIDGE/SWITCH", "VLAN", "MTU");
     for n in networks {
         let (on, subnet) = if n.kind == "ovn" {
             let switch = if n.logical_switch.is_empty() { n.name.clone() } else { n.logical_switch.clone() };
@@ -575,7 +590,8 @@ async fn events(node: &mut NodeServiceClient<Channel>, vm: String, json: bool) -
         } else {
             let state = state_name(event.state);
             let previous = state_name(event.previous);
-            println!("{:>13}  {:<16} {previous} -> {state}  {}", event.at_unix_ms, event.vm, event.reason);
+            let at = clock::time_of_day(event.at_unix_ms);
+            println!("{at}  {:<16} {previous} -> {state}  {}", event.vm, event.reason);
         }
     }
     Ok(())
