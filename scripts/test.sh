@@ -17,6 +17,7 @@ net/tests/install-ovs.sh >&2
 net/tests/install-ovn.sh >&2
 storage/tests/install-tools.sh >&2
 agent/tests/install-python-grpc.sh >/dev/null
+agent/tests/install-ui-tools.sh >&2
 phase "packages installed"
 # The OVS tests skip without Open vSwitch on developer machines; here they must run.
 export QX_REQUIRE_OVS=1

@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod grpc_guest;
 pub mod grpc_host;
 pub mod grpc_migration;
+pub mod grpc_snapshot;
 pub mod grpc_update;
 pub mod host;
 pub mod metrics;

@@ -18,11 +18,16 @@ use crate::volumes::{users_of, Pools, VolumeError};
 pub enum NodeError {
     #[error("QEMU binary {binary} does not run: {detail}")]
     QemuMissing { binary: String, detail: String },
+    /// `listeners` names the configured TLS listeners (`listen.tcp`, `ui.listen`).
     #[error(
-        "listen.tcp and ui.listen serve TLS only and cannot create their certificates in {dir}: set \
-         tls.certificates_dir to a writable directory, or remove those listeners"
+        "{listeners} {} TLS only and cannot create {} certificates in {dir}: set tls.certificates_dir to a \
+         writable directory, or remove {}",
+        if listeners.contains(" and ") { "serve" } else { "serves" },
+        if listeners.contains(" and ") { "their" } else { "its" },
+        if listeners.contains(" and ") { "those listeners" } else { "that listener" }
     )]
     Certificates {
+        listeners: String,
         dir: String,
         #[source]
         source: crate::certs::CertError,
@@ -350,7 +355,13 @@ async fn ensure_certificates(config: &NodeConfig) -> Result<CertPaths, NodeError
     match made {
         Ok(()) => Ok(certs),
         Err(source) if config.listen.tcp.is_some() || config.ui.listen.is_some() => {
-            Err(NodeError::Certificates { dir: certs.dir().display().to_string(), source })
+            let listeners = [("listen.tcp", config.listen.tcp.is_some()), ("ui.listen", config.ui.listen.is_some())]
+                .iter()
+                .filter(|(_, on)| *on)
+                .map(|(name, _)| *name)
+                .collect::<Vec<_>>()
+                .join(" and ");
+            Err(NodeError::Certificates { listeners, dir: certs.dir().display().to_string(), source })
         }
         Err(error) => {
             warn!(error = %crate::grpc::error_chain(&error), "no certificates; a TCP listener could not serve");

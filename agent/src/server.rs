@@ -1,5 +1,5 @@
 //! Serving the API: `NodeService` on the unix socket (always, mode 0600) and a TCP listener (when configured),
-//! `HostService` on the unix socket only, `UpdateService` and `GuestAgentService` on both, and the standard gRPC health and server
+//! `HostService` on the unix socket only, `UpdateService`, `GuestAgentService` and `SnapshotService` on both, and the standard gRPC health and server
 //! reflection services on both. Unix connections are read through [`AuthorityFix`], so standard gRPC clients
 //! (grpcio, grpc-java) work on the socket without overriding `:authority`. The TCP listener serves TLS 1.3 with
 //! client certificates only ([`crate::certs`]) and checks each call against the certificate's role
@@ -15,6 +15,7 @@ use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::migration_peer_service_server::MigrationPeerServiceServer;
 use qx_proto::node::v1::migration_service_server::MigrationServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
+use qx_proto::node::v1::snapshot_service_server::SnapshotServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
@@ -29,6 +30,7 @@ use crate::grpc::NodeApi;
 use crate::grpc_guest::GuestApi;
 use crate::grpc_host::HostApi;
 use crate::grpc_migration::MigrationApi;
+use crate::grpc_snapshot::SnapshotApi;
 use crate::grpc_update::UpdateApi;
 use crate::metrics::RpcMetrics;
 use crate::node::Node;
@@ -195,6 +197,7 @@ pub async fn serve(
     health.set_serving::<HostServiceServer<HostApi>>().await;
     health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
     health.set_serving::<GuestAgentServiceServer<GuestApi>>().await;
+    health.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
     let host_api = HostServiceServer::new(HostApi::new(Arc::clone(&node)));
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
@@ -208,6 +211,8 @@ pub async fn serve(
     let migration_peer = MigrationPeerServiceServer::new(MigrationApi::new(Arc::clone(&node)));
     let guests = GuestAgentServiceServer::new(GuestApi::new(Arc::clone(&node)));
     let guest_name = <GuestAgentServiceServer<GuestApi> as NamedService>::NAME;
+    let snapshots = SnapshotServiceServer::new(SnapshotApi::new(Arc::clone(&node)));
+    let snapshot_name = <SnapshotServiceServer<SnapshotApi> as NamedService>::NAME;
     let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
     let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
@@ -225,7 +230,8 @@ pub async fn serve(
         .add_service(migration.clone())
         .add_service(migration_peer.clone())
         .add_service(guests.clone())
-        .add_service(reflection(&[node_name, update_name, migration_name, peer_name, guest_name])?);
+        .add_service(snapshots.clone())
+        .add_service(reflection(&[node_name, update_name, migration_name, peer_name, guest_name, snapshot_name])?);
     let router = tonic::transport::Server::builder()
         .layer(rpc.layer())
         .add_service(health_service)
@@ -235,7 +241,16 @@ pub async fn serve(
         .add_service(migration)
         .add_service(migration_peer)
         .add_service(guests)
-        .add_service(reflection(&[node_name, update_name, host_name, migration_name, peer_name, guest_name])?);
+        .add_service(snapshots)
+        .add_service(reflection(&[
+            node_name,
+            update_name,
+            host_name,
+            migration_name,
+            peer_name,
+            guest_name,
+            snapshot_name,
+        ])?);
 
     // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).
     let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());

@@ -140,11 +140,15 @@ impl ApiError for VmError {
             VmError::Persist { .. } | VmError::Start { .. } | VmError::Qmp { .. } => Code::Internal,
             VmError::GuestAgent { source, .. } => crate::grpc_guest::agent_code(source),
             VmError::GuestExecTimeout { .. } => Code::DeadlineExceeded,
+            VmError::NoSnapshot { .. } => Code::NotFound,
+            VmError::SnapshotExists { .. } => Code::AlreadyExists,
+            VmError::SnapshotRefused(_) => Code::FailedPrecondition,
+            VmError::Snapshot { .. } => Code::Internal,
         }
     }
     fn problems(&self) -> Cow<'_, [FieldError]> {
         match self {
-            VmError::Invalid(errors) | VmError::VolumesInUse(errors) => all(errors),
+            VmError::Invalid(errors) | VmError::VolumesInUse(errors) | VmError::SnapshotRefused(errors) => all(errors),
             _ => Cow::Borrowed(&[]),
         }
     }

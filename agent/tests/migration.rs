@@ -185,31 +185,17 @@ async fn refusals_and_a_cancel_mid_way_leave_the_vm_running_on_the_source_and_no
     assert_eq!(state(&get(&mut client_a, "stay").await), pb::VmState::Running);
     client_b.delete_vm(pb::VmRef { name: "stay".into() }).await.unwrap();
     // A bad target URL names the field.
-    let bad = pb::MigrateVmRequest { target_url: "http://x:1".into(), ..request.clone() };
+    let bad = pb::MigrateVmRequest { target_url: "http://x:1".into(), ..request };
     let err = async { migrations_a.migrate_vm(bad).await?.into_inner().message().await }.await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("target_url: \"http://x:1\""), "{}", err.message());
 
     // 1 MiB/s: the guest's memory takes about a minute, so a cancel after the first precopy progress is mid-way.
-    let slow = pb::MigrateVmRequest { max_bandwidth_bytes: 1 << 20, ..request };
-    let mut stream = migrations_a.migrate_vm(slow).await.unwrap().into_inner();
-    loop {
-        match stream.message().await.unwrap().and_then(|e| e.event) {
-            Some(pb::migration_event::Event::Progress(p)) if p.phase == "precopy" && p.transferred_bytes > 0 => break,
-            Some(pb::migration_event::Event::Progress(_)) => {}
-            other => panic!("no precopy progress: {other:?}"),
-        }
-    }
+    let mut stream = slow_migration(&mut migrations_a, "stay", &b).await;
     assert_eq!(state(&get(&mut client_a, "stay").await), pb::VmState::Migrating);
     assert_eq!(state(&get(&mut client_b, "stay").await), pb::VmState::Incoming);
     migrations_a.cancel_migration(pb::CancelMigrationRequest { name: "stay".into() }).await.expect("CancelMigration");
-    let err = loop {
-        match stream.message().await {
-            Ok(Some(_)) => {}
-            Ok(None) => panic!("the stream ended without saying the migration was cancelled"),
-            Err(status) => break status,
-        }
-    };
+    let err = stream_error(&mut stream, "the stream ended without saying the migration was cancelled").await;
     assert_eq!(err.code(), Code::Cancelled, "{err:?}");
 
     // The guest runs on the source as before; the target has no VM, no files and no QEMU left.
@@ -224,4 +210,103 @@ async fn refusals_and_a_cancel_mid_way_leave_the_vm_running_on_the_source_and_no
     assert!(client_b.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
     let err = migrations_a.cancel_migration(pb::CancelMigrationRequest { name: "stay".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
+}
+
+/// Starts a slow (1 MiB/s) migration of `name` to `b` and returns its stream once precopy is under way.
+async fn slow_migration(
+    migrations: &mut MigrationServiceClient<tonic::transport::Channel>,
+    name: &str,
+    b: &TlsNode,
+) -> tonic::Streaming<pb::MigrationEvent> {
+    let request = pb::MigrateVmRequest {
+        name: name.into(),
+        target_url: url(b),
+        max_bandwidth_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let mut stream = migrations.migrate_vm(request).await.unwrap().into_inner();
+    loop {
+        match stream.message().await.unwrap().and_then(|e| e.event) {
+            Some(pb::migration_event::Event::Progress(p)) if p.phase == "precopy" && p.transferred_bytes > 0 => {
+                return stream
+            }
+            Some(pb::migration_event::Event::Progress(_)) => {}
+            other => panic!("no precopy progress: {other:?}"),
+        }
+    }
+}
+
+/// Reads `stream` to its end, which must be an error, and returns it.
+async fn stream_error(stream: &mut tonic::Streaming<pb::MigrationEvent>, what: &str) -> tonic::Status {
+    loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("{what}: the stream ended without an error"),
+            Err(status) => return status,
+        }
+    }
+}
+
+/// The VM runs on `a` only (counting on its console), and `b` has no VM, no files and no QEMU left.
+async fn runs_on_the_source_only(a: &TlsNode, b: &TlsNode, name: &str, phase: &str) {
+    let (mut client_a, _) = unix(a).await;
+    let ran = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if state(&get(&mut client_a, name).await) == pb::VmState::Running {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(ran.is_ok(), "{phase}: the VM does not run on the source: {:?}", get(&mut client_a, name).await);
+    let mut console = Console::open(&mut client_a, name).await;
+    let before = last_count(&console.seen);
+    counter_passes(&mut console, before + 3).await;
+    let cleaned = qx_test_infra::wait_until(Duration::from_secs(90), || {
+        (b.daemon.qemu_pids().is_empty() && vm_dirs(&b.daemon.data_dir()).iter().all(|d| d.starts_with('.')))
+            .then_some(())
+    });
+    assert!(cleaned.is_some(), "{phase}: left on the target: {:?}", vm_dirs(&b.daemon.data_dir()));
+    let (mut client_b, _) = unix(b).await;
+    let listed = client_b.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner().vms;
+    assert!(listed.is_empty(), "{phase}: listed on the target: {listed:?}");
+    assert_eq!(a.daemon.qemu_pids().len(), 1, "{phase}: one QEMU on the source");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_of_the_target_qemu_the_source_daemon_or_the_target_daemon_mid_way_leaves_the_vm_on_the_source() {
+    let (_cluster, mut a, mut b) = two_nodes().await;
+    let (mut client_a, mut migrations) = unix(&a).await;
+    running_counter(&mut client_a, "tough").await;
+
+    // The target's QEMU is killed: the stream breaks, the source resumes, the target's VM goes with its QEMU.
+    let mut stream = slow_migration(&mut migrations, "tough", &b).await;
+    for pid in b.daemon.qemu_pids() {
+        qx_test_infra::kill_pid(pid);
+    }
+    let err = stream_error(&mut stream, "the migration ended well without its target").await;
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert!(err.message().contains("it keeps running here"), "{}", err.message());
+    runs_on_the_source_only(&a, &b, "tough", "target QEMU killed").await;
+
+    // The source daemon is killed: its QEMU goes on sending; the restarted daemon cancels that migration, and the
+    // target's QEMU, its stream cancelled, ends and takes the incoming VM with it.
+    let stream = slow_migration(&mut migrations, "tough", &b).await;
+    a.daemon.kill9();
+    drop(stream);
+    a.daemon.restart();
+    runs_on_the_source_only(&a, &b, "tough", "source daemon killed").await;
+    assert!(a.daemon.log_text().contains("cancelling a migration cut short by the restart"));
+
+    // The target daemon is killed: the restarted one removes the incoming VM and its QEMU; the source's stream
+    // breaks and the source resumes.
+    let (_, mut migrations) = unix(&a).await;
+    let mut stream = slow_migration(&mut migrations, "tough", &b).await;
+    b.daemon.kill9();
+    b.daemon.restart();
+    let err = stream_error(&mut stream, "the migration ended well without its target daemon").await;
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    runs_on_the_source_only(&a, &b, "tough", "target daemon killed").await;
+    assert!(b.daemon.log_text().contains("cut short by a qx-node restart"));
 }

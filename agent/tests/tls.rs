@@ -138,9 +138,11 @@ async fn tcp_serves_tls_1_3_with_client_certificates_only() {
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "quantix.node.v1.GuestAgentService",
             "quantix.node.v1.MigrationPeerService",
             "quantix.node.v1.MigrationService",
             "quantix.node.v1.NodeService",
+            "quantix.node.v1.SnapshotService",
             "quantix.node.v1.UpdateService"
         ]
     );

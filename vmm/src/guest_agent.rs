@@ -143,6 +143,22 @@ impl GuestAgent {
         }
     }
 
+    /// [`probe`](Self::probe), then thaws a guest left frozen: only qx-node freezes guests (around a disk-only
+    /// snapshot), so a frozen guest after a daemon restart is one whose snapshot was cut short.
+    pub(crate) async fn probe_and_thaw(&self) {
+        self.probe().await;
+        if self.status().state != AgentState::Connected {
+            return;
+        }
+        let frozen = self.call(|client| async move { client.fsfreeze_status().await }).await;
+        if matches!(frozen, Ok(qx_qmp::qga::FreezeStatus::Frozen)) {
+            match self.call(|client| async move { client.fsfreeze_thaw().await }).await {
+                Ok(n) => info!(thawed = n, "thawed a guest left frozen by a snapshot cut short"),
+                Err(e) => tracing::error!(error = %e, "the guest is frozen and thawing it failed"),
+            }
+        }
+    }
+
     /// The guest closed the agent's port: qemu-ga stopped (or the guest is shutting down).
     pub(crate) fn port_closed(&self) {
         self.set(AgentState::NotResponding, None, "the guest closed the agent's port (qemu-ga stopped)".to_owned());

@@ -39,6 +39,7 @@ pub mod network;
 pub mod persist;
 pub mod process;
 mod qmp_ops;
+pub mod snapshot;
 pub mod spec;
 pub mod state;
 pub mod volumes;
@@ -57,6 +58,7 @@ pub use manager::{Backends, ManagerConfig, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;
 /// The guest agent client the manager's guest operations speak through, re-exported for their types.
 pub use qx_qmp::qga;
+pub use snapshot::{Snapshot, SnapshotKind, SnapshotState, SnapshotTree};
 pub use spec::{ValidationErrors, VmSpec};
 pub use state::{VmEvent, VmState};
 pub use volumes::VolumeBackend;

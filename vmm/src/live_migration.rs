@@ -18,8 +18,9 @@
 //! The source owns the VM until `finish` answered. So: a cancel or failure before it aborts the target (its VM
 //! and files go) and resumes the source (`cont` when it had reached `postmigrate`); an incoming QEMU that ends
 //! while `incoming` takes its VM with it; a target daemon restarted while a VM is `incoming` removes it (and its
-//! QEMU). When `finish` fails and `abort` cannot confirm the target dropped the VM, the source is left paused in
-//! `postmigrate` and says so: a guest must never run on two nodes.
+//! QEMU). When `finish` goes unanswered the source asks the target to abort, for up to 30 s: dropped (or never
+//! there) resumes the source, refused (the VM is no longer incoming there: it runs) removes the source's copy, and
+//! no answer leaves the source paused in `postmigrate`, saying so: a guest must never run on two nodes.
 
 use std::fs;
 use std::sync::atomic::Ordering;
@@ -73,6 +74,17 @@ enum JournalPhase {
     Finishing,
 }
 
+/// How long a source whose `finish` went unanswered keeps asking the target what became of the VM.
+const ABORT_RETRY: Duration = Duration::from_secs(30);
+
+/// What a target holds after a `finish` whose answer was lost.
+enum TargetHas {
+    /// No copy of the VM (never resumed there): the source resumes it.
+    Nothing,
+    /// The VM, resumed: the source removes its copy.
+    TheVm,
+}
+
 /// A target node, as the source's VM operation sees it.
 pub trait IncomingPeer: Send + Sync {
     /// Names the target in messages (its URL).
@@ -86,7 +98,8 @@ pub trait IncomingPeer: Send + Sync {
     ) -> BoxFuture<'a, Result<String, PeerError>>;
     /// The state is sent: the target resumes the guest and answers once it runs there.
     fn finish<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), PeerError>>;
-    /// The target stops its incoming QEMU and removes the VM. [`PeerError::NotFound`] when it has none.
+    /// The target stops its incoming QEMU and removes the VM. [`PeerError::NotFound`] when it has none,
+    /// [`PeerError::Refused`] when its VM is no longer incoming (it runs there).
     fn abort<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), PeerError>>;
 }
 
@@ -224,23 +237,44 @@ impl VmManager {
             return Err(failed("recording the migration's progress", outcome, e.into()));
         }
         if let Err(e) = peer.finish(name).await {
-            // The target may or may not run the guest: resume here only once it confirms it dropped its copy.
-            let outcome = match peer.abort(name).await {
-                Ok(()) | Err(PeerError::NotFound(_)) => {
-                    self.resume_here(entry, runtime, "the target could not resume the VM").await
+            // The target may or may not run the guest: ask it until it says (a restarting target daemon drops
+            // its incoming VMs, so it soon does).
+            match self.target_outcome(peer, name).await {
+                Ok(TargetHas::Nothing) => {
+                    let outcome = self.resume_here(entry, runtime, "the target could not resume the VM").await;
+                    return Err(failed("resuming the VM on the target", outcome, e.into()));
+                }
+                Ok(TargetHas::TheVm) => {
+                    warn!(vm = %name, error = %e, "finish failed on the way back, but the VM runs on the target");
                 }
                 Err(abort) => {
                     error!(vm = %name, error = %abort, "the target neither resumed nor dropped the VM; pausing here");
                     self.set_state(entry, VmState::Paused, &format!("migration to {target} left unresolved: {e}"))
                         .await;
-                    PAUSED_HERE
+                    return Err(failed("resuming the VM on the target", PAUSED_HERE, e.into()));
                 }
-            };
-            return Err(failed("resuming the VM on the target", outcome, e.into()));
+            }
         }
         info!(vm = %name, %target, ?outcome, "the VM runs on the target; removing it here");
         self.migrated_away(entry, runtime, &target).await;
         Ok(outcome)
+    }
+
+    /// After a `finish` whose answer did not come: whether the target dropped its copy (it had not run it) or
+    /// runs the VM (it refuses the abort: the VM is no longer incoming there). Asks for [`ABORT_RETRY`].
+    async fn target_outcome(&self, peer: &dyn IncomingPeer, name: &str) -> Result<TargetHas, PeerError> {
+        let deadline = tokio::time::Instant::now() + ABORT_RETRY;
+        loop {
+            match peer.abort(name).await {
+                Ok(()) | Err(PeerError::NotFound(_)) => return Ok(TargetHas::Nothing),
+                Err(PeerError::Refused(_)) => return Ok(TargetHas::TheVm),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    warn!(vm = %name, error = %e, "the target does not answer; asking again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     async fn write_journal(&self, entry: &Entry, target: &str, phase: JournalPhase) -> Result<(), VmError> {

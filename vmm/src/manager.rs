@@ -57,6 +57,8 @@ pub(crate) mod guest_ops;
 pub(crate) mod hotplug;
 #[path = "live_migration.rs"]
 pub(crate) mod live_migration;
+#[path = "snapshot_ops.rs"]
+pub(crate) mod snapshot_ops;
 #[path = "stats.rs"]
 pub(crate) mod stats;
 
@@ -156,6 +158,22 @@ pub enum VmError {
     /// A program started through the guest agent did not exit in time.
     #[error("the program started in VM {name:?} (guest pid {pid}) did not exit within {timeout:?}; {}", killed_text(*.killed))]
     GuestExecTimeout { name: String, pid: i64, timeout: Duration, killed: bool },
+    #[error("VM {name:?} has no snapshot {snapshot:?}")]
+    NoSnapshot { name: String, snapshot: String },
+    #[error("VM {name:?} already has a snapshot {snapshot:?}")]
+    SnapshotExists { name: String, snapshot: String },
+    /// The VM's disks cannot hold the snapshot; the problems name them.
+    #[error("cannot snapshot: {0}")]
+    SnapshotRefused(ValidationErrors),
+    /// QEMU or qemu-img failed; the VM's disks and records are as before the operation.
+    #[error("snapshot {snapshot:?} of VM {name:?}: {stage} failed")]
+    Snapshot {
+        name: String,
+        snapshot: String,
+        stage: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// QEMU refused a hotplug step; what earlier steps added was removed again.
     #[error("cannot hotplug {device:?} into VM {name:?}: {stage} failed")]
     Hotplug {
@@ -471,7 +489,7 @@ impl VmManager {
         // The port may have opened while no daemon watched: ask the agent instead of waiting for an event.
         if state == VmState::Running {
             let probed = Arc::clone(&runtime);
-            tokio::spawn(async move { probed.agent.probe().await }.instrument(tracing::Span::current()));
+            tokio::spawn(async move { probed.agent.probe_and_thaw().await }.instrument(tracing::Span::current()));
         }
         Ok(state)
     }

@@ -486,6 +486,7 @@ where
         on_progress(&progress);
         match info.status {
             Some(MigrationStatus::completed) => {
+                let info = completed_times(qmp, info).await;
                 let unsigned = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
                 let outcome = Outcome {
                     downtime_ms: unsigned(info.downtime),
@@ -539,6 +540,23 @@ where
             },
         }
     }
+}
+
+/// A `completed` answer with QEMU's times in it. QEMU 7.2 sets the state to `completed` a moment before it
+/// computes the total time and downtime (`migration_iteration_finish`), and a poll in between reads zeros: ask
+/// again, briefly, until they are there.
+async fn completed_times(qmp: &QmpClient, mut info: MigrationInfo) -> MigrationInfo {
+    for _ in 0..50 {
+        if info.total_time.unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        match qmp_ops::query_migrate(qmp).await {
+            Ok(again) if again.status == Some(MigrationStatus::completed) => info = again,
+            _ => break,
+        }
+    }
+    info
 }
 
 /// Sleeps `poll`, or less when a `MIGRATION` event arrives. True when QMP closed.
@@ -822,6 +840,17 @@ mod tests {
             }
         );
         assert_eq!(fake.sent(), [json!({"execute": "migrate", "arguments": {"uri": "tcp:10.0.0.2:4444"}})]);
+    }
+
+    #[tokio::test]
+    async fn a_completed_answer_without_qemus_times_is_asked_again() {
+        let mut early = info("completed", 1000, 0, 2);
+        early["total-time"] = json!(0);
+        early["downtime"] = json!(0);
+        let script = vec![info("active", 600, 400, 1), early, info("completed", 1000, 0, 2)];
+        let (qmp, _fake) = Fake::start(script, vec![]).await;
+        let outcome = migrate_out(&qmp, "unix:/m.sock", &fast(), std::future::pending(), |_| ()).await.unwrap();
+        assert_eq!((outcome.total_time_ms, outcome.downtime_ms), (900, 17));
     }
 
     #[tokio::test]

@@ -75,6 +75,10 @@ impl VmDir {
     pub fn qga_socket(&self) -> PathBuf {
         self.0.join("qga.sock")
     }
+    /// The VM's snapshot records (`snapshot::SnapshotTree`), written atomically.
+    pub fn snapshots(&self) -> PathBuf {
+        self.0.join("snapshots.json")
+    }
     pub fn qemu_log(&self) -> PathBuf {
         self.0.join("qemu.log")
     }

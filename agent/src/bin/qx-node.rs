@@ -44,6 +44,10 @@ struct Args {
     /// auto, kvm or tcg.
     #[arg(long)]
     accel: Option<String>,
+    /// Read a password from standard input (one line), print its argon2id hash for ui.admin_password_hash, and
+    /// exit.
+    #[arg(long)]
+    hash_password: bool,
     /// tracing filter, e.g. `info`, `qx_vmm=debug`.
     #[arg(long, env = "QX_LOG", default_value = "info")]
     log: String,
@@ -82,6 +86,14 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.hash_password {
+        let mut password = String::new();
+        std::io::stdin().read_line(&mut password).context("cannot read the password from standard input")?;
+        let password = password.strip_suffix('\n').unwrap_or(&password);
+        anyhow::ensure!(!password.is_empty(), "--hash-password: the password on standard input is empty");
+        println!("{}", qx_agent::ui::auth::hash_password(password).map_err(anyhow::Error::msg)?);
+        return Ok(());
+    }
     // stderr, and the in-memory ring that GetDiagnostics reads.
     tracing_subscriber::registry()
         .with(tracing_subscriber::EnvFilter::new(&args.log))

@@ -20,6 +20,7 @@ mod guest;
 mod migrate;
 mod progress;
 mod remote;
+mod snapshot;
 mod storage;
 mod system;
 
@@ -203,6 +204,11 @@ enum VmCommand {
         #[command(subcommand)]
         command: guest::GuestCommand,
     },
+    /// Snapshots of a VM's disks, with or without its memory: create, list, revert, delete.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
     /// Attach to the serial console (detach with Ctrl-]).
     Console {
         name: String,
@@ -325,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vm { command: VmCommand::Migrate(args) } => migrate::migrate(channel, args, json).await?,
         Command::Vm { command: VmCommand::MigrateCancel { name } } => migrate::cancel(channel, name).await?,
         Command::Vm { command: VmCommand::Guest { command } } => guest::run(channel, command, json).await?,
+        Command::Vm { command: VmCommand::Snapshot { command } } => snapshot::run(channel, command, json).await?,
         Command::Vm { command } => vm(&mut node, command, json).await?,
         Command::System { command } => system::run(channel, command, json).await?,
     }
@@ -373,7 +380,10 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             return Ok(());
         }
         VmCommand::Console { name, dump } => return console(node, name, dump).await,
-        VmCommand::Migrate(_) | VmCommand::MigrateCancel { .. } | VmCommand::Guest { .. } => {
+        VmCommand::Migrate(_)
+        | VmCommand::MigrateCancel { .. }
+        | VmCommand::Guest { .. }
+        | VmCommand::Snapshot { .. } => {
             unreachable!("handled in run")
         }
         VmCommand::Disk { command: DeviceCommand::Attach { name, device } } => {
