@@ -226,7 +226,16 @@ fn cancelled_volume_copy_leaves_no_file_and_no_metadata() {
     sparse_file(&big, 64 * MIB, &[(0, 64 * MIB)], 23);
     let rt = rt();
     rt.block_on(async {
-        let engine = Engine::new(EngineConfig { queue_depth: 1, block_size: 64 << 10, ..Default::default() }).unwrap();
+        // A slow pipeline, chosen rather than measured: a calibration that picks copy_file_range can finish 64 MiB
+        // before the first progress report, and then there is nothing left to cancel.
+        let config = EngineConfig {
+            copy_method: qx_storage::CopyMethod::Uring,
+            reflink: false,
+            queue_depth: 1,
+            block_size: 64 << 10,
+            ..Default::default()
+        };
+        let engine = Engine::new(config).unwrap();
         let pool = DirPool::open("slow", work.path().join("pool"), engine, QemuImg::new()).await.unwrap();
         let mut req = import("big", ImageKind::Template, &big);
         req.format = Some(ImageFormat::Raw);
