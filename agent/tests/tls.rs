@@ -105,7 +105,10 @@ async fn tcp_serves_tls_1_3_with_client_certificates_only() {
         Err(_) => {}
         Ok(channel) => {
             let err = NodeServiceClient::new(channel).get_node_info(pb::GetNodeInfoRequest {}).await.unwrap_err();
-            assert!(matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal), "{err:?}");
+            // The TLS listener drops the connection: seen as unavailable, unknown, internal, or (when the close
+            // races the request) cancelled.
+            let refused = [Code::Unavailable, Code::Unknown, Code::Internal, Code::Cancelled];
+            assert!(refused.contains(&err.code()), "{err:?}");
         }
     }
     // TLS 1.2 is refused, and so is TLS 1.3 without a client certificate or with one from another CA.
