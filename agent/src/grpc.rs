@@ -40,8 +40,6 @@ impl NodeApi {
 
 /// Domain errors to gRPC statuses, in one place (`crate::status`).
 pub use crate::status::status;
-/// The same function, under the names it had when it took one error type each.
-pub use crate::status::{status as network_status, status as volume_status};
 
 fn pool_name(pool: &str) -> &str {
     if pool.is_empty() {
