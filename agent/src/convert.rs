@@ -88,7 +88,11 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         "tcg" => Some(AccelChoice::Tcg),
         _ => None,
     });
-    let firmware = p.choice("firmware".into(), &spec.firmware, |v| (v == "seabios").then_some(Firmware::Seabios));
+    let firmware = p.choice("firmware".into(), &spec.firmware, |v| match v {
+        "seabios" => Some(Firmware::Seabios),
+        "uefi" => Some(Firmware::Uefi),
+        _ => None,
+    });
     let disks = spec
         .disks
         .iter()
@@ -170,6 +174,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         cpu: (!spec.cpu.is_empty()).then_some(spec.cpu),
         accelerator,
         firmware,
+        secure_boot: spec.secure_boot,
         kernel: spec.kernel_boot.map(|k| KernelBoot {
             kernel: k.kernel.into(),
             initrd: (!k.initrd.is_empty()).then(|| k.initrd.into()),
@@ -196,6 +201,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         max_memory_mib: spec.max_memory_mib,
         accelerator: spec.accelerator.to_string(),
         firmware: spec.firmware.to_string(),
+        secure_boot: spec.secure_boot,
         kernel_boot: spec.kernel.as_ref().map(|k| pb::KernelBoot {
             kernel: k.kernel.display().to_string(),
             initrd: k.initrd.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),

@@ -257,6 +257,12 @@ struct CreateArgs {
     /// auto, kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// seabios or uefi (OVMF, with the VM's own NVRAM).
+    #[arg(long, default_value = "seabios")]
+    firmware: String,
+    /// UEFI Secure Boot with Microsoft's keys enrolled (with --firmware uefi).
+    #[arg(long)]
+    secure_boot: bool,
     #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
@@ -563,7 +569,8 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         memory_mib: args.memory,
         machine: args.machine,
         accelerator: args.accel,
-        firmware: String::new(),
+        firmware: args.firmware,
+        secure_boot: args.secure_boot,
         kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
             kernel: kernel.display().to_string(),
             initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
@@ -723,6 +730,8 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "max_vcpus": spec.max_vcpus,
         "max_memory_mib": spec.max_memory_mib,
         "accelerator": spec.accelerator,
+        "firmware": spec.firmware,
+        "secure_boot": spec.secure_boot,
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
             "id": d.id,
@@ -809,6 +818,8 @@ fn print_vm(vm: &pb::Vm, json: bool) {
         Some(max) if max > now => format!("{now}{unit} (max {max}{unit})"),
         _ => format!("{now}{unit}"),
     };
+    let secure = if spec.secure_boot { " (Secure Boot)" } else { "" };
+    rows.push(("firmware", format!("{}{secure}", spec.firmware)));
     rows.push(("vcpus", max(spec.max_vcpus.map(u64::from), u64::from(spec.vcpus), "")));
     rows.push(("memory", max(spec.max_memory_mib, spec.memory_mib, " MiB")));
     rows.push(("machine", spec.machine));
