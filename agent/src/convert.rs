@@ -608,6 +608,33 @@ pub fn event_to_pb(event: &VmEvent) -> pb::VmEvent {
     }
 }
 
+pub fn host_devices_to_pb(host: crate::node::HostDevices) -> pb::ListHostDevicesResponse {
+    let devices = host
+        .devices
+        .into_iter()
+        .map(|(d, host_use)| pb::HostDevice {
+            address: d.address.to_string(),
+            vendor_id: d.vendor_id.into(),
+            device_id: d.device_id.into(),
+            vendor_name: d.vendor_name.clone().unwrap_or_default(),
+            device_name: d.device_name.clone().unwrap_or_default(),
+            class_code: d.class,
+            class_name: d.class_name.clone().unwrap_or_default(),
+            driver: d.driver.clone().unwrap_or_default(),
+            numa_node: d.numa_node,
+            iommu_group: d.iommu_group,
+            iommu_group_peers: d.iommu_group_peers.iter().map(ToString::to_string).collect(),
+            sriov_total_vfs: d.sriov.as_ref().map_or(0, |s| s.total_vfs),
+            sriov_num_vfs: d.sriov.as_ref().map_or(0, |s| s.num_vfs),
+            physfn: d.physfn.map(|(pf, _)| pf.to_string()).unwrap_or_default(),
+            bridge: d.is_bridge(),
+            net_interfaces: d.net_interfaces,
+            host_use: host_use.unwrap_or_default(),
+        })
+        .collect();
+    pb::ListHostDevicesResponse { devices, iommu_enabled: host.iommu_enabled }
+}
+
 pub fn node_info_to_pb(info: NodeInfo) -> pb::NodeInfo {
     pb::NodeInfo {
         node_name: info.node_name,
