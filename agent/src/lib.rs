@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod migration;
 pub mod network;
 pub mod node;
+pub mod paths;
 pub mod server;
 pub mod status;
 pub mod ui;

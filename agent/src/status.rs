@@ -188,6 +188,7 @@ impl ApiError for VolumeError {
             VolumeError::PoolNotFound(_) => ErrorKind::NotFound,
             VolumeError::Engine(_) => ErrorKind::Internal,
             VolumeError::Pool(e) => e.kind(),
+            VolumeError::Invalid(_) => ErrorKind::InvalidArgument,
         };
         match kind {
             ErrorKind::NotFound => Code::NotFound,
@@ -201,7 +202,9 @@ impl ApiError for VolumeError {
     }
     fn problems(&self) -> Cow<'_, [FieldError]> {
         match self {
-            VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) => all(problems),
+            VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) | VolumeError::Invalid(problems) => {
+                all(problems)
+            }
             _ => Cow::Borrowed(&[]),
         }
     }
