@@ -38,6 +38,7 @@ mod manager;
 pub mod migration;
 pub mod network;
 pub mod persist;
+pub mod placement;
 pub mod process;
 mod qmp_ops;
 pub mod snapshot;

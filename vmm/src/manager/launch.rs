@@ -416,6 +416,9 @@ impl VmManager {
             for nic in &hw.network_nics {
                 self.plug_network_nic(&qmp, spec, nic).await.map_err(|e| ("plugging a network NIC", e.into()))?;
             }
+            crate::placement::apply(&qmp, process.pid(), &self.inner.config.host, &spec.placement)
+                .await
+                .map_err(|e| ("pinning vCPUs", e.into()))?;
             if hotplug && spec.kernel.is_none() {
                 // The firmware reads the boot order from fw_cfg, which QEMU rebuilds from the plugged devices'
                 // bootindex at reset; the guest has not run yet, so this reset is invisible to it.
