@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
 
 use crate::convert::{
-    create_volume_from_pb, disk_from_pb, event_to_pb, image_to_pb, import_image_from_pb, network_from_pb,
-    network_to_pb, nic_from_pb, nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request, vm_to_pb,
-    volume_to_pb,
+    create_volume_from_pb, disk_from_pb, event_to_pb, host_devices_to_pb, image_to_pb, import_image_from_pb,
+    network_from_pb, network_to_pb, nic_from_pb, nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request,
+    vm_to_pb, volume_to_pb,
 };
 use crate::network::NetworkError;
 use crate::node::Node;
@@ -115,6 +115,14 @@ impl NodeService for NodeApi {
     async fn get_node_info(&self, _: Request<pb::GetNodeInfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         let info = self.node.info().instrument(info_span!("GetNodeInfo")).await;
         Ok(Response::new(node_info_to_pb(info)))
+    }
+
+    async fn list_host_devices(
+        &self,
+        _: Request<pb::ListHostDevicesRequest>,
+    ) -> Result<Response<pb::ListHostDevicesResponse>, Status> {
+        let devices = self.node.host_devices().instrument(info_span!("ListHostDevices")).await.map_err(status)?;
+        Ok(Response::new(host_devices_to_pb(devices)))
     }
 
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {

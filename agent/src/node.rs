@@ -62,6 +62,14 @@ pub struct NodeInfo {
     pub system: crate::host::update::SystemStatus,
 }
 
+/// The host's PCI functions for ListHostDevices.
+#[derive(Debug, Clone)]
+pub struct HostDevices {
+    /// Each function with, when the host needs it, why (a VM may not have it then).
+    pub devices: Vec<(qx_devices::PciDevice, Option<String>)>,
+    pub iommu_enabled: bool,
+}
+
 /// A Quantix host: its configuration, what it found out about itself at start, and its VMs.
 #[derive(Debug)]
 pub struct Node {
@@ -270,6 +278,22 @@ impl Node {
         let vm = self.vms.get(name)?;
         let nics = self.networks.nic_status(&vm.spec, &vm.devices).await;
         Ok((vm, nics))
+    }
+
+    /// The host's PCI functions read from sysfs (under the configured host root), names from `pci.ids` when the
+    /// host has it, and which ones the host itself uses.
+    pub async fn host_devices(&self) -> Result<HostDevices, qx_devices::pci::InventoryError> {
+        let root = HostRoot::new(&self.config.host_root);
+        qx_common::blocking(move || {
+            let ids = qx_devices::pci::PciIds::load(&root);
+            let used = qx_devices::host_use::HostUse::scan(&root);
+            let devices = qx_devices::pci::scan(&root, &ids)?.into_iter().map(|d| {
+                let host_use = used.use_of(&d);
+                (d, host_use)
+            });
+            Ok(HostDevices { devices: devices.collect(), iommu_enabled: qx_devices::pci::iommu_enabled(&root) })
+        })
+        .await
     }
 
     pub async fn info(&self) -> NodeInfo {

@@ -154,6 +154,13 @@ impl ApiError for VmError {
     }
 }
 
+impl ApiError for qx_devices::pci::InventoryError {
+    /// sysfs that cannot be read or parsed is the host's problem, not the caller's.
+    fn code(&self) -> Code {
+        Code::Internal
+    }
+}
+
 impl ApiError for NetworkError {
     fn code(&self) -> Code {
         match self {

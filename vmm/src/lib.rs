@@ -30,6 +30,7 @@ pub mod accel;
 pub mod cmdline;
 pub mod console;
 pub mod device_tree;
+pub mod firmware;
 pub mod guest_agent;
 pub mod host;
 pub mod machine;

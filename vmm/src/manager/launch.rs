@@ -338,6 +338,11 @@ impl VmManager {
         hotplug: bool,
         incoming: bool,
     ) -> Result<(QemuProcess, QmpClient), (&'static str, String, BoxError)> {
+        let uefi = {
+            let (host, dir, spec) = (self.inner.config.host.clone(), dir.clone(), spec.clone());
+            blocking(move || crate::firmware::uefi_args(&host, &dir, &spec)).await
+        };
+        let uefi = uefi.map_err(|e| ("preparing the UEFI firmware", String::new(), e.into()))?;
         let serial = spec.serial;
         let prepared = {
             let dir = dir.clone();
@@ -345,7 +350,8 @@ impl VmManager {
         };
         let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
         let serial_fd = serial.then_some(SERIAL_FD);
-        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile: dir.pidfile(), seed, hotplug };
+        let pidfile = dir.pidfile();
+        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile, seed, hotplug, uefi };
         let mut args = qemu_args(spec, devices, accel, &layout);
         if incoming {
             args.extend(["-incoming".into(), "defer".into()]);
