@@ -57,7 +57,7 @@ pub use manager::guest_ops::{ExecOutcome, GuestInfo, MAX_GUEST_FILE_BYTES};
 pub use manager::hotplug::{DEFAULT_DETACH_TIMEOUT, MEMORY_STEP_MIB};
 pub use manager::live_migration::{IncomingPeer, PeerError};
 pub use manager::stats::DiskStats;
-pub use manager::{Backends, ManagerConfig, VmError, VmInfo, VmManager};
+pub use manager::{Backends, ManagerConfig, StartOptions, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;
 /// The guest agent client the manager's guest operations speak through, re-exported for their types.
 pub use qx_qmp::qga;

@@ -158,7 +158,12 @@ enum VmCommand {
         file: PathBuf,
     },
     /// Start a stopped VM.
-    Start { name: String },
+    Start {
+        name: String,
+        /// Leave it paused before its first instruction, every device plugged (`vm resume` runs it).
+        #[arg(long)]
+        paused: bool,
+    },
     /// Graceful stop (ACPI power button, then quit, then kill), or --force.
     Stop {
         name: String,
@@ -373,7 +378,7 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             let vm = node.create_vm(create_request(args)?).await?.into_inner();
             let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
             if start {
-                node.start_vm(name_ref(name)).await?
+                node.start_vm(pb::StartVmRequest { name, paused: false }).await?
             } else {
                 tonic::Response::new(vm)
             }
@@ -382,7 +387,7 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             let spec_text = read_spec(&file)?;
             node.update_vm(pb::UpdateVmRequest { spec: None, spec_text }).await?
         }
-        VmCommand::Start { name } => node.start_vm(name_ref(name)).await?,
+        VmCommand::Start { name, paused } => node.start_vm(pb::StartVmRequest { name, paused }).await?,
         VmCommand::Stop { name, force, timeout } => {
             let request = pb::StopVmRequest { name, force, timeout_seconds: timeout.unwrap_or(0) };
             node.stop_vm(request).await?
