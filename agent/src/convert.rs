@@ -88,7 +88,11 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         "tcg" => Some(AccelChoice::Tcg),
         _ => None,
     });
-    let firmware = p.choice("firmware".into(), &spec.firmware, |v| (v == "seabios").then_some(Firmware::Seabios));
+    let firmware = p.choice("firmware".into(), &spec.firmware, |v| match v {
+        "seabios" => Some(Firmware::Seabios),
+        "uefi" => Some(Firmware::Uefi),
+        _ => None,
+    });
     let disks = spec
         .disks
         .iter()
@@ -171,6 +175,8 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         cpu: (!spec.cpu.is_empty()).then_some(spec.cpu),
         accelerator,
         firmware,
+        secure_boot: spec.secure_boot,
+        tpm: spec.tpm,
         kernel: spec.kernel_boot.map(|k| KernelBoot {
             kernel: k.kernel.into(),
             initrd: (!k.initrd.is_empty()).then(|| k.initrd.into()),
@@ -197,6 +203,8 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         max_memory_mib: spec.max_memory_mib,
         accelerator: spec.accelerator.to_string(),
         firmware: spec.firmware.to_string(),
+        secure_boot: spec.secure_boot,
+        tpm: spec.tpm,
         kernel_boot: spec.kernel.as_ref().map(|k| pb::KernelBoot {
             kernel: k.kernel.display().to_string(),
             initrd: k.initrd.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),
@@ -602,6 +610,33 @@ pub fn event_to_pb(event: &VmEvent) -> pb::VmEvent {
         reason: event.reason.clone(),
         at_unix_ms: event.at_unix_ms,
     }
+}
+
+pub fn host_devices_to_pb(host: crate::node::HostDevices) -> pb::ListHostDevicesResponse {
+    let devices = host
+        .devices
+        .into_iter()
+        .map(|(d, host_use)| pb::HostDevice {
+            address: d.address.to_string(),
+            vendor_id: d.vendor_id.into(),
+            device_id: d.device_id.into(),
+            vendor_name: d.vendor_name.clone().unwrap_or_default(),
+            device_name: d.device_name.clone().unwrap_or_default(),
+            class_code: d.class,
+            class_name: d.class_name.clone().unwrap_or_default(),
+            driver: d.driver.clone().unwrap_or_default(),
+            numa_node: d.numa_node,
+            iommu_group: d.iommu_group,
+            iommu_group_peers: d.iommu_group_peers.iter().map(ToString::to_string).collect(),
+            sriov_total_vfs: d.sriov.as_ref().map_or(0, |s| s.total_vfs),
+            sriov_num_vfs: d.sriov.as_ref().map_or(0, |s| s.num_vfs),
+            physfn: d.physfn.map(|(pf, _)| pf.to_string()).unwrap_or_default(),
+            bridge: d.is_bridge(),
+            net_interfaces: d.net_interfaces,
+            host_use: host_use.unwrap_or_default(),
+        })
+        .collect();
+    pb::ListHostDevicesResponse { devices, iommu_enabled: host.iommu_enabled }
 }
 
 pub fn node_info_to_pb(info: NodeInfo) -> pb::NodeInfo {

@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, info_span, Instrument};
 
 use crate::convert::{
-    create_volume_from_pb, disk_from_pb, event_to_pb, image_to_pb, import_image_from_pb, network_from_pb,
-    network_to_pb, nic_from_pb, nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request, vm_to_pb,
-    volume_to_pb,
+    create_volume_from_pb, disk_from_pb, event_to_pb, host_devices_to_pb, image_to_pb, import_image_from_pb,
+    network_from_pb, network_to_pb, nic_from_pb, nic_status_to_pb, node_info_to_pb, pool_to_pb, spec_from_request,
+    vm_to_pb, volume_to_pb,
 };
 use crate::network::NetworkError;
 use crate::node::Node;
@@ -117,11 +117,19 @@ impl NodeService for NodeApi {
         Ok(Response::new(node_info_to_pb(info)))
     }
 
+    async fn list_host_devices(
+        &self,
+        _: Request<pb::ListHostDevicesRequest>,
+    ) -> Result<Response<pb::ListHostDevicesResponse>, Status> {
+        let devices = self.node.host_devices().instrument(info_span!("ListHostDevices")).await.map_err(status)?;
+        Ok(Response::new(host_devices_to_pb(devices)))
+    }
+
     async fn create_vm(&self, request: Request<pb::CreateVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let request = request.into_inner();
         let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("CreateVm", vm = %spec.name);
-        vm_reply(self.node.vms().create(spec).instrument(span).await)
+        vm_reply(self.node.create_vm(spec).instrument(span).await)
     }
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -140,7 +148,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("UpdateVm", vm = %spec.name);
-        vm_reply(self.node.vms().update(spec).instrument(span).await)
+        vm_reply(self.node.update_vm(spec).instrument(span).await)
     }
 
     async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {

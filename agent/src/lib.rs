@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod migration;
 pub mod network;
 pub mod node;
+pub mod paths;
 pub mod security_groups;
 pub mod server;
 pub mod status;

@@ -155,6 +155,13 @@ impl ApiError for VmError {
     }
 }
 
+impl ApiError for qx_devices::pci::InventoryError {
+    /// sysfs that cannot be read or parsed is the host's problem, not the caller's.
+    fn code(&self) -> Code {
+        Code::Internal
+    }
+}
+
 impl ApiError for NetworkError {
     fn code(&self) -> Code {
         match self {
@@ -203,6 +210,7 @@ impl ApiError for VolumeError {
             VolumeError::PoolNotFound(_) => ErrorKind::NotFound,
             VolumeError::Engine(_) => ErrorKind::Internal,
             VolumeError::Pool(e) => e.kind(),
+            VolumeError::Invalid(_) => ErrorKind::InvalidArgument,
         };
         match kind {
             ErrorKind::NotFound => Code::NotFound,
@@ -216,7 +224,9 @@ impl ApiError for VolumeError {
     }
     fn problems(&self) -> Cow<'_, [FieldError]> {
         match self {
-            VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) => all(problems),
+            VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) | VolumeError::Invalid(problems) => {
+                all(problems)
+            }
             _ => Cow::Borrowed(&[]),
         }
     }

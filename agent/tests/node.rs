@@ -404,3 +404,57 @@ async fn a_configured_tcp_listener_serves_the_same_api() {
     let mut unix = common::client(&node.daemon).await;
     assert_eq!(get(&mut unix, "over-tcp").await.spec.unwrap().name, "over-tcp", "one node behind both listeners");
 }
+
+/// The PCI address of the device holding the host's root file system, read independently of qx-node: the last
+/// PCI function on the sysfs path of the block device mounted at `/`. `None` when `/` is not on a PCI disk.
+fn root_disk_pci_address() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    let source = mounts.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|f| f.get(1) == Some(&"/"))?[0];
+    let name = Path::new(source).file_name()?.to_str()?.to_owned();
+    let path = std::fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
+    let is_pci =
+        |s: &str| s.len() == 12 && s.as_bytes()[4] == b':' && s.as_bytes()[7] == b':' && s.as_bytes()[10] == b'.';
+    path.iter().filter_map(|c| c.to_str()).rfind(|c| is_pci(c)).map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_devices_are_what_sysfs_has_and_the_ones_the_host_uses_are_kept() {
+    let daemon = daemon();
+    let mut client = client(&daemon).await;
+    let reply = client.list_host_devices(pb::ListHostDevicesRequest {}).await.expect("ListHostDevices").into_inner();
+    let mut expected: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
+        .map(|dir| dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    expected.sort();
+    let listed: Vec<&str> = reply.devices.iter().map(|d| d.address.as_str()).collect();
+    assert_eq!(listed, expected, "every PCI function, in address order");
+    let hex = |path: String| {
+        u32::from_str_radix(std::fs::read_to_string(path).unwrap().trim().trim_start_matches("0x"), 16).unwrap()
+    };
+    for device in &reply.devices {
+        let dir = format!("/sys/bus/pci/devices/{}", device.address);
+        assert_eq!((device.vendor_id, device.device_id), (hex(format!("{dir}/vendor")), hex(format!("{dir}/device"))));
+        assert_eq!(device.class_code, hex(format!("{dir}/class")), "{}", device.address);
+        let driver =
+            std::fs::read_link(format!("{dir}/driver")).ok().and_then(|d| Some(d.file_name()?.to_str()?.to_owned()));
+        assert_eq!(device.driver, driver.unwrap_or_default(), "{}", device.address);
+        assert_eq!(device.bridge, device.class_code >> 16 == 0x06, "{}", device.address);
+    }
+    match root_disk_pci_address() {
+        Some(root) => {
+            let device = reply.devices.iter().find(|d| d.address == root).expect("the root disk's device is listed");
+            assert!(!device.host_use.is_empty(), "the disk holding / stays with the host: {device:?}");
+            let output = Command::new(env!("CARGO_BIN_EXE_qxctl"))
+                .arg("--socket")
+                .arg(daemon.socket())
+                .args(["node", "devices"])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+            let line = stdout.lines().find(|l| l.starts_with(&root)).unwrap_or_else(|| panic!("{root} in {stdout}"));
+            assert!(line.contains(&format!("no: {}", device.host_use)), "{line}");
+        }
+        None => eprintln!("/ is not on a PCI disk here: the host-use check of the root disk is left out"),
+    }
+}

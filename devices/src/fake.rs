@@ -71,6 +71,11 @@ impl FakeHost {
         fs::write(dir.join("sriov_numvfs"), "0\n").unwrap();
     }
 
+    /// Gives `address` a virtio-net interface `name`, under its virtio device as the kernel places it.
+    pub fn virtio_net(&self, address: &str, name: &str) {
+        fs::create_dir_all(self.device_dir(address).join("virtio0/net").join(name)).unwrap();
+    }
+
     /// Gives `address` the network interface `name` with index `ifindex`.
     pub fn net(&self, address: &str, name: &str, ifindex: u32) {
         let net = self.device_dir(address).join("net").join(name);

@@ -94,6 +94,21 @@ fn inventory_reads_ids_names_class_driver_numa_group_and_sriov() {
 }
 
 #[test]
+fn a_virtio_nic_carrying_the_host_address_stays_with_the_host() {
+    // A host that is itself a VM: its management NIC is virtio-net, whose interface sits under virtio0/net.
+    let (host, kernel) = host();
+    const VIRTIO: &str = "0000:00:03.0";
+    host.device(VIRTIO, (0x1af4, 0x1041), 0x020000, Some("virtio-pci"), Some(20));
+    host.virtio_net(VIRTIO, "eth0");
+    host.route("eth0");
+    state_dir(&host);
+    let list = open(&host, &kernel).list().unwrap();
+    let nic = list.iter().find(|d| d.device.address == addr(VIRTIO)).unwrap();
+    assert_eq!(nic.device.net_interfaces, ["eth0"]);
+    assert_eq!(nic.host_use.as_deref(), Some("its network interface eth0 carries a host address"));
+}
+
+#[test]
 fn bind_and_restore_go_through_driver_override_and_the_ledger() {
     let (host, kernel) = host();
     state_dir(&host);

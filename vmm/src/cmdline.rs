@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use qx_devices::firmware::UefiArgs;
+
 use crate::accel::Accel;
 use crate::device_tree::{DeviceTree, DiskSlot, NicSlot};
 use crate::spec::{AioMode, CacheMode, DiskFormat, DiskSpec, NicKind, NicSpec, VmSpec};
@@ -34,6 +36,10 @@ pub struct LaunchLayout {
     pub seed: Option<PathBuf>,
     /// Leave disks and user-mode NICs off the command line: they are plugged over QMP before the vCPUs run.
     pub hotplug: bool,
+    /// The flash devices of a `firmware: uefi` VM (its NVRAM copy prepared by the launcher); `None` for SeaBIOS.
+    pub uefi: Option<UefiArgs>,
+    /// QEMU's arguments for the VM's swtpm (its chardev, backend and `tpm-crb`), when the spec has `tpm`.
+    pub tpm: Option<Vec<String>>,
 }
 
 /// A guest device: rendered as `-device` at start, or as `device_add` arguments for hotplug.
@@ -274,7 +280,15 @@ pub fn qemu_args(spec: &VmSpec, tree: &DeviceTree, accel: Accel, layout: &Launch
     push(&[&"-name", &format!("guest={},debug-threads=on", keyval_escape(&spec.name))]);
     push(&[&"-uuid", &spec.uuid().to_string()]);
     push(&[&"-nodefaults", &"-no-user-config", &"-S"]);
-    push(&[&"-machine", &spec.machine]);
+    let mut machine = spec.machine.clone();
+    for property in layout.uefi.iter().flat_map(|uefi| &uefi.machine) {
+        machine.push(',');
+        machine.push_str(property);
+    }
+    push(&[&"-machine", &machine]);
+    for arg in layout.uefi.iter().flat_map(|uefi| &uefi.args).chain(layout.tpm.iter().flatten()) {
+        push(&[arg]);
+    }
     push(&[&"-accel", &accel.to_string()]);
     match spec.cpu.as_deref() {
         Some(model) => push(&[&"-cpu", &model]),
@@ -376,6 +390,8 @@ mod tests {
             pidfile: "/run/vm/qemu.pid".into(),
             seed: None,
             hotplug: false,
+            uefi: None,
+            tpm: None,
         }
     }
 
@@ -416,6 +432,27 @@ mod tests {
         assert_eq!(value_after(&args, "-m"), ["512M,slots=16,maxmem=2048M"]);
         spec.cpu = Some("host".into());
         assert_eq!(value_after(&args_of(&spec, Accel::Kvm), "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn uefi_flash_devices_join_the_machine_and_a_warm_seabios_qemu_never_matches() {
+        let uefi = UefiArgs {
+            machine: vec!["pflash0=qx-uefi-code".into(), "pflash1=qx-uefi-vars".into()],
+            args: vec!["-blockdev".into(), "driver=file,node-name=qx-uefi-code,filename=/c,read-only=on".into()],
+        };
+        let layout = LaunchLayout { uefi: Some(uefi), ..layout() };
+        let args: Vec<String> = qemu_args(&spec(), &tree(&spec()), Accel::Tcg, &layout)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(value_after(&args, "-machine"), ["q35,pflash0=qx-uefi-code,pflash1=qx-uefi-vars"]);
+        assert!(
+            value_after(&args, "-blockdev").contains(&"driver=file,node-name=qx-uefi-code,filename=/c,read-only=on")
+        );
+        let mut efi = spec();
+        efi.firmware = crate::spec::Firmware::Uefi;
+        let key = |s: &VmSpec| crate::warm::launch_key(s, &tree(s), Accel::Tcg);
+        assert_ne!(key(&efi), key(&spec()), "a UEFI VM takes no warm SeaBIOS QEMU");
     }
 
     #[test]
@@ -611,6 +648,8 @@ mod tests {
                 pidfile: "/var/lib/quantix/vms/x/qemu.pid".into(),
                 seed: spec.cloud_init.is_some().then(|| PathBuf::from("/var/lib/quantix/vms/x/cloud-init-seed.img")),
                 hotplug: false,
+                uefi: None,
+                tpm: None,
             };
             let args = qemu_args(&spec, &tree, accel, &layout);
             let mut text: String = args.iter().map(|a| format!("{}\n", a.to_string_lossy())).collect();

@@ -30,6 +30,7 @@ pub mod accel;
 pub mod cmdline;
 pub mod console;
 pub mod device_tree;
+pub mod firmware;
 pub mod guest_agent;
 pub mod host;
 pub mod machine;
@@ -42,6 +43,7 @@ mod qmp_ops;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod tpm;
 pub mod volumes;
 pub mod warm;
 

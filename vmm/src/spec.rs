@@ -63,6 +63,15 @@ pub struct VmSpec {
     /// Default: SeaBIOS.
     #[serde(default)]
     pub firmware: Firmware,
+    /// UEFI Secure Boot, with Microsoft's keys enrolled in the VM's NVRAM (what Windows 11 and shim-signed Linux
+    /// distributions boot with). Needs `firmware: uefi` and a q35 machine (the firmware guards its keys in System
+    /// Management Mode). Default: off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_boot: bool,
+    /// A TPM 2.0 (`swtpm`, its state kept in the VM's directory) on a CRB interface, what Windows 11 requires.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tpm: bool,
     /// Direct kernel boot; when absent the first disk boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelBoot>,
@@ -172,6 +181,9 @@ pub enum AccelChoice {
 pub enum Firmware {
     #[default]
     Seabios,
+    /// OVMF (Debian's `ovmf`): the shared code image read-only, and a copy of its NVRAM variables per VM, made at
+    /// the VM's first start and kept in its directory, so boot entries and keys survive restarts.
+    Uefi,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,6 +392,18 @@ impl VmSpec {
                 && cpu.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
             if !ok {
                 p.add("cpu", cpu, "is not a CPU model name (1-64 of [A-Za-z0-9._-], or host)");
+            }
+        }
+        if self.secure_boot {
+            if self.firmware != Firmware::Uefi {
+                p.add("secure_boot", "true", format!("needs firmware uefi, not {}", self.firmware));
+            }
+            if !self.machine.contains("q35") {
+                p.add(
+                    "secure_boot",
+                    "true",
+                    format!("needs a q35 machine (System Management Mode), not {}", self.machine),
+                );
             }
         }
         if let Some(kernel) = &self.kernel {

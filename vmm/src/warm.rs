@@ -18,6 +18,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::accel::Accel;
+use qx_devices::firmware::UefiArgs;
+
 use crate::cmdline::{qemu_args, LaunchLayout};
 use crate::device_tree::DeviceTree;
 use crate::host::HostRoot;
@@ -62,6 +64,8 @@ impl WarmShape {
             cpu: None,
             accelerator: Default::default(),
             firmware: Firmware::default(),
+            secure_boot: false,
+            tpm: false,
             kernel: self.kernel.clone(),
             disks: Vec::new(),
             nics: Vec::new(),
@@ -109,6 +113,11 @@ pub fn launch_key(spec: &VmSpec, tree: &DeviceTree, accel: Accel) -> Vec<OsStrin
         // A VM with a seed gets a CD-ROM at launch, which a warm QEMU does not have.
         seed: spec.cloud_init.is_some().then(|| PathBuf::from("seed")),
         hotplug: true,
+        // Warm QEMUs boot SeaBIOS; a UEFI VM's flash devices are fixed at launch, so it never takes one.
+        uefi: (spec.firmware == Firmware::Uefi)
+            .then(|| UefiArgs { machine: vec!["pflash0=uefi".into()], args: Vec::new() }),
+        // Nor one with a TPM, whose device is there from launch.
+        tpm: spec.tpm.then(|| vec!["tpm".to_owned()]),
     };
     qemu_args(&spec, tree, accel, &layout)
 }

@@ -141,8 +141,19 @@ pub fn read(root: &HostRoot, ids: &PciIds, address: PciAddress) -> Result<PciDev
         iommu_group_peers,
         sriov,
         physfn,
-        net_interfaces: dir_names(&dir.join("net")),
+        net_interfaces: net_interfaces(&dir),
     })
+}
+
+/// The network interfaces on the function in `dir`: under `net/`, or for virtio-net under its virtio device
+/// (`virtio2/net/eth0`), which is where a VM's own management NIC sits when the host is itself a VM.
+fn net_interfaces(dir: &Path) -> Vec<String> {
+    let mut names = dir_names(&dir.join("net"));
+    for child in dir_names(dir).into_iter().filter(|name| name.starts_with("virtio")) {
+        names.extend(dir_names(&dir.join(child).join("net")));
+    }
+    names.sort();
+    names
 }
 
 /// The functions in IOMMU group `group`, sorted.

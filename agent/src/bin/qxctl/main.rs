@@ -140,6 +140,8 @@ enum NetworkCommand {
 enum NodeCommand {
     /// Host CPU, memory, QEMU and accelerator.
     Info,
+    /// The host's PCI devices: ids and names, driver, IOMMU group, SR-IOV, and which ones the host keeps.
+    Devices,
     /// Operator certificates for the TCP listener (mutual TLS).
     Cert {
         #[command(subcommand)]
@@ -263,6 +265,15 @@ struct CreateArgs {
     /// auto, kvm or tcg.
     #[arg(long, default_value = "auto")]
     accel: String,
+    /// seabios or uefi (OVMF, with the VM's own NVRAM).
+    #[arg(long, default_value = "seabios")]
+    firmware: String,
+    /// UEFI Secure Boot with Microsoft's keys enrolled (with --firmware uefi).
+    #[arg(long)]
+    secure_boot: bool,
+    /// A TPM 2.0 (swtpm), as Windows 11 requires.
+    #[arg(long)]
+    tpm: bool,
     #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
@@ -328,6 +339,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node { command: NodeCommand::Info } => {
             let info = node.get_node_info(pb::GetNodeInfoRequest {}).await?.into_inner();
             print_node(&info, json);
+        }
+        Command::Node { command: NodeCommand::Devices } => {
+            let devices = node.list_host_devices(pb::ListHostDevicesRequest {}).await?.into_inner();
+            print_host_devices(&devices, json);
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
         Command::Network { command } => network(&mut node, command, json).await?,
@@ -570,7 +585,9 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         memory_mib: args.memory,
         machine: args.machine,
         accelerator: args.accel,
-        firmware: String::new(),
+        firmware: args.firmware,
+        secure_boot: args.secure_boot,
+        tpm: args.tpm,
         kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
             kernel: kernel.display().to_string(),
             initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
@@ -730,6 +747,9 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "max_vcpus": spec.max_vcpus,
         "max_memory_mib": spec.max_memory_mib,
         "accelerator": spec.accelerator,
+        "firmware": spec.firmware,
+        "secure_boot": spec.secure_boot,
+        "tpm": spec.tpm,
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
             "id": d.id,
@@ -788,6 +808,60 @@ fn print_list(vms: &[pb::Vm], json: bool) {
     }
 }
 
+fn print_host_devices(reply: &pb::ListHostDevicesResponse, json: bool) {
+    if json {
+        let devices: Vec<Value> = reply
+            .devices
+            .iter()
+            .map(|d| {
+                json!({
+                    "address": d.address, "vendor_id": format!("{:04x}", d.vendor_id),
+                    "device_id": format!("{:04x}", d.device_id), "vendor": d.vendor_name, "device": d.device_name,
+                    "class": format!("{:06x}", d.class_code), "class_name": d.class_name, "driver": d.driver,
+                    "numa_node": d.numa_node, "iommu_group": d.iommu_group, "iommu_group_peers": d.iommu_group_peers,
+                    "sriov_total_vfs": d.sriov_total_vfs, "sriov_num_vfs": d.sriov_num_vfs, "physfn": d.physfn,
+                    "net_interfaces": d.net_interfaces, "bridge": d.bridge, "host_use": d.host_use,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "iommu_enabled": reply.iommu_enabled, "devices": devices }));
+        return;
+    }
+    if !reply.iommu_enabled {
+        println!("IOMMU off: no device can be passed through");
+    }
+    println!("{:<13} {:<9} {:<12} {:<5} {:<30} AVAILABLE", "ADDRESS", "ID", "DRIVER", "GROUP", "DEVICE");
+    for d in &reply.devices {
+        let name = match (d.vendor_name.as_str(), d.device_name.as_str()) {
+            ("", _) if d.class_name.is_empty() => format!("class {:06x}", d.class_code),
+            ("", _) => d.class_name.clone(),
+            (vendor, "") => vendor.to_owned(),
+            (vendor, device) => format!("{vendor} {device}"),
+        };
+        let available = if d.bridge {
+            "no: a bridge".to_owned()
+        } else if !d.host_use.is_empty() {
+            format!("no: {}", d.host_use)
+        } else {
+            "yes".to_owned()
+        };
+        let group = d.iommu_group.map_or_else(|| "-".to_owned(), |g| g.to_string());
+        let driver = if d.driver.is_empty() { "-" } else { &d.driver };
+        let id = format!("{:04x}:{:04x}", d.vendor_id, d.device_id);
+        println!("{:<13} {id:<9} {driver:<12} {group:<5} {:<30} {available}", d.address, shorten_name(&name, 30));
+    }
+}
+
+/// `name` cut to `max` characters, with an ellipsis when cut.
+fn shorten_name(name: &str, max: usize) -> String {
+    if name.chars().count() <= max {
+        return name.to_owned();
+    }
+    let mut cut: String = name.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
 fn print_vm(vm: &pb::Vm, json: bool) {
     if json {
         println!("{}", vm_json(vm));
@@ -816,6 +890,11 @@ fn print_vm(vm: &pb::Vm, json: bool) {
         Some(max) if max > now => format!("{now}{unit} (max {max}{unit})"),
         _ => format!("{now}{unit}"),
     };
+    let secure = if spec.secure_boot { " (Secure Boot)" } else { "" };
+    rows.push(("firmware", format!("{}{secure}", spec.firmware)));
+    if spec.tpm {
+        rows.push(("tpm", "TPM 2.0 (swtpm)".to_owned()));
+    }
     rows.push(("vcpus", max(spec.max_vcpus.map(u64::from), u64::from(spec.vcpus), "")));
     rows.push(("memory", max(spec.max_memory_mib, spec.memory_mib, " MiB")));
     rows.push(("machine", spec.machine));
