@@ -170,6 +170,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
                     }
                 })
                 .collect(),
+            security_groups: nic.security_groups.clone(),
         })
         .collect();
     let machine = if spec.machine.is_empty() { "q35".to_owned() } else { spec.machine };
@@ -257,6 +258,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
                     .iter()
                     .map(|f| pb::HostForward { host_port: f.host_port.into(), guest_port: f.guest_port.into() })
                     .collect(),
+                security_groups: n.security_groups.clone(),
             })
             .collect(),
         serial: Some(spec.serial),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qx_common::{blocking, ValidationErrors};
-
+use qx_net::ovn::{Rule, SecurityGroup};
 use qx_storage::{CreateVolume, Image, ImportImage, InUse, OpControl, Volume};
 use qx_vmm::spec::AccelChoice;
 use qx_vmm::spec::{DiskSpec, VmSpec};
@@ -17,6 +17,7 @@ use crate::config::NodeConfig;
 use crate::host::Host;
 use crate::network::{NetworkError, NetworkSpec, Networks, NicStatus};
 use crate::paths::AllowedPaths;
+use crate::security_groups::{SecurityGroupError, SecurityGroups};
 use crate::volumes::{users_of, Pools, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +220,38 @@ impl Node {
             .map(|vm| vm.spec.name)
             .collect();
         self.networks.delete(name, users).await
+    }
+
+    /// The node's security groups.
+    pub fn security_groups(&self) -> &SecurityGroups {
+        self.networks.security_groups()
+    }
+
+    /// Creates a security group and its OVN port group with the rules' ACLs.
+    pub async fn create_security_group(&self, group: SecurityGroup) -> Result<SecurityGroup, SecurityGroupError> {
+        self.networks.security_groups().create(&self.networks, group).await
+    }
+
+    /// Deletes a security group no VM NIC and no other group's rule names.
+    pub async fn delete_security_group(&self, name: &str) -> Result<(), SecurityGroupError> {
+        let users = self
+            .vms
+            .list()
+            .into_iter()
+            .filter(|vm| vm.spec.nics.iter().any(|nic| nic.security_groups.iter().any(|g| g == name)))
+            .map(|vm| vm.spec.name)
+            .collect();
+        self.networks.security_groups().delete(&self.networks, name, users).await
+    }
+
+    /// Adds a rule to a security group; it applies at once, also to running VMs.
+    pub async fn add_security_group_rule(&self, group: &str, rule: Rule) -> Result<SecurityGroup, SecurityGroupError> {
+        self.networks.security_groups().add_rule(&self.networks, group, rule).await
+    }
+
+    /// Deletes rule `id` of a security group, at once, also for running VMs.
+    pub async fn delete_security_group_rule(&self, group: &str, id: u32) -> Result<SecurityGroup, SecurityGroupError> {
+        self.networks.security_groups().delete_rule(&self.networks, group, id).await
     }
 
     pub fn pools(&self) -> &Pools {

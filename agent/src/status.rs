@@ -18,6 +18,7 @@ use crate::certs::CertError;
 use crate::host::update::UpdateError;
 use crate::host::HostError;
 use crate::network::NetworkError;
+use crate::security_groups::SecurityGroupError;
 use crate::volumes::VolumeError;
 
 /// The longest `grpc-message`, in bytes before percent-encoding (at most three times this after).
@@ -175,6 +176,27 @@ impl ApiError for NetworkError {
     fn problems(&self) -> Cow<'_, [FieldError]> {
         match self {
             NetworkError::Invalid(errors) => all(errors),
+            _ => Cow::Borrowed(&[]),
+        }
+    }
+}
+
+impl ApiError for SecurityGroupError {
+    fn code(&self) -> Code {
+        match self {
+            SecurityGroupError::Invalid(_) => Code::InvalidArgument,
+            SecurityGroupError::NotFound(_) | SecurityGroupError::RuleNotFound { .. } => Code::NotFound,
+            SecurityGroupError::AlreadyExists(_) => Code::AlreadyExists,
+            SecurityGroupError::InUse { .. } => Code::FailedPrecondition,
+            SecurityGroupError::Network(e) => e.code(),
+            SecurityGroupError::Ovn { source: qx_net::ovn::Error::Invalid(_), .. } => Code::InvalidArgument,
+            SecurityGroupError::Ovn { .. } | SecurityGroupError::Persist { .. } => Code::Internal,
+        }
+    }
+    fn problems(&self) -> Cow<'_, [FieldError]> {
+        match self {
+            SecurityGroupError::Invalid(errors) => all(errors),
+            SecurityGroupError::Network(e) => e.problems(),
             _ => Cow::Borrowed(&[]),
         }
     }

@@ -372,6 +372,7 @@ mod tests {
             network: None,
             mac: Some("52:54:00:12:34:56".into()),
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.fill_device_ids();
         spec
@@ -554,6 +555,7 @@ mod tests {
             network: Some("lan".into()),
             mac: Some("52:54:00:00:00:09".into()),
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let hw = Hardware::from_spec(&spec, &tree(&spec), None);
         assert_eq!(hw.network_nics.len(), 1);

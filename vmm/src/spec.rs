@@ -293,6 +293,10 @@ pub struct NicSpec {
     /// developer or a test reaches a guest's SSH without a node network. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_forwards: Vec<HostForward>,
+    /// Security groups (of the node) whose rules filter the NIC's traffic, for `network` NICs on networks of kind
+    /// `ovn`; with any, all IP traffic not allowed by one of them is dropped. Default: none (no filtering).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
 }
 
 /// One forwarded TCP port of a `user` NIC.
@@ -603,6 +607,17 @@ impl VmSpec {
                     p.add(field("guest_port"), 0, "is not a port (1 to 65535)");
                 }
             }
+            let mut groups = HashSet::new();
+            for (k, group) in nic.security_groups.iter().enumerate() {
+                let field = format!("nics[{i}].security_groups[{k}]");
+                if nic.kind != NicKind::Network {
+                    p.add(field, group, "is only for NICs of kind network");
+                } else if group.is_empty() {
+                    p.add(field, group, "is empty");
+                } else if !groups.insert(group) {
+                    p.add(field, group, "is named twice for this NIC");
+                }
+            }
             let Some(mac) = &nic.mac else { continue };
             match parse_mac(mac) {
                 Err(problem) => p.add(format!("nics[{i}].mac"), mac, problem),
@@ -876,6 +891,7 @@ mod tests {
             network: None,
             mac: Some("01:00:00:00:00:01".into()),
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
@@ -923,13 +939,21 @@ mod tests {
     #[test]
     fn generated_fields_are_stable_and_valid() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: Vec::new(),
+        });
         spec.nics.push(NicSpec {
             id: None,
             kind: NicKind::Network,
             network: Some("lan".into()),
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
@@ -998,6 +1022,7 @@ mod tests {
             network: network.map(Into::into),
             mac: None,
             host_forwards,
+            security_groups: Vec::new(),
         };
         spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 22), forward(0, 0)]));
         spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 80)]));
@@ -1019,6 +1044,36 @@ mod tests {
         assert!(text.contains("\"tcp:127.0.0.1:8080-:80\" is only for NICs of kind user"), "{text}");
         spec.nics.truncate(1);
         spec.nics[0].host_forwards.truncate(1);
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn security_groups_are_for_network_nics_each_once() {
+        let mut spec = minimal();
+        let groups = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::Network,
+            network: Some("lan".into()),
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: groups(&["web", "", "web"]),
+        });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: groups(&["web"]),
+        });
+        let errors = spec.validate(&files()).unwrap_err();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["nics[0].security_groups[1]", "nics[0].security_groups[2]", "nics[1].security_groups[0]"]);
+        let text = errors.to_string();
+        assert!(text.contains("nics[0].security_groups[2]: \"web\" is named twice for this NIC"), "{text}");
+        spec.nics.truncate(1);
+        spec.nics[0].security_groups.truncate(1);
         spec.validate(&files()).unwrap();
     }
 
@@ -1046,6 +1101,7 @@ mod tests {
             network: None,
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -1053,6 +1109,7 @@ mod tests {
             network: Some("bad net".into()),
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -1060,6 +1117,7 @@ mod tests {
             network: Some("lan".into()),
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["nics[0].network", "nics[1].network", "nics[2].network"]);
@@ -1076,6 +1134,7 @@ mod tests {
             network: None,
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.nics.push(NicSpec {
             id: Some("a b".into()),
@@ -1083,6 +1142,7 @@ mod tests {
             network: None,
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
@@ -1095,7 +1155,14 @@ mod tests {
         let mut spec = minimal();
         spec.disks.push(DiskSpec { id: Some("disk0".into()), ..spec.disks[0].clone() });
         spec.disks[0].path = Some("/img/b.qcow2".into());
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: Vec::new(),
+        });
         spec.fill_generated();
         let ids: Vec<_> = spec.disks.iter().map(|d| d.id.clone().unwrap()).collect();
         assert_eq!(ids, ["disk1", "disk0"]);

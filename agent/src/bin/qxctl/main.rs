@@ -20,6 +20,7 @@ mod guest;
 mod migrate;
 mod progress;
 mod remote;
+mod sg;
 mod snapshot;
 mod storage;
 mod system;
@@ -56,6 +57,11 @@ enum Command {
     Network {
         #[command(subcommand)]
         command: NetworkCommand,
+    },
+    /// Security groups: allow rules for VM NICs on OVN networks (`security_groups` in a NIC's spec).
+    Sg {
+        #[command(subcommand)]
+        command: sg::SgCommand,
     },
     /// Storage pools: capacity and usage.
     Pool {
@@ -351,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
         Command::Network { command } => network(&mut node, command, json).await?,
+        Command::Sg { command } => sg::run(channel, command, json).await?,
         Command::Pool { command } => storage::pool(&mut node, command, json).await?,
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
