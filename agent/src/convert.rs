@@ -175,6 +175,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         accelerator,
         firmware,
         secure_boot: spec.secure_boot,
+        tpm: spec.tpm,
         kernel: spec.kernel_boot.map(|k| KernelBoot {
             kernel: k.kernel.into(),
             initrd: (!k.initrd.is_empty()).then(|| k.initrd.into()),
@@ -202,6 +203,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         accelerator: spec.accelerator.to_string(),
         firmware: spec.firmware.to_string(),
         secure_boot: spec.secure_boot,
+        tpm: spec.tpm,
         kernel_boot: spec.kernel.as_ref().map(|k| pb::KernelBoot {
             kernel: k.kernel.display().to_string(),
             initrd: k.initrd.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),

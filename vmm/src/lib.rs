@@ -43,6 +43,7 @@ mod qmp_ops;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod tpm;
 pub mod volumes;
 pub mod warm;
 

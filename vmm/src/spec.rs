@@ -68,6 +68,10 @@ pub struct VmSpec {
     /// Management Mode). Default: off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secure_boot: bool,
+    /// A TPM 2.0 (`swtpm`, its state kept in the VM's directory) on a CRB interface, what Windows 11 requires.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tpm: bool,
     /// Direct kernel boot; when absent the first disk boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelBoot>,

@@ -265,6 +265,9 @@ struct CreateArgs {
     /// UEFI Secure Boot with Microsoft's keys enrolled (with --firmware uefi).
     #[arg(long)]
     secure_boot: bool,
+    /// A TPM 2.0 (swtpm), as Windows 11 requires.
+    #[arg(long)]
+    tpm: bool,
     #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
@@ -577,6 +580,7 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         accelerator: args.accel,
         firmware: args.firmware,
         secure_boot: args.secure_boot,
+        tpm: args.tpm,
         kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
             kernel: kernel.display().to_string(),
             initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
@@ -738,6 +742,7 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "accelerator": spec.accelerator,
         "firmware": spec.firmware,
         "secure_boot": spec.secure_boot,
+        "tpm": spec.tpm,
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
             "id": d.id,
@@ -880,6 +885,9 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     };
     let secure = if spec.secure_boot { " (Secure Boot)" } else { "" };
     rows.push(("firmware", format!("{}{secure}", spec.firmware)));
+    if spec.tpm {
+        rows.push(("tpm", "TPM 2.0 (swtpm)".to_owned()));
+    }
     rows.push(("vcpus", max(spec.max_vcpus.map(u64::from), u64::from(spec.vcpus), "")));
     rows.push(("memory", max(spec.max_memory_mib, spec.memory_mib, " MiB")));
     rows.push(("machine", spec.machine));
