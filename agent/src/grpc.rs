@@ -129,7 +129,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("CreateVm", vm = %spec.name);
-        vm_reply(self.node.vms().create(spec).instrument(span).await)
+        vm_reply(self.node.create_vm(spec).instrument(span).await)
     }
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -148,7 +148,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("UpdateVm", vm = %spec.name);
-        vm_reply(self.node.vms().update(spec).instrument(span).await)
+        vm_reply(self.node.update_vm(spec).instrument(span).await)
     }
 
     async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {
@@ -158,9 +158,10 @@ impl NodeService for NodeApi {
         Ok(Response::new(pb::DeleteVmResponse {}))
     }
 
-    async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        let name = request.into_inner().name;
-        vm_reply(self.node.vms().start(&name).instrument(info_span!("StartVm", vm = %name)).await)
+    async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let pb::StartVmRequest { name, paused } = request.into_inner();
+        let span = info_span!("StartVm", vm = %name, paused);
+        vm_reply(self.node.vms().start_with(&name, qx_vmm::StartOptions { paused }).instrument(span).await)
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {

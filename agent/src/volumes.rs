@@ -21,6 +21,9 @@ pub enum VolumeError {
     Engine(#[source] EngineError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A request the node refuses before a pool sees it (a source outside the allowed host paths).
+    #[error("{0}")]
+    Invalid(qx_common::ValidationErrors),
 }
 
 /// The node's pools (one for now; the `Pool` trait leaves room for NFS and Ceph RBD). The default pool and its

@@ -32,7 +32,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 const NESTED_TIMEOUT: Duration = Duration::from_secs(600);
 /// The broken update's trial: the watchdog's wait, then a reboot.
 const HEALTH_TIMEOUT_SECONDS: u32 = 30;
-const GUEST_DIR: &str = "/data/quantix/test-guest";
+const GUEST_DIR: &str = "/data/datastore/test-guest";
 
 struct Images {
     first: PathBuf,
@@ -382,7 +382,7 @@ async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     );
     node.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm inside the host");
     let started = Instant::now();
-    node.start_vm(pb::VmRef { name: "nested".into() }).await.expect("StartVm inside the host");
+    node.start_vm(pb::StartVmRequest { name: "nested".into(), paused: false }).await.expect("StartVm inside the host");
     let mut console = common::Console::open(&mut node, "nested").await;
     console.expect(READY_LINE, NESTED_TIMEOUT).await;
     phase("nested VM start -> ready marker", started.elapsed());

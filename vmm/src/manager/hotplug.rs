@@ -27,13 +27,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use qx_common::error_chain;
+use qx_common::{blocking, error_chain};
 use qx_qmp::{Event, QmpClient, QmpEvent};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use super::{blocking, place_error, validated, Entry, Runtime, VmError, VmInfo, VmManager};
+use super::error::place_error;
+use super::{validated, Entry, Runtime, VmError, VmInfo, VmManager};
 use crate::cmdline::{disk_plug, nic_device, user_nic_plug, Plug};
 use crate::device_tree::{DeviceTree, Growth, NicSlot};
 use crate::persist::write_atomic;

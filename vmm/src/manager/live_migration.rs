@@ -27,20 +27,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qx_common::BoxFuture;
+use qx_common::{blocking, BoxFuture};
 use qx_qmp::RunState;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::{
-    blocking, create_vm_dir, now_unix_ms, qmp_ops, validated, write_seed, BoxError, Entry, Runtime, Simple, VmError,
-    VmInfo, VmManager,
-};
+use super::launch::write_seed;
+use super::operations::{kill, QUIT_GRACE};
+use super::{create_vm_dir, now_unix_ms, validated, BoxError, Entry, Runtime, VmError, VmInfo, VmManager};
 use crate::device_tree::DeviceTree;
 use crate::guest_agent::{agent_options, GuestAgent};
 use crate::migration::{self, MigrationConfig, MigrationError, Outcome, Progress};
 use crate::persist::{StateRecord, VmDir};
 use crate::process::QemuProcess;
+use crate::qmp_ops::{self, Simple};
 use crate::spec::{ValidationErrors, VmSpec};
 use crate::state::VmState;
 use crate::SerialConsole;
@@ -362,9 +362,9 @@ impl VmManager {
     /// The guest runs on the target: quit this QEMU, remove the switch ports and the VM's files here.
     async fn migrated_away(&self, entry: &Arc<Entry>, runtime: &Runtime, target: &str) {
         runtime.stop_requested.store(true, Ordering::SeqCst);
-        let _ = qmp_ops::simple(&runtime.qmp, Simple::Quit, Some(super::QUIT_GRACE)).await;
-        if !entry.wait_inactive(Some(super::QUIT_GRACE)).await {
-            super::kill(runtime);
+        let _ = qmp_ops::simple(&runtime.qmp, Simple::Quit, Some(QUIT_GRACE)).await;
+        if !entry.wait_inactive(Some(QUIT_GRACE)).await {
+            kill(runtime);
             entry.wait_inactive(None).await;
         }
         self.remove_entry(entry, &format!("migrated to {target}")).await;
@@ -586,7 +586,7 @@ impl VmManager {
         match entry.runtime() {
             Some(runtime) => {
                 runtime.stop_requested.store(true, Ordering::SeqCst);
-                super::kill(&runtime);
+                kill(&runtime);
                 // The supervisor removes the VM when the QEMU is gone (`incoming_ended`).
                 entry.wait_inactive(None).await;
             }

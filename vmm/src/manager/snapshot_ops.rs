@@ -15,11 +15,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use qx_common::blocking;
 use qx_qmp::QmpClient;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use super::{blocking, Entry, Runtime, VmError, VmInfo, VmManager};
+use super::{Entry, Runtime, VmError, VmInfo, VmManager};
 use crate::guest_agent::AgentState;
 use crate::snapshot::{check_name, Snapshot, SnapshotKind, SnapshotState, SnapshotTree};
 use crate::spec::{DiskFormat, FieldError, ValidationErrors};
