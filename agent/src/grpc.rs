@@ -158,9 +158,10 @@ impl NodeService for NodeApi {
         Ok(Response::new(pb::DeleteVmResponse {}))
     }
 
-    async fn start_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
-        let name = request.into_inner().name;
-        vm_reply(self.node.vms().start(&name).instrument(info_span!("StartVm", vm = %name)).await)
+    async fn start_vm(&self, request: Request<pb::StartVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let pb::StartVmRequest { name, paused } = request.into_inner();
+        let span = info_span!("StartVm", vm = %name, paused);
+        vm_reply(self.node.vms().start_with(&name, qx_vmm::StartOptions { paused }).instrument(span).await)
     }
 
     async fn stop_vm(&self, request: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {

@@ -190,7 +190,11 @@ async fn a_corpus_of_bad_fields_over_grpc_is_refused_by_code_and_changes_nothing
         let what = |rpc: &str| format!("{rpc}({:?})", bad.chars().take(20).collect::<String>());
         let vm = || pb::VmRef { name: bad.clone() };
         refused(&what("GetVm"), client.get_vm(vm()).await, &[NotFound, Invalid]);
-        refused(&what("StartVm"), client.start_vm(vm()).await, &[NotFound, Invalid]);
+        refused(
+            &what("StartVm"),
+            client.start_vm(pb::StartVmRequest { name: bad.clone(), paused: true }).await,
+            &[NotFound, Invalid],
+        );
         refused(&what("DeleteVm"), client.delete_vm(vm()).await, &[NotFound, Invalid]);
         refused(&what("PauseVm"), client.pause_vm(vm()).await, &[NotFound, Invalid]);
         refused(&what("ResetVm"), client.reset_vm(vm()).await, &[NotFound, Invalid]);

@@ -382,7 +382,7 @@ async fn the_whole_host_boots_runs_a_vm_updates_and_rolls_back() {
     );
     node.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm inside the host");
     let started = Instant::now();
-    node.start_vm(pb::VmRef { name: "nested".into() }).await.expect("StartVm inside the host");
+    node.start_vm(pb::StartVmRequest { name: "nested".into(), paused: false }).await.expect("StartVm inside the host");
     let mut console = common::Console::open(&mut node, "nested").await;
     console.expect(READY_LINE, NESTED_TIMEOUT).await;
     phase("nested VM start -> ready marker", started.elapsed());

@@ -137,7 +137,7 @@ fn a_running_vm_is_scraped_and_promtool_accepts_the_exposition() {
     runtime.block_on(async {
         let mut client = client(&daemon).await;
         // A failed call is counted with its code.
-        client.start_vm(pb::VmRef { name: "nope".into() }).await.unwrap_err();
+        client.start_vm(pb::StartVmRequest { name: "nope".into(), paused: false }).await.unwrap_err();
         client.stop_vm(pb::StopVmRequest { name: "m1".into(), force: true, ..Default::default() }).await.unwrap();
     });
     let text = scrape(port, &ca, None).expect("second scrape");

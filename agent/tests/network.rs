@@ -81,7 +81,7 @@ fn vms_on_one_vlan_reach_each_other_but_not_across_vlans() {
 
         // A missing network is refused before QEMU exists, leaving nothing behind.
         create_on(&mut client, "lost", "nope", "10.9.0.9", 1).await;
-        let status = client.start_vm(pb::VmRef { name: "lost".into() }).await.unwrap_err();
+        let status = client.start_vm(pb::StartVmRequest { name: "lost".into(), paused: false }).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains("nics[0].network"), "{}", status.message());
         assert!(daemon.qemu_pids().is_empty());

@@ -82,6 +82,58 @@ async fn lifecycle_create_boot_pause_resume_reboot_stop_update_delete() {
     );
 }
 
+/// `qxctl vm start --paused` (StartVm with `paused`): QEMU runs with every device plugged but the guest has not run
+/// an instruction: the serial console, where the booting kernel prints within a second under TCG, stays empty. A
+/// restarted daemon finds QEMU in `prelaunch` and keeps the VM paused (a start cut short would be stopped); ResumeVm
+/// boots it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_started_paused_runs_nothing_until_resumed() {
+    let mut daemon = daemon();
+    let mut client = client(&daemon).await;
+    create(&mut client, "held").await;
+    let output = Command::new(env!("CARGO_BIN_EXE_qxctl"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(["vm", "start", "held", "--paused"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "qxctl: {}", String::from_utf8_lossy(&output.stderr));
+    let vm = get(&mut client, "held").await;
+    let qemu = pid(&vm);
+    assert_eq!(state(&vm), pb::VmState::Paused);
+    assert!(pid_alive(qemu as i32));
+    let console_log = daemon.data_dir().join("vms/held/console.log");
+    let silent = |what: &str| {
+        let printed = std::fs::read(&console_log).unwrap_or_default();
+        assert!(printed.is_empty(), "{what}: the guest printed {:?}", String::from_utf8_lossy(&printed));
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    silent("3 s after a paused start");
+    let state_file = daemon.data_dir().join("vms/held/state.json");
+    let on_disk = std::fs::read_to_string(&state_file).unwrap();
+    assert!(on_disk.contains("\"paused\""), "state.json is written before StartVm answers: {on_disk}");
+
+    daemon.kill9();
+    daemon.restart();
+    let mut client = connect(daemon.socket()).await.unwrap();
+    let vm = get(&mut client, "held").await;
+    assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Paused, qemu), "reattached, still paused");
+    let reason = vm.runtime.as_ref().map(|r| r.last_reason.clone()).unwrap_or_default();
+    assert!(reason.contains("QEMU reports prelaunch"), "query-status at reattach: {reason}");
+    silent("after the daemon restart");
+
+    let mut console = Console::open(&mut client, "held").await;
+    let vm = client.resume_vm(pb::VmRef { name: "held".into() }).await.unwrap().into_inner();
+    assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Running, qemu));
+    console.expect(READY_LINE, BOOT_TIMEOUT).await;
+    console.run(40, 2).await;
+    let logged = || std::fs::metadata(&console_log).ok().filter(|m| m.len() > 0).map(|_| ());
+    assert!(wait_until(Duration::from_secs(10), logged).is_some(), "console.log records what the guest prints");
+    let request = pb::StopVmRequest { name: "held".into(), force: true, timeout_seconds: 0 };
+    assert_eq!(state(&client.stop_vm(request).await.unwrap().into_inner()), pb::VmState::Stopped);
+    assert!(!pid_alive(qemu as i32));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_survive_a_daemon_kill_and_are_reattached() {
     let mut daemon = daemon();
@@ -202,7 +254,11 @@ async fn two_concurrent_starts_spawn_one_qemu() {
     let mut client = client(&daemon).await;
     let uuid = create(&mut client, "race").await.spec.unwrap().uuid;
     let start_race = |mut client: Client| async move {
-        client.start_vm(pb::VmRef { name: "race".into() }).await.map(|_| ()).map_err(|s| s.code())
+        client
+            .start_vm(pb::StartVmRequest { name: "race".into(), paused: false })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code())
     };
     // The first start is held inside its QEMU spawn; the second arrives while it is.
     let first = tokio::spawn(start_race(client.clone()));
@@ -234,7 +290,7 @@ async fn a_daemon_killed_before_running_is_written_reattaches_the_vm() {
     let state_file = daemon.data_dir().join("vms/window/state.json");
     let starting = tokio::spawn({
         let mut client = client.clone();
-        async move { client.start_vm(pb::VmRef { name: "window".into() }).await }
+        async move { client.start_vm(pb::StartVmRequest { name: "window".into(), paused: false }).await }
     });
     // While QEMU is held, state.json holds what the window leaves on disk: `starting`, no pid.
     assert!(wait_until(Duration::from_secs(30), || (held.spawns(&uuid) == 1).then_some(())).is_some());
@@ -312,7 +368,7 @@ async fn bad_input_is_refused_with_the_field_and_changes_nothing() {
     assert_eq!(status.code(), Code::FailedPrecondition, "update while running: {status:?}");
     let status = client.delete_vm(pb::VmRef { name: "existing".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "delete while running: {status:?}");
-    let status = client.start_vm(pb::VmRef { name: "nope".into() }).await.unwrap_err();
+    let status = client.start_vm(pb::StartVmRequest { name: "nope".into(), paused: false }).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
     let qxctl = |args: &[&str]| {

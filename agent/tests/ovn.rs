@@ -402,7 +402,7 @@ fn security_groups_filter_a_running_vm_and_rule_changes_apply_at_once() {
         let nics = "nics:\n  - kind: network\n    network: net1\n    security_groups: [ghost]\n";
         let spec_text = test_guest().spec_yaml("x", nics);
         client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.unwrap();
-        let status = client.start_vm(pb::VmRef { name: "x".into() }).await.unwrap_err();
+        let status = client.start_vm(pb::StartVmRequest { name: "x".into(), paused: false }).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(
             status.message().contains("nics[0].security_groups[0]: \"ghost\" does not exist"),

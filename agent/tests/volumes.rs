@@ -26,7 +26,7 @@ async fn create_with_volume(client: &mut Client, name: &str, volume: &str) {
 }
 
 async fn start_error(client: &mut Client, name: &str) -> tonic::Status {
-    client.start_vm(pb::VmRef { name: name.into() }).await.expect_err("start must be refused")
+    client.start_vm(pb::StartVmRequest { name: name.into(), paused: false }).await.expect_err("start must be refused")
 }
 
 async fn stop(client: &mut Client, name: &str) {

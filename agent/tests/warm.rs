@@ -147,3 +147,32 @@ async fn vms_start_from_the_warm_pool_and_see_the_same_machine_as_cold_ones() {
         assert!(wait_until(Duration::from_secs(10), || (!pid_alive(pid)).then_some(())).is_some(), "{pid}");
     }
 }
+
+/// A paused start from the pool: the warm QEMU gets the VM's devices plugged and stays before its first
+/// instruction (nothing on the serial console); ResumeVm boots a guest that has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_start_can_leave_the_vm_paused_with_its_devices_plugged() {
+    let daemon = warm_daemon();
+    let mut client = client(&daemon).await;
+    wait_for_pool(&mut client, (POOL_SIZE, 0)).await;
+    let warm_pids = daemon.qemu_pids();
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(16 << 20).unwrap();
+    create_spec(&mut client, "held", &format!("disks:\n  - path: {}\n", disk.path().display())).await;
+
+    let request = pb::StartVmRequest { name: "held".into(), paused: true };
+    let vm = client.start_vm(request).await.expect("StartVm paused").into_inner();
+    assert_eq!(state(&vm), pb::VmState::Paused);
+    assert!(warm_pids.contains(&(pid(&vm) as i32)), "started from the pool, pid {}", pid(&vm));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let printed = std::fs::read(daemon.data_dir().join("vms/held/console.log")).unwrap_or_default();
+    assert!(printed.is_empty(), "a paused guest printed {:?}", String::from_utf8_lossy(&printed));
+
+    let mut console = Console::open(&mut client, "held").await;
+    let vm = client.resume_vm(pb::VmRef { name: "held".into() }).await.unwrap().into_inner();
+    assert_eq!(state(&vm), pb::VmState::Running);
+    console.expect(qx_test_infra::READY_LINE, BOOT_TIMEOUT).await;
+    let view = guest_view(&mut console).await;
+    assert!(view.iter().any(|l| l == "HW blk vda 32768"), "the disk plugged while paused: {view:?}");
+    client.stop_vm(pb::StopVmRequest { name: "held".into(), force: true, timeout_seconds: 0 }).await.unwrap();
+}

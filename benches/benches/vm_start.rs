@@ -102,7 +102,7 @@ async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
 /// StartVm over gRPC against the running daemon; the console stream (with history) shows the marker.
 async fn qx_start(client: &mut Client, name: &str) -> Sample {
     let started = Instant::now();
-    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm");
+    client.start_vm(pb::StartVmRequest { name: name.into(), paused: false }).await.expect("StartVm");
     let control = started.elapsed();
     wait_ready(client, name).await;
     let ready = started.elapsed();
@@ -183,7 +183,7 @@ async fn warm_start(client: &mut Client, daemon: &Daemon, run: usize) -> Sample 
     create_warm(client, &name, 256, 1).await;
     let before = pool_pids(daemon);
     let started = Instant::now();
-    client.start_vm(pb::VmRef { name: name.clone() }).await.expect("StartVm");
+    client.start_vm(pb::StartVmRequest { name: name.clone(), paused: false }).await.expect("StartVm");
     let control = started.elapsed();
     assert_from_pool(client, &name, &before).await;
     wait_ready(client, &name).await;
@@ -196,7 +196,7 @@ async fn warm_start(client: &mut Client, daemon: &Daemon, run: usize) -> Sample 
 /// StartVm alone (request -> vCPUs running), then a forced stop; `pool` lists the warm QEMUs it must take one of.
 async fn control_start(client: &mut Client, name: &str, pool: Option<&[i32]>) -> Duration {
     let started = Instant::now();
-    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm");
+    client.start_vm(pb::StartVmRequest { name: name.into(), paused: false }).await.expect("StartVm");
     let control = started.elapsed();
     if let Some(before) = pool {
         assert_from_pool(client, name, before).await;
@@ -218,7 +218,10 @@ async fn start_all(client: &Client) -> Vec<Duration> {
         let mut client = client.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("concurrent StartVm");
+            client
+                .start_vm(pb::StartVmRequest { name: format!("c{i}"), paused: false })
+                .await
+                .expect("concurrent StartVm");
             started.elapsed()
         })
     });
@@ -451,7 +454,7 @@ async fn main() {
         create(&mut client, &format!("c{i}"), 128).await;
     }
     for i in 0..20 {
-        client.start_vm(pb::VmRef { name: format!("c{i}") }).await.expect("StartVm");
+        client.start_vm(pb::StartVmRequest { name: format!("c{i}"), paused: false }).await.expect("StartVm");
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let busy_rss = rss_kib(daemon_pid);

@@ -223,7 +223,11 @@ async fn the_console_shows_vms_configures_the_network_joins_a_cluster_and_opens_
         let spec_text = test_guest().spec_yaml(name, "nics:\n  - kind: user\n");
         node.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
     }
-    let vm = node.start_vm(pb::VmRef { name: "e2e-run".into() }).await.expect("StartVm").into_inner();
+    let vm = node
+        .start_vm(pb::StartVmRequest { name: "e2e-run".into(), paused: false })
+        .await
+        .expect("StartVm")
+        .into_inner();
     let qemu = vm.runtime.map(|r| r.pid as i32).expect("a running VM has a pid");
 
     let tmux = Tmux::start(root.path(), &console_argv(&daemon.socket()));

@@ -38,6 +38,7 @@ mod manager;
 pub mod migration;
 pub mod network;
 pub mod persist;
+pub mod placement;
 pub mod process;
 mod qmp_ops;
 pub mod snapshot;
@@ -56,7 +57,7 @@ pub use manager::guest_ops::{ExecOutcome, GuestInfo, MAX_GUEST_FILE_BYTES};
 pub use manager::hotplug::{DEFAULT_DETACH_TIMEOUT, MEMORY_STEP_MIB};
 pub use manager::live_migration::{IncomingPeer, PeerError};
 pub use manager::stats::DiskStats;
-pub use manager::{Backends, ManagerConfig, VmError, VmInfo, VmManager};
+pub use manager::{Backends, ManagerConfig, StartOptions, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;
 /// The guest agent client the manager's guest operations speak through, re-exported for their types.
 pub use qx_qmp::qga;

@@ -157,12 +157,15 @@ pub(crate) enum Found {
     Discard(&'static str),
 }
 
-/// Maps a run state found at reattach. Only `running` is running; the states whose vCPUs are stopped with the
-/// guest's memory intact are `paused` (stop and reset work; resume works where QEMU allows it, and otherwise fails
-/// with QEMU's reason); and the states of a guest that does not live in this QEMU end it.
-pub(crate) fn found(state: &RunState) -> Found {
+/// Maps a run state found at reattach, given the state `recorded` in state.json. Only `running` is running; the
+/// states whose vCPUs are stopped with the guest's memory intact are `paused` (stop and reset work; resume works
+/// where QEMU allows it, and otherwise fails with QEMU's reason); and the states of a guest that does not live in
+/// this QEMU end it. `prelaunch` is a VM started paused when the record says `paused` (that is written before
+/// StartVm answers), and otherwise a start cut short.
+pub(crate) fn found(state: &RunState, recorded: VmState) -> Found {
     match state {
         RunState::Running => Found::Keep(VmState::Running),
+        RunState::Prelaunch if recorded == VmState::Paused => Found::Keep(VmState::Paused),
         RunState::Prelaunch => Found::Discard("the start was cut short by a qx-node restart before the guest ran"),
         RunState::Inmigrate => Found::Discard("an incoming migration never finished; the guest never ran here"),
         RunState::Postmigrate => Found::Discard("the guest was migrated away and does not run here any more"),
@@ -324,14 +327,24 @@ mod tests {
 
     #[test]
     fn only_running_is_running_and_migration_states_are_not_paused() {
-        assert_eq!(found(&RunState::Running), Found::Keep(VmState::Running));
-        for state in
-            [RunState::Paused, RunState::IoError, RunState::Watchdog, RunState::GuestPanicked, RunState::Shutdown]
-        {
-            assert_eq!(found(&state), Found::Keep(VmState::Paused), "{state}");
+        for recorded in [VmState::Starting, VmState::Running, VmState::Paused] {
+            assert_eq!(found(&RunState::Running, recorded), Found::Keep(VmState::Running));
+            for state in
+                [RunState::Paused, RunState::IoError, RunState::Watchdog, RunState::GuestPanicked, RunState::Shutdown]
+            {
+                assert_eq!(found(&state, recorded), Found::Keep(VmState::Paused), "{state}");
+            }
+            for state in [RunState::Inmigrate, RunState::Postmigrate] {
+                assert!(matches!(found(&state, recorded), Found::Discard(_)), "{state}");
+            }
         }
-        for state in [RunState::Prelaunch, RunState::Inmigrate, RunState::Postmigrate] {
-            assert!(matches!(found(&state), Found::Discard(_)), "{state}");
+    }
+
+    #[test]
+    fn prelaunch_is_a_paused_start_only_when_the_record_says_paused() {
+        assert_eq!(found(&RunState::Prelaunch, VmState::Paused), Found::Keep(VmState::Paused));
+        for recorded in [VmState::Starting, VmState::Running] {
+            assert!(matches!(found(&RunState::Prelaunch, recorded), Found::Discard(_)), "{recorded}");
         }
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use qx_devices::placement::CpuList;
 use qx_storage::cloudinit::{MetaData, NetworkConfig, SeedConfig, UserData};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -72,6 +73,9 @@ pub struct VmSpec {
     /// Default: none.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tpm: bool,
+    /// Where the VM's threads run on the host. Default: wherever the host's scheduler puts them.
+    #[serde(default, skip_serializing_if = "Placement::is_unset")]
+    pub placement: Placement,
     /// Direct kernel boot; when absent the first disk boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelBoot>,
@@ -184,6 +188,25 @@ pub enum Firmware {
     /// OVMF (Debian's `ovmf`): the shared code image read-only, and a copy of its NVRAM variables per VM, made at
     /// the VM's first start and kept in its directory, so boot entries and keys survive restarts.
     Uefi,
+}
+
+/// vCPU and emulator thread pinning (`sched_setaffinity`), applied before the vCPUs first run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Host CPUs for each vCPU, by vCPU index (`["2", "3"]`: vCPU 0 on host CPU 2, vCPU 1 on 3; `"2-3"` lets one
+    /// vCPU run on either). vCPUs past the list, and vCPUs hot-added later, are not pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_cpus: Vec<CpuList>,
+    /// Host CPUs for QEMU's other threads (main loop, I/O, workers), kept off the vCPUs' CPUs when they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_cpus: Option<CpuList>,
+}
+
+impl Placement {
+    pub fn is_unset(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +357,11 @@ pub enum SpecParseError {
 pub trait HostFiles {
     /// `Ok(())` when `path` names an existing regular file or block device that can be opened.
     fn check_image(&self, path: &Path) -> Result<(), String>;
+
+    /// The host CPUs that are online (`/sys/devices/system/cpu/online`), `None` when that cannot be read.
+    fn online_cpus(&self) -> Option<CpuList> {
+        std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?.trim().parse().ok()
+    }
 }
 
 /// The real filesystem.
@@ -411,6 +439,7 @@ impl VmSpec {
                 );
             }
         }
+        self.validate_placement(files, &mut p);
         if let Some(kernel) = &self.kernel {
             self.validate_kernel(kernel, files, &mut p);
         } else if self.disks.is_empty() {
@@ -468,6 +497,32 @@ impl VmSpec {
             Ok(())
         } else {
             Err(ValidationErrors(p.0))
+        }
+    }
+
+    fn validate_placement(&self, files: &dyn HostFiles, p: &mut Problems) {
+        let placement = &self.placement;
+        if placement.vcpu_cpus.len() > self.max_vcpus() as usize {
+            let problem = format!("pins {} vCPUs; the VM has at most {}", placement.vcpu_cpus.len(), self.max_vcpus());
+            p.add("placement.vcpu_cpus", placement.vcpu_cpus.len(), problem);
+        }
+        let online = files.online_cpus();
+        let lists = placement.vcpu_cpus.iter().enumerate().map(|(i, c)| (format!("placement.vcpu_cpus[{i}]"), c));
+        for (field, cpus) in
+            lists.chain(placement.emulator_cpus.iter().map(|c| ("placement.emulator_cpus".to_owned(), c)))
+        {
+            if cpus.is_empty() {
+                p.add(field, cpus, "names no CPU");
+            } else if let Some(online) = &online {
+                let offline: CpuList = cpus.ids().filter(|cpu| !online.contains(*cpu)).collect();
+                if !offline.is_empty() {
+                    p.add(
+                        field,
+                        cpus,
+                        format!("names CPUs the host does not have online ({offline}; online: {online})"),
+                    );
+                }
+            }
         }
     }
 

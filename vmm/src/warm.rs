@@ -66,6 +66,7 @@ impl WarmShape {
             firmware: Firmware::default(),
             secure_boot: false,
             tpm: false,
+            placement: Default::default(),
             kernel: self.kernel.clone(),
             disks: Vec::new(),
             nics: Vec::new(),

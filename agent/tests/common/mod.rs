@@ -35,7 +35,7 @@ pub async fn create(client: &mut Client, name: &str) -> pb::Vm {
 }
 
 pub async fn start(client: &mut Client, name: &str) -> pb::Vm {
-    client.start_vm(pb::VmRef { name: name.into() }).await.expect("StartVm").into_inner()
+    client.start_vm(pb::StartVmRequest { name: name.into(), paused: false }).await.expect("StartVm").into_inner()
 }
 
 pub fn state(vm: &pb::Vm) -> pb::VmState {

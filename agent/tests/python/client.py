@@ -58,7 +58,7 @@ def main():
 
     created = node.CreateVm(pb.CreateVmRequest(spec_text=open(spec_file).read()), timeout=60)
     assert created.state == pb.VM_STATE_STOPPED, created
-    started = node.StartVm(pb.VmRef(name=vm), timeout=120)
+    started = node.StartVm(pb.StartVmRequest(name=vm), timeout=120)
     assert started.state == pb.VM_STATE_RUNNING, started
 
     def expect(state):

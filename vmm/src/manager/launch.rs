@@ -40,9 +40,24 @@ const START_LOG_TAIL: u64 = 2048;
 /// How long the warm pool waits after a failed launch, and how often it looks for QEMUs that died.
 const WARM_RETRY: Duration = Duration::from_secs(10);
 
+/// How a VM starts ([`VmManager::start_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartOptions {
+    /// Leave the vCPUs stopped once every device is plugged (libvirt's `--paused`): the VM is `paused`, QEMU is
+    /// in `prelaunch` and the guest has not run an instruction; a resume runs it.
+    pub paused: bool,
+}
+
 impl VmManager {
     /// Spawns QEMU and runs the guest. Valid when stopped or crashed; a failed start leaves the VM as it was.
     pub async fn start(&self, name: &str) -> Result<VmInfo, VmError> {
+        self.start_with(name, StartOptions::default()).await
+    }
+
+    /// [`VmManager::start`] with options: `paused` leaves the VM `paused` before its first instruction. Valid when
+    /// stopped or crashed; a failed start leaves the VM as it was.
+    pub async fn start_with(&self, name: &str, options: StartOptions) -> Result<VmInfo, VmError> {
+        let paused = options.paused;
         let entry = self.entry(name)?;
         let _op = entry.op.lock().await;
         let previous = entry.require("start", "stopped", &[VmState::Stopped, VmState::Crashed])?;
@@ -63,18 +78,18 @@ impl VmManager {
         let spec = self.resolve_volumes(name, spec).await?;
         let starting = self.set_state(&entry, VmState::Starting, "start requested");
         let launched = match self.inner.warm.take(&spec, &devices, accel) {
-            Some(warm) => match self.launch_warm(&entry, &spec, &devices, warm, starting).await {
+            Some(warm) => match self.launch_warm(&entry, &spec, &devices, warm, starting, paused).await {
                 Ok(runtime) => Ok(runtime),
                 Err(e) => {
                     warn!(vm = %name, error = %e, "warm start failed; starting cold");
                     // The warm attempt may have ended before `starting` was written.
                     self.set_state(&entry, VmState::Starting, "start requested").await;
-                    self.launch(&entry, &spec, &devices, accel).await
+                    self.launch(&entry, &spec, &devices, accel, paused).await
                 }
             },
             None => {
                 starting.await;
-                self.launch(&entry, &spec, &devices, accel).await
+                self.launch(&entry, &spec, &devices, accel, paused).await
             }
         };
         match launched {
@@ -86,8 +101,14 @@ impl VmManager {
                     status.record.accel = Some(accel);
                     status.runtime = Some(Arc::clone(&runtime));
                 }
-                info!(vm = %name, pid = runtime.process.pid(), %accel, "started");
-                self.set_state_deferred(&entry, VmState::Running, "started");
+                info!(vm = %name, pid = runtime.process.pid(), %accel, paused, "started");
+                if paused {
+                    // Written before the answer: a restarted daemon keeps a QEMU in `prelaunch` only when
+                    // state.json says the start finished paused (otherwise the start was cut short).
+                    self.set_state(&entry, VmState::Paused, "started paused").await;
+                } else {
+                    self.set_state_deferred(&entry, VmState::Running, "started");
+                }
                 self.supervise(Arc::clone(&entry), runtime);
                 Ok(entry.info())
             }
@@ -231,6 +252,7 @@ impl VmManager {
         spec: &VmSpec,
         devices: &DeviceTree,
         accel: Accel,
+        paused: bool,
     ) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
         let start_error = |stage: &'static str| {
@@ -243,7 +265,7 @@ impl VmManager {
             VmError::Start { name: entry.name.clone(), stage, log, source }
         })?;
         let ready = std::future::ready(Ok(()));
-        self.run_guest(entry, (spec, devices), qemu, &dir.serial_socket(), false, ready).await
+        self.run_guest(entry, (spec, devices), qemu, &dir.serial_socket(), false, paused, ready).await
     }
 
     /// Warm start: the VM takes a pre-launched QEMU. Its devices are plugged while `starting` is written (the
@@ -257,6 +279,7 @@ impl VmManager {
         devices: &DeviceTree,
         warm: Warm,
         starting: impl std::future::Future<Output = ()>,
+        paused: bool,
     ) -> Result<Arc<Runtime>, VmError> {
         let (from, to) = (warm.dir.clone(), entry.dir.clone());
         let rotated = {
@@ -293,7 +316,8 @@ impl VmManager {
             }
         };
         let serial = from.serial_socket();
-        let started = self.run_guest(entry, (spec, devices), (warm.process, warm.qmp), &serial, true, moved).await;
+        let qemu = (warm.process, warm.qmp);
+        let started = self.run_guest(entry, (spec, devices), qemu, &serial, true, paused, moved).await;
         if started.is_err() {
             let _ = blocking(move || fs::remove_dir_all(from.path())).await;
         }
@@ -385,11 +409,13 @@ impl VmManager {
     }
 
     /// Takes a QEMU that waits before its first instruction to a running guest: the console, the devices QEMU
-    /// was not launched with (`hotplug`: disks and user NICs; always: network NICs), then `cont`. On failure QEMU
-    /// is stopped and the VM's runtime files and taps are gone.
+    /// was not launched with (`hotplug`: disks and user NICs; always: network NICs), then `cont` (unless
+    /// `paused`: QEMU stays in `prelaunch`). On failure QEMU is stopped and the VM's runtime files and taps are
+    /// gone.
     ///
     /// `alongside` runs while the devices are plugged and must succeed before `cont`; `serial` is the serial
     /// socket to attach the console to (logged to the VM's `console.log`).
+    #[allow(clippy::too_many_arguments)]
     async fn run_guest(
         &self,
         entry: &Arc<Entry>,
@@ -397,6 +423,7 @@ impl VmManager {
         (process, qmp): (QemuProcess, QmpClient),
         serial: &Path,
         hotplug: bool,
+        paused: bool,
         alongside: impl std::future::Future<Output = Result<(), BoxError>>,
     ) -> Result<Arc<Runtime>, VmError> {
         let dir = entry.dir.clone();
@@ -416,6 +443,9 @@ impl VmManager {
             for nic in &hw.network_nics {
                 self.plug_network_nic(&qmp, spec, nic).await.map_err(|e| ("plugging a network NIC", e.into()))?;
             }
+            crate::placement::apply(&qmp, process.pid(), &self.inner.config.host, &spec.placement)
+                .await
+                .map_err(|e| ("pinning vCPUs", e.into()))?;
             if hotplug && spec.kernel.is_none() {
                 // The firmware reads the boot order from fw_cfg, which QEMU rebuilds from the plugged devices'
                 // bootindex at reset; the guest has not run yet, so this reset is invisible to it.
@@ -429,7 +459,9 @@ impl VmManager {
             let (console, alongside) = tokio::join!(plugged, alongside);
             let console = console?;
             alongside.map_err(|e| ("taking a warm QEMU", e))?;
-            qmp_ops::simple(&qmp, Simple::Cont, None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
+            if !paused {
+                qmp_ops::simple(&qmp, Simple::Cont, None).await.map_err(|e| ("resuming vCPUs", e.into()))?;
+            }
             Ok::<_, (&'static str, BoxError)>(console)
         };
         match prepared.await {

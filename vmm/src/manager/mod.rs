@@ -6,7 +6,7 @@
 //!
 //! This file holds the registry: the VM entries, their persisted files, and how a state change is recorded and
 //! announced. The rest is split by concern, each an `impl VmManager` block working on the same entries:
-//! - `launch.rs`: start (cold and warm), the QEMU spawn, the warm pool's refill;
+//! - `launch.rs`: start (cold and warm, running or paused), the QEMU spawn, the warm pool's refill;
 //! - `supervise.rs`: reattach after a restart, the per-QEMU watch task, exits;
 //! - `operations.rs`: create, update, delete, stop, reboot, reset, pause, resume, console;
 //! - `hotplug.rs`, `snapshot_ops.rs`, `guest_ops.rs`, `live_migration.rs`, `stats.rs`: the live operations;
@@ -51,6 +51,7 @@ pub(crate) mod snapshot_ops;
 pub(crate) mod stats;
 
 pub use error::VmError;
+pub use launch::StartOptions;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -68,7 +68,7 @@ impl VmManager {
             .await
             .map_err(|e| format!("QMP does not answer: {e}"))?;
         let status = qmp.query_status().await.map_err(|e| format!("query-status failed: {e}"))?;
-        let state = match qmp_ops::found(&status.state) {
+        let state = match qmp_ops::found(&status.state, entry.state()) {
             Found::Keep(state) => state,
             Found::Discard(why) => {
                 info!(qemu = %status.state, why, "stopping a QEMU whose guest does not run here");

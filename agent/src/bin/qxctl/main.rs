@@ -164,7 +164,12 @@ enum VmCommand {
         file: PathBuf,
     },
     /// Start a stopped VM.
-    Start { name: String },
+    Start {
+        name: String,
+        /// Leave it paused before its first instruction, every device plugged (`vm resume` runs it).
+        #[arg(long)]
+        paused: bool,
+    },
     /// Graceful stop (ACPI power button, then quit, then kill), or --force.
     Stop {
         name: String,
@@ -274,6 +279,12 @@ struct CreateArgs {
     /// A TPM 2.0 (swtpm), as Windows 11 requires.
     #[arg(long)]
     tpm: bool,
+    /// Host CPUs for the next vCPU (e.g. 2 or 2-3), once per vCPU in order.
+    #[arg(long = "pin-vcpu", value_name = "CPUS")]
+    pin_vcpu: Vec<String>,
+    /// Host CPUs for QEMU's other threads (main loop, I/O).
+    #[arg(long, value_name = "CPUS")]
+    emulator_cpus: Option<String>,
     #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
@@ -375,7 +386,7 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             let vm = node.create_vm(create_request(args)?).await?.into_inner();
             let name = vm.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
             if start {
-                node.start_vm(name_ref(name)).await?
+                node.start_vm(pb::StartVmRequest { name, paused: false }).await?
             } else {
                 tonic::Response::new(vm)
             }
@@ -384,7 +395,7 @@ async fn vm(node: &mut NodeServiceClient<Channel>, command: VmCommand, json: boo
             let spec_text = read_spec(&file)?;
             node.update_vm(pb::UpdateVmRequest { spec: None, spec_text }).await?
         }
-        VmCommand::Start { name } => node.start_vm(name_ref(name)).await?,
+        VmCommand::Start { name, paused } => node.start_vm(pb::StartVmRequest { name, paused }).await?,
         VmCommand::Stop { name, force, timeout } => {
             let request = pb::StopVmRequest { name, force, timeout_seconds: timeout.unwrap_or(0) };
             node.stop_vm(request).await?
@@ -591,6 +602,8 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         firmware: args.firmware,
         secure_boot: args.secure_boot,
         tpm: args.tpm,
+        placement: (!args.pin_vcpu.is_empty() || args.emulator_cpus.is_some())
+            .then(|| pb::Placement { vcpu_cpus: args.pin_vcpu, emulator_cpus: args.emulator_cpus.unwrap_or_default() }),
         kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
             kernel: kernel.display().to_string(),
             initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
@@ -753,6 +766,7 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "firmware": spec.firmware,
         "secure_boot": spec.secure_boot,
         "tpm": spec.tpm,
+        "placement": spec.placement.as_ref().map(|p| json!({ "vcpu_cpus": p.vcpu_cpus, "emulator_cpus": p.emulator_cpus })),
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
             "id": d.id,
@@ -897,6 +911,16 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     rows.push(("firmware", format!("{}{secure}", spec.firmware)));
     if spec.tpm {
         rows.push(("tpm", "TPM 2.0 (swtpm)".to_owned()));
+    }
+    if let Some(placement) = &spec.placement {
+        let vcpus: Vec<String> =
+            placement.vcpu_cpus.iter().enumerate().map(|(i, cpus)| format!("vCPU {i} on {cpus}")).collect();
+        if !vcpus.is_empty() {
+            rows.push(("pinning", vcpus.join(", ")));
+        }
+        if !placement.emulator_cpus.is_empty() {
+            rows.push(("emulator cpus", placement.emulator_cpus.clone()));
+        }
     }
     rows.push(("vcpus", max(spec.max_vcpus.map(u64::from), u64::from(spec.vcpus), "")));
     rows.push(("memory", max(spec.max_memory_mib, spec.memory_mib, " MiB")));
