@@ -528,7 +528,7 @@ fn a_static_address_is_the_ports_address_its_dhcp_lease_and_its_port_security() 
             ("10.96.0.50", &format!("is used by port {} on logical switch net1", status.iface_id)),
         ] {
             create_static(&mut client, "bad", "net1", ip).await;
-            let refused = client.start_vm(pb::VmRef { name: "bad".into() }).await.unwrap_err();
+            let refused = client.start_vm(pb::StartVmRequest { name: "bad".into(), paused: false }).await.unwrap_err();
             assert_eq!(refused.code(), Code::InvalidArgument, "{ip}: {refused:?}");
             let text = format!("nics[0].ipv4: \"{ip}\" {problem}");
             assert!(refused.message().contains(&text), "{text} not in {}", refused.message());
