@@ -514,3 +514,49 @@ async fn host_devices_are_what_sysfs_has_and_the_ones_the_host_uses_are_kept() {
         None => eprintln!("/ is not on a PCI disk here: the host-use check of the root disk is left out"),
     }
 }
+
+/// The cgroup path of `pid` in the v1 hierarchy of `controller` (`/quantix/<uuid>`), from `/proc/<pid>/cgroup`.
+fn cgroup_of(pid: u32, controller: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == controller).then(|| path.to_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_vm_qemu_runs_in_its_own_cgroup_kept_on_reattach_and_removed_after_exit() {
+    if !Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists() || !qx_test_infra::ovs::privileged() {
+        return qx_test_infra::skip("needs root and cgroup v1 (this machine's) with the memory controller");
+    }
+    let mut daemon = daemon();
+    let mut client = client(&daemon).await;
+    let vm = create(&mut client, "cg").await;
+    let uuid = vm.spec.unwrap().uuid;
+    let qemu = pid(&start(&mut client, "cg").await);
+    let expected = format!("/quantix/{uuid}");
+    for controller in ["memory", "pids", "cpu"] {
+        assert_eq!(cgroup_of(qemu, controller).as_deref(), Some(expected.as_str()), "{controller} cgroup");
+    }
+    let dir = |controller: &str| Path::new("/sys/fs/cgroup").join(controller).join("quantix").join(&uuid);
+    let read = |controller: &str, file: &str| std::fs::read_to_string(dir(controller).join(file)).unwrap();
+    // 256 MiB of guest, 512 MiB of QEMU overhead, 1 GiB of TCG translation cache (no KVM here).
+    assert_eq!(read("memory", "memory.limit_in_bytes").trim(), ((256u64 + 512 + 1024) << 20).to_string());
+    assert_eq!(read("pids", "pids.max").trim(), "1024");
+    boot(&mut client, "cg").await;
+
+    daemon.kill9();
+    daemon.restart();
+    let mut client = connect(daemon.socket()).await.unwrap();
+    let vm = get(&mut client, "cg").await;
+    assert_eq!((state(&vm), pid(&vm)), (pb::VmState::Running, qemu), "reattached");
+    assert_eq!(cgroup_of(qemu, "memory").as_deref(), Some(expected.as_str()), "the cgroup is kept");
+
+    let request = pb::StopVmRequest { name: "cg".into(), force: true, timeout_seconds: 0 };
+    assert_eq!(state(&client.stop_vm(request).await.unwrap().into_inner()), pb::VmState::Stopped);
+    let gone = wait_until(Duration::from_secs(10), || {
+        ["memory", "pids", "cpu"].iter().all(|c| !dir(c).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "the cgroup is removed after QEMU exits");
+}

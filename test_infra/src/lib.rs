@@ -163,6 +163,26 @@ pub fn pids_with_arg(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The v1 or v2 cgroup directories of `pid` under qx-node's `quantix/` parent, from `/proc/<pid>/cgroup`.
+fn vm_cgroups(pid: i32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if !path.starts_with("/quantix/") {
+            continue;
+        }
+        let base = Path::new("/sys/fs/cgroup");
+        if controllers.is_empty() {
+            dirs.push(base.join(&path[1..]));
+        } else {
+            dirs.extend(controllers.split(',').map(|c| base.join(c).join(&path[1..])));
+        }
+    }
+    dirs
+}
+
 /// A qx-node daemon in a temp dir of its own. Dropping it kills the daemon and every QEMU it started (found by
 /// their pidfile paths, which lie inside the temp dir), so a failing test leaves nothing behind.
 #[derive(Debug)]
@@ -299,8 +319,17 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
-        for pid in self.qemu_pids() {
-            kill_pid(pid);
+        let pids = self.qemu_pids();
+        // With no daemon left to notice the QEMUs go, their cgroups (quantix/<uuid>) are removed here.
+        let cgroups: Vec<PathBuf> = pids.iter().flat_map(|pid| vm_cgroups(*pid)).collect();
+        for pid in &pids {
+            kill_pid(*pid);
+        }
+        if !cgroups.is_empty() {
+            wait_until(Duration::from_secs(5), || pids.iter().all(|pid| !pid_alive(*pid)).then_some(()));
+            for dir in cgroups {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
         if std::thread::panicking() {
             eprintln!("--- qx-node log ({}) ---\n{}", self.log().display(), self.log_text());

@@ -426,6 +426,7 @@ impl VmManager {
         paused: bool,
         alongside: impl std::future::Future<Output = Result<(), BoxError>>,
     ) -> Result<Arc<Runtime>, VmError> {
+        self.place_in_cgroup(spec, process.pid()).await;
         let dir = entry.dir.clone();
         let plugged = async {
             let console = if spec.serial {
@@ -476,6 +477,7 @@ impl VmManager {
             Err((stage, source)) => {
                 let _ = process.kill();
                 process.exited().await;
+                self.remove_cgroup(spec).await;
                 self.detach_networks(entry).await;
                 let log_path = dir.qemu_log();
                 let log = blocking(move || {

@@ -384,6 +384,8 @@ impl VmManager {
 
     /// Removes the VM's directory (renamed away first, so a crash never leaves half of it) and its entry.
     async fn remove_entry(&self, entry: &Arc<Entry>, reason: &str) {
+        let spec = entry.status().spec.clone();
+        self.remove_cgroup(&spec).await;
         let dir = entry.dir.path().to_owned();
         let graveyard = self.inner.vms_dir.join(format!(".deleted-{}-{}", entry.name, entry.status().spec.uuid()));
         let removed = blocking(move || {
@@ -502,6 +504,7 @@ impl VmManager {
             .spawn_qemu(&dir, spec, devices, accel, seed, false, true)
             .await
             .map_err(|(stage, log, source)| VmError::Start { name: entry.name.clone(), stage, log, source })?;
+        self.place_in_cgroup(spec, process.pid()).await;
         let listening = async {
             let console = if spec.serial {
                 Some(SerialConsole::attach(&dir.serial_socket(), &dir.console_log()).await?)

@@ -39,6 +39,7 @@ use crate::state::{VmEvent, VmState};
 use crate::volumes::VolumeBackend;
 use crate::warm::{WarmPool, WarmShape};
 
+mod cgroup;
 mod error;
 mod launch;
 mod operations;

@@ -91,6 +91,9 @@ impl VmManager {
         } else {
             None
         };
+        // The cgroup the QEMU started in is kept (its limits set again); one started before cgroups gets one.
+        let spec = entry.status().spec.clone();
+        self.place_in_cgroup(&spec, process.pid()).await;
         let runtime = Arc::new(Runtime {
             process,
             qmp,
@@ -126,6 +129,8 @@ impl VmManager {
         }
         let dir = entry.dir.clone();
         blocking(move || dir.remove_runtime_files()).await;
+        let spec = entry.status().spec.clone();
+        self.remove_cgroup(&spec).await;
         self.detach_networks(entry).await;
         {
             let mut status = entry.status();
@@ -215,6 +220,8 @@ impl VmManager {
         };
         let dir = entry.dir.clone();
         blocking(move || dir.remove_runtime_files()).await;
+        let spec = entry.status().spec.clone();
+        self.remove_cgroup(&spec).await;
         self.detach_networks(entry).await;
         {
             let mut status = entry.status();
