@@ -188,6 +188,7 @@ impl ApiError for VolumeError {
             VolumeError::PoolNotFound(_) => ErrorKind::NotFound,
             VolumeError::Engine(_) => ErrorKind::Internal,
             VolumeError::Pool(e) => e.kind(),
+            VolumeError::Vm(e) => return e.code(),
         };
         match kind {
             ErrorKind::NotFound => Code::NotFound,
@@ -202,6 +203,7 @@ impl ApiError for VolumeError {
     fn problems(&self) -> Cow<'_, [FieldError]> {
         match self {
             VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) => all(problems),
+            VolumeError::Vm(e) => e.problems(),
             _ => Cow::Borrowed(&[]),
         }
     }

@@ -21,6 +21,9 @@ pub enum VolumeError {
     Engine(#[source] EngineError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// An operation on a volume in use went through its VM (a running VM's disk grown online).
+    #[error(transparent)]
+    Vm(#[from] qx_vmm::VmError),
 }
 
 /// The node's pools (one for now; the `Pool` trait leaves room for NFS and Ceph RBD). The default pool and its
