@@ -165,7 +165,10 @@ build_system() {
     # /etc/quantix is the config partition; the defaults first boot copies there come from overlay/.
     mkdir -p "$root/usr/share/quantix/defaults" "$root/quantix" "$root/data" "$root/boot/efi"
     mkdir -p "$root"/etc/network/if-{pre-up,up,down,post-down}.d
+    # /data/datastore: where an operator copies ISOs, kernels and images for VMs (the API names no other host path
+    # outside the pools).
     sed -e 's|^data_dir: .*|data_dir: /data/quantix|' \
+        -e 's|^allowed_paths: .*|allowed_paths: [/data/datastore]|' \
         -e 's|^  # tcp: 0.0.0.0:7443|  tcp: 0.0.0.0:9443|' \
         -e 's|^  # certificates_dir: .*|  certificates_dir: /data/quantix/certificates|' \
         -e 's|^  network_config: .*|  network_config: /quantix/network.yaml|' \

@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "proto/quantix/node/v1/migration.proto",
             "proto/quantix/node/v1/guest.proto",
             "proto/quantix/node/v1/snapshot.proto",
+            "proto/quantix/node/v1/security_group.proto",
             "proto/quantix/controlplane/v1/controlplane.proto",
         ],
         &["proto"],

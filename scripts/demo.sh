@@ -13,8 +13,9 @@ socket=/run/quantix/node.sock
 
 if ! "${qxctl[@]}" node info >/dev/null 2>&1; then
     mkdir -p /var/log/quantix
-    # No flags and no config file: the embedded defaults (/var/lib/quantix, /run/quantix/node.sock, auto accel).
-    setsid "$bin/qx-node" >>/var/log/quantix/qx-node.log 2>&1 < /dev/null &
+    # No config file: the embedded defaults (/var/lib/quantix, /run/quantix/node.sock, auto accel), plus the test
+    # guest's directory as an allowed host path for its kernel and initrd.
+    setsid "$bin/qx-node" --allow-path "$guest" >>/var/log/quantix/qx-node.log 2>&1 < /dev/null &
     echo "started qx-node (pid $!), log in /var/log/quantix/qx-node.log"
     for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.1; done
 fi

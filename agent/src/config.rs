@@ -41,6 +41,12 @@ pub struct NodeConfig {
     pub tls: TlsConfig,
     /// The Host UI's HTTPS listener, which serves `/metrics` too. Default: off.
     pub ui: crate::ui::UiConfig,
+    /// Host paths, besides the pools (`<data_dir>/pools`: volumes and the image library), that VM disks, kernels
+    /// and initrds, image imports and UpdateHost images may name: absolute directory (or file) prefixes, matched
+    /// after symlinks and `..` are resolved (see `crate::paths`), so list where files really are (`/dev/sdb`, not
+    /// a `/dev/disk/by-id` link to it). Default: none. Not the whole data directory: it holds every VM's state
+    /// and, without a config file, the node's TLS key.
+    pub allowed_paths: Vec<PathBuf>,
     /// The file this config was read from, if any: `certificates/` lives next to it.
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -212,6 +218,7 @@ impl Default for NodeConfig {
             storage: qx_storage::EngineConfig::default(),
             tls: TlsConfig::default(),
             ui: crate::ui::UiConfig::default(),
+            allowed_paths: Vec::new(),
             config_file: None,
         }
     }
@@ -288,6 +295,13 @@ impl NodeConfig {
         for (field, path) in paths.into_iter().chain(optional.into_iter().filter_map(|(f, p)| Some((f, p.as_ref()?)))) {
             if !path.is_absolute() {
                 problem(field, path.display().to_string(), "is not an absolute path");
+            }
+        }
+        for (i, path) in self.allowed_paths.iter().enumerate() {
+            if !path.is_absolute() {
+                problem(&format!("allowed_paths[{i}]"), path.display().to_string(), "is not an absolute path");
+            } else if path.as_os_str().as_encoded_bytes().iter().any(u8::is_ascii_control) {
+                problem(&format!("allowed_paths[{i}]"), path.display().to_string(), "contains control characters");
             }
         }
         if self.host.interfaces_file.as_ref() == Some(&self.host.network_config) {
@@ -402,6 +416,15 @@ mod tests {
         let config = NodeConfig::from_yaml("data_dir: relative\nstop_timeout_seconds: 0\n").unwrap();
         let fields: Vec<String> = config.validate().unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["data_dir", "stop_timeout_seconds"]);
+    }
+
+    #[test]
+    fn allowed_paths_must_be_absolute() {
+        let config = NodeConfig::from_yaml("allowed_paths: [/srv/iso, srv/images]\n").unwrap();
+        assert_eq!(config.allowed_paths, [Path::new("/srv/iso"), Path::new("srv/images")]);
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.to_string(), r#"allowed_paths[1]: "srv/images" is not an absolute path"#);
+        assert!(NodeConfig::default().allowed_paths.is_empty());
     }
 
     #[test]

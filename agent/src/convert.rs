@@ -11,8 +11,8 @@ use qx_storage::{
 };
 use qx_vmm::spec::CloudInit;
 use qx_vmm::spec::{
-    AccelChoice, AioMode, CacheMode, DiskFormat, DiskSpec, FieldError, Firmware, HostForward, KernelBoot, NicKind,
-    NicSpec,
+    AccelChoice, AioMode, CacheMode, CpuList, DiskFormat, DiskSpec, FieldError, Firmware, HostForward, KernelBoot,
+    NicKind, NicSpec, Placement,
 };
 use qx_vmm::{ValidationErrors, VmEvent, VmInfo, VmSpec, VmState};
 
@@ -93,6 +93,20 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         "uefi" => Some(Firmware::Uefi),
         _ => None,
     });
+    let placement = spec.placement.as_ref().map_or_else(Placement::default, |pl| {
+        let mut cpus = |field: String, text: &str| match text.parse::<CpuList>() {
+            Ok(cpus) => Some(cpus),
+            Err(e) => {
+                p.add(field, text, &format!("{}; expected CPU numbers and ranges such as 0-3,8", e.reason));
+                None
+            }
+        };
+        let vcpu_cpus =
+            pl.vcpu_cpus.iter().enumerate().filter_map(|(i, c)| cpus(format!("placement.vcpu_cpus[{i}]"), c)).collect();
+        let emulator_cpus =
+            (!pl.emulator_cpus.is_empty()).then(|| cpus("placement.emulator_cpus".into(), &pl.emulator_cpus)).flatten();
+        Placement { vcpu_cpus, emulator_cpus }
+    });
     let disks = spec
         .disks
         .iter()
@@ -156,6 +170,7 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
                     }
                 })
                 .collect(),
+            security_groups: nic.security_groups.clone(),
         })
         .collect();
     let machine = if spec.machine.is_empty() { "q35".to_owned() } else { spec.machine };
@@ -175,6 +190,8 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
         accelerator,
         firmware,
         secure_boot: spec.secure_boot,
+        tpm: spec.tpm,
+        placement,
         kernel: spec.kernel_boot.map(|k| KernelBoot {
             kernel: k.kernel.into(),
             initrd: (!k.initrd.is_empty()).then(|| k.initrd.into()),
@@ -202,6 +219,11 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
         accelerator: spec.accelerator.to_string(),
         firmware: spec.firmware.to_string(),
         secure_boot: spec.secure_boot,
+        tpm: spec.tpm,
+        placement: (!spec.placement.is_unset()).then(|| pb::Placement {
+            vcpu_cpus: spec.placement.vcpu_cpus.iter().map(ToString::to_string).collect(),
+            emulator_cpus: spec.placement.emulator_cpus.as_ref().map(ToString::to_string).unwrap_or_default(),
+        }),
         kernel_boot: spec.kernel.as_ref().map(|k| pb::KernelBoot {
             kernel: k.kernel.display().to_string(),
             initrd: k.initrd.as_ref().map(|i| i.display().to_string()).unwrap_or_default(),
@@ -236,6 +258,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
                     .iter()
                     .map(|f| pb::HostForward { host_port: f.host_port.into(), guest_port: f.guest_port.into() })
                     .collect(),
+                security_groups: n.security_groups.clone(),
             })
             .collect(),
         serial: Some(spec.serial),

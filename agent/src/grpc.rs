@@ -129,7 +129,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("CreateVm", vm = %spec.name);
-        vm_reply(self.node.vms().create(spec).instrument(span).await)
+        vm_reply(self.node.create_vm(spec).instrument(span).await)
     }
 
     async fn get_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::Vm>, Status> {
@@ -148,7 +148,7 @@ impl NodeService for NodeApi {
         let request = request.into_inner();
         let spec = spec_from_request(request.spec, &request.spec_text).map_err(|e| status(VmError::Invalid(e)))?;
         let span = info_span!("UpdateVm", vm = %spec.name);
-        vm_reply(self.node.vms().update(spec).instrument(span).await)
+        vm_reply(self.node.update_vm(spec).instrument(span).await)
     }
 
     async fn delete_vm(&self, request: Request<pb::VmRef>) -> Result<Response<pb::DeleteVmResponse>, Status> {

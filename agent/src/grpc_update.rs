@@ -50,6 +50,9 @@ impl UpdateService for UpdateApi {
             Some(Message::Start(start)) => start,
             _ => return Err(Status::invalid_argument("start: the first message must be start")),
         };
+        if !start.path.is_empty() {
+            self.node.confine("path", std::path::Path::new(&start.path)).await.map_err(status)?;
+        }
         let ctl = UpdateControl::new();
         let (source, chunks) = if start.path.is_empty() {
             let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);

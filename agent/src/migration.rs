@@ -272,6 +272,8 @@ impl Node {
             let problem = format!("is more than the {} MiB of memory available on this node", available >> 20);
             return Err(ValidationErrors::one("memory_mib", spec.memory_mib, problem).into());
         }
+        // The source confined its paths to its own allowed ones; here they must lie under this node's.
+        self.confine_spec(&spec).await?;
         let listen = match self.config().listen.tcp.map(|a| a.ip()) {
             Some(IpAddr::V6(ip)) => format!("[{ip}]"),
             Some(IpAddr::V4(ip)) => ip.to_string(),

@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{OvnConfig, OvsConfig};
 use crate::grpc::error_chain;
+use crate::security_groups::SecurityGroups;
 
 /// How long an attached tap may take to get its OpenFlow port number from ovs-vswitchd.
 const OFPORT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -288,6 +289,7 @@ pub struct Networks {
     specs: Mutex<BTreeMap<String, NetworkSpec>>,
     vswitch: tokio::sync::Mutex<Option<VSwitch>>,
     northbound: tokio::sync::Mutex<Option<Northbound>>,
+    security_groups: SecurityGroups,
 }
 
 impl std::fmt::Debug for Networks {
@@ -297,7 +299,7 @@ impl std::fmt::Debug for Networks {
 }
 
 impl Networks {
-    /// Reads `<data_dir>/networks.json` (none yet: no networks).
+    /// Reads `<data_dir>/networks.json` (none yet: no networks) and `security_groups.json`.
     pub fn open(data_dir: &Path, ovs: OvsConfig, ovn: OvnConfig) -> std::io::Result<Self> {
         let file = data_dir.join("networks.json");
         let specs: Vec<NetworkSpec> = match std::fs::read(&file) {
@@ -315,7 +317,13 @@ impl Networks {
             specs: Mutex::new(specs),
             vswitch: tokio::sync::Mutex::new(None),
             northbound: tokio::sync::Mutex::new(None),
+            security_groups: SecurityGroups::open(data_dir)?,
         })
+    }
+
+    /// The node's security groups, for NICs on `ovn` networks.
+    pub fn security_groups(&self) -> &SecurityGroups {
+        &self.security_groups
     }
 
     fn specs(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, NetworkSpec>> {
@@ -344,7 +352,8 @@ impl Networks {
         Ok(vswitch)
     }
 
-    async fn northbound(&self) -> Result<Northbound, NetworkError> {
+    /// The northbound database, connected on first use.
+    pub(crate) async fn northbound(&self) -> Result<Northbound, NetworkError> {
         let endpoint = self.ovn.northbound.clone().ok_or(NetworkError::OvnNotConfigured)?;
         let mut slot = self.northbound.lock().await;
         if let Some(nb) = slot.as_ref() {
@@ -513,6 +522,10 @@ impl Networks {
                 port.address = PortAddress::Dynamic;
                 port.requested_chassis = self.ovn.chassis.clone();
                 port.external_ids.insert("vm-id".into(), vm.uuid().to_string());
+                for group in &nic.security_groups {
+                    self.security_groups.ensure(&nb, group).await.map_err(|e| error_chain(&e))?;
+                    port.port_groups.push(qx_net::ovn::security_group::port_group_name(group));
+                }
                 // A port left by a VM that ran when the daemon died would block the name; it is this NIC's.
                 let _ = nb.remove_port(&logical_port).await;
                 nb.add_port(network.switch_name(), &port).await.map_err(|e| error_chain(&e))?;
@@ -624,6 +637,28 @@ impl NetworkBackend for Networks {
                         value: name,
                         problem: "does not exist on this node".into(),
                     });
+                }
+            }
+            for index in network_nics(vm) {
+                let nic = &vm.nics[index];
+                let name = nic.network.clone().unwrap_or_default();
+                let kind = self.get(&name).map(|n| n.kind);
+                if kind.is_some_and(|k| k != NetworkKind::Ovn) && !nic.security_groups.is_empty() {
+                    errors.push(FieldError {
+                        field: format!("nics[{index}].security_groups"),
+                        value: nic.security_groups.join(","),
+                        problem: format!("are only for NICs on networks of kind ovn, and network {name} is not"),
+                    });
+                    continue;
+                }
+                for (k, group) in nic.security_groups.iter().enumerate() {
+                    if !self.security_groups.contains(group) {
+                        errors.push(FieldError {
+                            field: format!("nics[{index}].security_groups[{k}]"),
+                            value: group.clone(),
+                            problem: "does not exist on this node".into(),
+                        });
+                    }
                 }
             }
             if errors.is_empty() {

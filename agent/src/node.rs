@@ -1,17 +1,23 @@
 //! `Node`: the one domain type the front ends (gRPC, and through it qxctl and qx-console) call.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use qx_common::{blocking, ValidationErrors};
+use qx_net::ovn::{Rule, SecurityGroup};
 use qx_storage::{CreateVolume, Image, ImportImage, InUse, OpControl, Volume};
 use qx_vmm::spec::AccelChoice;
-use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmManager, VmState};
+use qx_vmm::spec::{DiskSpec, VmSpec};
+use qx_vmm::{accel, Accel, AccelProbe, HostRoot, ManagerConfig, VmError, VmInfo, VmManager, VmState};
 use tracing::{info, warn};
 
 use crate::certs::CertPaths;
 use crate::config::NodeConfig;
 use crate::host::Host;
 use crate::network::{NetworkError, NetworkSpec, Networks, NicStatus};
+use crate::paths::AllowedPaths;
+use crate::security_groups::{SecurityGroupError, SecurityGroups};
 use crate::volumes::{users_of, Pools, VolumeError};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +87,7 @@ pub struct Node {
     host: Host,
     certs: CertPaths,
     migrations: crate::migration::Migrations,
+    allowed: AllowedPaths,
 }
 
 impl Node {
@@ -117,7 +124,39 @@ impl Node {
             let networks = Arc::clone(&networks);
             async move { networks.probe_ovn().await }
         });
-        Ok(Self { config, qemu_version, networks, pools, vms, host, certs, migrations: Default::default() })
+        let allowed = AllowedPaths::of(&config);
+        info!(allowed_paths = ?allowed.prefixes(), "host paths the API may name");
+        Ok(Self { config, qemu_version, networks, pools, vms, host, certs, migrations: Default::default(), allowed })
+    }
+
+    /// The host paths the API may name (see `crate::paths`).
+    pub fn allowed_paths(&self) -> &AllowedPaths {
+        &self.allowed
+    }
+
+    /// `Ok` when `path` (the request's `field`) lies under the allowed host paths.
+    pub async fn confine(&self, field: &str, path: &Path) -> Result<(), ValidationErrors> {
+        let (allowed, field, path) = (self.allowed.clone(), field.to_owned(), path.to_owned());
+        blocking(move || allowed.check(&path).map_err(|problem| ValidationErrors::one(field, path.display(), problem)))
+            .await
+    }
+
+    /// Validates `spec` with its host paths confined: every problem, a path outside the allowed ones among them.
+    pub(crate) async fn confine_spec(&self, spec: &VmSpec) -> Result<(), VmError> {
+        let (allowed, spec) = (self.allowed.clone(), spec.clone());
+        blocking(move || spec.validate(&allowed)).await.map_err(VmError::Invalid)
+    }
+
+    /// Defines a VM (stopped) whose host paths lie under the allowed ones.
+    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmInfo, VmError> {
+        self.confine_spec(&spec).await?;
+        self.vms.create(spec).await
+    }
+
+    /// Replaces a VM's spec (see `VmManager::update`); its host paths must lie under the allowed ones.
+    pub async fn update_vm(&self, spec: VmSpec) -> Result<VmInfo, VmError> {
+        self.confine_spec(&spec).await?;
+        self.vms.update(spec).await
     }
 
     /// The node's certificates (node-local CA, node key and certificate, cluster CA).
@@ -183,6 +222,38 @@ impl Node {
         self.networks.delete(name, users).await
     }
 
+    /// The node's security groups.
+    pub fn security_groups(&self) -> &SecurityGroups {
+        self.networks.security_groups()
+    }
+
+    /// Creates a security group and its OVN port group with the rules' ACLs.
+    pub async fn create_security_group(&self, group: SecurityGroup) -> Result<SecurityGroup, SecurityGroupError> {
+        self.networks.security_groups().create(&self.networks, group).await
+    }
+
+    /// Deletes a security group no VM NIC and no other group's rule names.
+    pub async fn delete_security_group(&self, name: &str) -> Result<(), SecurityGroupError> {
+        let users = self
+            .vms
+            .list()
+            .into_iter()
+            .filter(|vm| vm.spec.nics.iter().any(|nic| nic.security_groups.iter().any(|g| g == name)))
+            .map(|vm| vm.spec.name)
+            .collect();
+        self.networks.security_groups().delete(&self.networks, name, users).await
+    }
+
+    /// Adds a rule to a security group; it applies at once, also to running VMs.
+    pub async fn add_security_group_rule(&self, group: &str, rule: Rule) -> Result<SecurityGroup, SecurityGroupError> {
+        self.networks.security_groups().add_rule(&self.networks, group, rule).await
+    }
+
+    /// Deletes rule `id` of a security group, at once, also for running VMs.
+    pub async fn delete_security_group_rule(&self, group: &str, id: u32) -> Result<SecurityGroup, SecurityGroupError> {
+        self.networks.security_groups().delete_rule(&self.networks, group, id).await
+    }
+
     pub fn pools(&self) -> &Pools {
         &self.pools
     }
@@ -243,8 +314,9 @@ impl Node {
         Ok(self.pools.pool(pool).await?.delete_volume(name, &self.in_use()).await?)
     }
 
-    /// Copies a file on this host into a pool's image library.
+    /// Copies a file on this host, under the allowed host paths, into a pool's image library.
     pub async fn import_image(&self, pool: &str, req: ImportImage, ctl: &OpControl) -> Result<Image, VolumeError> {
+        self.confine("source", &req.source).await.map_err(VolumeError::Invalid)?;
         Ok(self.pools.pool(pool).await?.import_image(req, ctl).await?)
     }
 
@@ -253,8 +325,12 @@ impl Node {
         Ok(self.pools.pool(pool).await?.delete_image(name, &self.in_use()).await?)
     }
 
-    /// Hotplugs a disk (running or paused VM), or adds it to a stopped VM's spec.
-    pub async fn attach_disk(&self, vm: &str, disk: qx_vmm::spec::DiskSpec) -> Result<qx_vmm::VmInfo, qx_vmm::VmError> {
+    /// Hotplugs a disk (running or paused VM), or adds it to a stopped VM's spec. A path disk's file must lie
+    /// under the allowed host paths.
+    pub async fn attach_disk(&self, vm: &str, disk: DiskSpec) -> Result<VmInfo, VmError> {
+        if let Some(path) = &disk.path {
+            self.confine("disk.path", path).await?;
+        }
         self.vms.attach_disk(vm, disk).await
     }
 

@@ -15,6 +15,7 @@ use qx_proto::node::v1::host_service_server::HostServiceServer;
 use qx_proto::node::v1::migration_peer_service_server::MigrationPeerServiceServer;
 use qx_proto::node::v1::migration_service_server::MigrationServiceServer;
 use qx_proto::node::v1::node_service_server::NodeServiceServer;
+use qx_proto::node::v1::security_group_service_server::SecurityGroupServiceServer;
 use qx_proto::node::v1::snapshot_service_server::SnapshotServiceServer;
 use qx_proto::node::v1::update_service_server::UpdateServiceServer;
 use tokio::net::UnixListener;
@@ -30,6 +31,7 @@ use crate::grpc::NodeApi;
 use crate::grpc_guest::GuestApi;
 use crate::grpc_host::HostApi;
 use crate::grpc_migration::MigrationApi;
+use crate::grpc_security_group::SecurityGroupApi;
 use crate::grpc_snapshot::SnapshotApi;
 use crate::grpc_update::UpdateApi;
 use crate::metrics::RpcMetrics;
@@ -198,6 +200,7 @@ pub async fn serve(
     health.set_serving::<UpdateServiceServer<UpdateApi>>().await;
     health.set_serving::<GuestAgentServiceServer<GuestApi>>().await;
     health.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
+    health.set_serving::<SecurityGroupServiceServer<SecurityGroupApi>>().await;
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
     let host_api = HostServiceServer::new(HostApi::new(Arc::clone(&node)));
     // HostService changes the host itself (network, SSH, power): only local callers (qx-console) get it.
@@ -213,6 +216,8 @@ pub async fn serve(
     let guest_name = <GuestAgentServiceServer<GuestApi> as NamedService>::NAME;
     let snapshots = SnapshotServiceServer::new(SnapshotApi::new(Arc::clone(&node)));
     let snapshot_name = <SnapshotServiceServer<SnapshotApi> as NamedService>::NAME;
+    let security_groups = SecurityGroupServiceServer::new(SecurityGroupApi::new(Arc::clone(&node)));
+    let security_group_name = <SecurityGroupServiceServer<SecurityGroupApi> as NamedService>::NAME;
     let node_name = <NodeServiceServer<NodeApi> as NamedService>::NAME;
     let update_name = <UpdateServiceServer<UpdateApi> as NamedService>::NAME;
     let host_name = <HostServiceServer<HostApi> as NamedService>::NAME;
@@ -231,7 +236,16 @@ pub async fn serve(
         .add_service(migration_peer.clone())
         .add_service(guests.clone())
         .add_service(snapshots.clone())
-        .add_service(reflection(&[node_name, update_name, migration_name, peer_name, guest_name, snapshot_name])?);
+        .add_service(security_groups.clone())
+        .add_service(reflection(&[
+            node_name,
+            update_name,
+            migration_name,
+            peer_name,
+            guest_name,
+            snapshot_name,
+            security_group_name,
+        ])?);
     let router = tonic::transport::Server::builder()
         .layer(rpc.layer())
         .add_service(health_service)
@@ -242,6 +256,7 @@ pub async fn serve(
         .add_service(migration_peer)
         .add_service(guests)
         .add_service(snapshots)
+        .add_service(security_groups)
         .add_service(reflection(&[
             node_name,
             update_name,
@@ -250,6 +265,7 @@ pub async fn serve(
             peer_name,
             guest_name,
             snapshot_name,
+            security_group_name,
         ])?);
 
     // SIGHUP reloads certificates; without a TCP listener it must still not end the daemon (its default action).

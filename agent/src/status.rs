@@ -18,6 +18,7 @@ use crate::certs::CertError;
 use crate::host::update::UpdateError;
 use crate::host::HostError;
 use crate::network::NetworkError;
+use crate::security_groups::SecurityGroupError;
 use crate::volumes::VolumeError;
 
 /// The longest `grpc-message`, in bytes before percent-encoding (at most three times this after).
@@ -180,6 +181,27 @@ impl ApiError for NetworkError {
     }
 }
 
+impl ApiError for SecurityGroupError {
+    fn code(&self) -> Code {
+        match self {
+            SecurityGroupError::Invalid(_) => Code::InvalidArgument,
+            SecurityGroupError::NotFound(_) | SecurityGroupError::RuleNotFound { .. } => Code::NotFound,
+            SecurityGroupError::AlreadyExists(_) => Code::AlreadyExists,
+            SecurityGroupError::InUse { .. } => Code::FailedPrecondition,
+            SecurityGroupError::Network(e) => e.code(),
+            SecurityGroupError::Ovn { source: qx_net::ovn::Error::Invalid(_), .. } => Code::InvalidArgument,
+            SecurityGroupError::Ovn { .. } | SecurityGroupError::Persist { .. } => Code::Internal,
+        }
+    }
+    fn problems(&self) -> Cow<'_, [FieldError]> {
+        match self {
+            SecurityGroupError::Invalid(errors) => all(errors),
+            SecurityGroupError::Network(e) => e.problems(),
+            _ => Cow::Borrowed(&[]),
+        }
+    }
+}
+
 /// Storage errors by the kind the storage crate assigns.
 impl ApiError for VolumeError {
     fn code(&self) -> Code {
@@ -188,6 +210,7 @@ impl ApiError for VolumeError {
             VolumeError::PoolNotFound(_) => ErrorKind::NotFound,
             VolumeError::Engine(_) => ErrorKind::Internal,
             VolumeError::Pool(e) => e.kind(),
+            VolumeError::Invalid(_) => ErrorKind::InvalidArgument,
             VolumeError::Vm(e) => return e.code(),
         };
         match kind {
@@ -202,7 +225,9 @@ impl ApiError for VolumeError {
     }
     fn problems(&self) -> Cow<'_, [FieldError]> {
         match self {
-            VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) => all(problems),
+            VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) | VolumeError::Invalid(problems) => {
+                all(problems)
+            }
             VolumeError::Vm(e) => e.problems(),
             _ => Cow::Borrowed(&[]),
         }

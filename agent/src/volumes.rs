@@ -21,6 +21,9 @@ pub enum VolumeError {
     Engine(#[source] EngineError),
     #[error(transparent)]
     Pool(#[from] PoolError),
+    /// A request the node refuses before a pool sees it (a source outside the allowed host paths).
+    #[error("{0}")]
+    Invalid(qx_common::ValidationErrors),
     /// An operation on a volume in use went through its VM (a running VM's disk grown online).
     #[error(transparent)]
     Vm(#[from] qx_vmm::VmError),

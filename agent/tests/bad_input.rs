@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -62,7 +62,9 @@ async fn oversized_specs_are_invalid_argument_with_a_short_message_and_every_fie
     let violations = status.get_details_bad_request().expect("BadRequest details").field_violations;
     assert_eq!(violations[0].field, "disks");
     assert_eq!(violations[1].field, "disks[0].path");
-    assert_eq!(violations[1].description, r#""/no/such/disk-0.raw" does not exist"#);
+    // Outside the allowed host paths, which the refusal names, whether or not the file exists.
+    let description = &violations[1].description;
+    assert!(description.starts_with(r#""/no/such/disk-0.raw" is outside the allowed host paths ("#), "{description}");
     let last = violations.last().unwrap();
     assert!(last.field.is_empty() && last.description.ends_with(" more problems"), "{last:?}");
 
@@ -317,4 +319,125 @@ async fn first_of<T: std::fmt::Debug>(
             None => return Err(tonic::Status::unknown("the stream ended without a result")),
         }
     }
+}
+
+/// A daemon confined to `allowed` (and the test guest's directory, for its kernel) but none of the test dirs.
+fn confined_daemon(allowed: &Path) -> qx_test_infra::Daemon {
+    let guest_dir = test_guest().kernel.parent().unwrap().to_owned();
+    let config = format!("allowed_paths:\n  - {}\n  - {}\n", allowed.display(), guest_dir.display());
+    qx_test_infra::Daemon::start_confined(Path::new(env!("CARGO_BIN_EXE_qx-node")), Some(&config))
+}
+
+/// The one field violation of an INVALID_ARGUMENT refusal: (field, description).
+fn violation<T: std::fmt::Debug>(what: &str, result: Result<tonic::Response<T>, tonic::Status>) -> (String, String) {
+    let status = match result {
+        Ok(reply) => panic!("{what}: accepted: {:?}", reply.into_inner()),
+        Err(status) => status,
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+    assert_bounded(&status);
+    let violations = status.get_details_bad_request().expect("BadRequest details").field_violations;
+    assert_eq!(violations.len(), 1, "{what}: {violations:?}");
+    (violations[0].field.clone(), violations[0].description.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_paths_outside_allowed_paths_are_refused_naming_field_value_and_prefixes() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (allowed, outside) = (scratch.path().join("allowed"), scratch.path().join("outside"));
+    std::fs::create_dir_all(&allowed).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    for file in [allowed.join("disk.raw"), allowed.join("disk2.raw"), outside.join("secret.raw")] {
+        std::fs::write(file, vec![0u8; 1 << 20]).unwrap();
+    }
+    std::os::unix::fs::symlink(outside.join("secret.raw"), allowed.join("escape.raw")).unwrap();
+    let daemon = confined_daemon(&allowed);
+    let mut client = client(&daemon).await;
+    let channel = qx_agent::client::channel(daemon.socket()).await.unwrap();
+    let mut updates = qx_proto::node::v1::update_service_client::UpdateServiceClient::new(channel);
+    client.list_images(pb::ListImagesRequest::default()).await.unwrap();
+    let with_disk = |name: &str, path: &Path| pb::VmSpec {
+        disks: vec![pb::Disk { path: path.display().to_string(), ..Default::default() }],
+        ..spec(name)
+    };
+    let create = |spec: pb::VmSpec| pb::CreateVmRequest { spec: Some(spec), spec_text: String::new() };
+    client.create_vm(create(with_disk("ok", &allowed.join("disk.raw")))).await.expect("a disk under allowed_paths");
+    let before = snapshot(&daemon.data_dir());
+
+    let outside_text = "is outside the allowed host paths (";
+    let escapes = [
+        (outside.join("secret.raw"), outside_text),
+        (allowed.join("../outside/secret.raw"), outside_text),
+        (PathBuf::from("/etc/passwd"), outside_text),
+        (PathBuf::from("/no/such/file.raw"), outside_text),
+        (allowed.join("escape.raw"), "leads out through a symlink: it is outside the allowed host paths ("),
+    ];
+    for (path, problem) in &escapes {
+        let shown = format!("{:?} {problem}", path.display().to_string());
+        let check = |what: &str, (field, description): (String, String), expected_field: &str| {
+            assert_eq!(field, expected_field, "{what} {}", path.display());
+            assert!(description.starts_with(&shown), "{what}: {description}");
+            assert!(description.contains(&allowed.display().to_string()), "{what}: {description}");
+        };
+        check(
+            "CreateVm",
+            violation("CreateVm", client.create_vm(create(with_disk("bad", path))).await),
+            "disks[0].path",
+        );
+        let mut boot = spec("bad");
+        boot.kernel_boot.as_mut().unwrap().kernel = path.display().to_string();
+        check(
+            "CreateVm(kernel)",
+            violation("CreateVm(kernel)", client.create_vm(create(boot.clone())).await),
+            "kernel.kernel",
+        );
+        boot.kernel_boot.as_mut().unwrap().kernel = test_guest().kernel.display().to_string();
+        boot.kernel_boot.as_mut().unwrap().initrd = path.display().to_string();
+        check("CreateVm(initrd)", violation("CreateVm(initrd)", client.create_vm(create(boot)).await), "kernel.initrd");
+        let update = pb::UpdateVmRequest { spec: Some(with_disk("ok", path)), spec_text: String::new() };
+        check("UpdateVm", violation("UpdateVm", client.update_vm(update).await), "disks[0].path");
+        let attach = pb::AttachDiskRequest {
+            vm: "ok".into(),
+            disk: Some(pb::Disk { path: path.display().to_string(), ..Default::default() }),
+        };
+        check("AttachDisk", violation("AttachDisk", client.attach_disk(attach).await), "disk.path");
+        let import = pb::ImportImageRequest {
+            name: "img".into(),
+            kind: pb::ImageKind::CloudImage as i32,
+            source_path: path.display().to_string(),
+            ..Default::default()
+        };
+        check("ImportImage", violation("ImportImage", first_of(client.import_image(import).await).await), "source");
+        let start = pb::UpdateHostStart {
+            path: path.display().to_string(),
+            size: 1 << 20,
+            sha256: "0".repeat(64),
+            ..Default::default()
+        };
+        let request = pb::UpdateHostRequest { message: Some(pb::update_host_request::Message::Start(start)) };
+        let progress = updates.update_host(tokio_stream::iter([request])).await;
+        let progress = match progress {
+            Ok(stream) => first_of(Ok(stream)).await,
+            Err(status) => Err(status),
+        };
+        check("UpdateHost", violation("UpdateHost", progress), "path");
+    }
+    assert_eq!(snapshot(&daemon.data_dir()), before, "refused requests changed the data dir");
+    let vm = client.get_vm(pb::VmRef { name: "ok".into() }).await.unwrap().into_inner();
+    assert_eq!(vm.spec.unwrap().disks.len(), 1, "the VM kept its one disk");
+
+    // Under a prefix, the same calls go through.
+    let attach = pb::AttachDiskRequest {
+        vm: "ok".into(),
+        disk: Some(pb::Disk { path: allowed.join("disk2.raw").display().to_string(), ..Default::default() }),
+    };
+    let vm = client.attach_disk(attach).await.expect("AttachDisk under allowed_paths").into_inner();
+    assert_eq!(vm.spec.unwrap().disks.len(), 2);
+    let import = pb::ImportImageRequest {
+        name: "img".into(),
+        kind: pb::ImageKind::CloudImage as i32,
+        source_path: allowed.join("disk.raw").display().to_string(),
+        ..Default::default()
+    };
+    first_of(client.import_image(import).await).await.expect("ImportImage under allowed_paths");
 }

@@ -1,12 +1,15 @@
 //! VMs on UEFI through the API: the test guest boots under OVMF with its own NVRAM copy, kept across restarts;
 //! with Secure Boot the firmware runs in SMM with secure flash and the guest kernel sees it on; specs that cannot
-//! work are refused naming the field.
+//! work are refused naming the field; a VM with a TPM gets its own swtpm, which outlives a daemon crash and ends
+//! with the VM.
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use qx_proto::node::v1 as pb;
-use qx_test_infra::{cmdline_of, test_guest};
+use qx_test_infra::{cmdline_of, pid_alive, test_guest, wait_until};
 
 /// The test guest booted from its bzImage: its `vmlinux` is a PVH ELF for SeaBIOS's fast path, which OVMF does
 /// not load; the bzImage's EFI stub is what UEFI starts.
@@ -83,4 +86,48 @@ async fn secure_boot_runs_the_firmware_in_smm_and_impossible_specs_are_refused()
     // The kernel saw Secure Boot on in the firmware's variables and locked itself down.
     let locked = console.sh("dmesg | grep -c 'locked down from EFI Secure Boot'").await;
     assert_eq!(locked.trim(), "1", "{}", console.seen);
+}
+
+/// The pid in the VM's swtpm pidfile once swtpm has written one other than `not`, alive.
+fn swtpm_pid(vm_dir: &std::path::Path, not: i32) -> i32 {
+    let pidfile = vm_dir.join("swtpm.pid");
+    let read = || std::fs::read_to_string(&pidfile).ok()?.trim().parse::<i32>().ok();
+    wait_until(Duration::from_secs(10), || read().filter(|&pid| pid != not && pid_alive(pid)))
+        .unwrap_or_else(|| panic!("no swtpm pidfile in {}", vm_dir.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_vm_gets_its_own_swtpm_which_outlives_a_daemon_crash_and_ends_with_the_vm() {
+    let mut daemon = daemon();
+    let mut client = client(&daemon).await;
+    client.create_vm(create_request("tpm", "firmware: uefi\ntpm: true\n")).await.expect("CreateVm");
+    let vm = start(&mut client, "tpm").await;
+    let vm_dir = daemon.data_dir().join("vms/tpm");
+    let swtpm = swtpm_pid(&vm_dir, 0);
+    let swtpm_args = cmdline_of(swtpm);
+    assert!(
+        swtpm_args.iter().any(|a| a.starts_with(&format!("dir={}", vm_dir.join("tpm").display()))),
+        "{swtpm_args:?}"
+    );
+    let args = cmdline_of(pid(&vm) as i32);
+    assert!(args.iter().any(|a| a.starts_with("tpm-crb,")), "{args:?}");
+    assert!(get(&mut client, "tpm").await.spec.unwrap().tpm);
+    let mut console = Console::open(&mut client, "tpm").await;
+    console.expect(qx_test_infra::READY_LINE, BOOT_TIMEOUT).await;
+    assert_eq!(console.sh("ls /sys/class/tpm").await, "tpm0", "the guest finds its TPM");
+    assert!(vm_dir.join("tpm/tpm2-00.permall").exists(), "the TPM's state is kept with the VM");
+
+    // A daemon crash leaves QEMU and swtpm running; the restarted daemon stops the VM and swtpm goes with it.
+    daemon.kill9();
+    assert!(pid_alive(swtpm) && pid_alive(pid(&vm) as i32));
+    daemon.restart();
+    let mut client = common::client(&daemon).await;
+    client.stop_vm(pb::StopVmRequest { name: "tpm".into(), force: true, ..Default::default() }).await.expect("StopVm");
+    let gone = wait_until(Duration::from_secs(10), || (!pid_alive(swtpm)).then_some(()));
+    assert!(gone.is_some(), "swtpm {swtpm} ends with its QEMU");
+
+    // The next start gets a new swtpm over the same state.
+    start(&mut client, "tpm").await;
+    let again = swtpm_pid(&vm_dir, swtpm);
+    assert!(cmdline_of(again).iter().any(|a| a.starts_with(&format!("dir={}", vm_dir.join("tpm").display()))));
 }

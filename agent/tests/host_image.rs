@@ -32,7 +32,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 const NESTED_TIMEOUT: Duration = Duration::from_secs(600);
 /// The broken update's trial: the watchdog's wait, then a reboot.
 const HEALTH_TIMEOUT_SECONDS: u32 = 30;
-const GUEST_DIR: &str = "/data/quantix/test-guest";
+const GUEST_DIR: &str = "/data/datastore/test-guest";
 
 struct Images {
     first: PathBuf,

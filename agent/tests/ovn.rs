@@ -271,3 +271,213 @@ fn a_northbound_restart_mid_session_loses_and_doubles_no_logical_port() {
         assert_eq!(logical_ports(&central), Vec::<String>::new(), "no stray logical ports");
     });
 }
+
+type Groups = qx_proto::node::v1::security_group_service_client::SecurityGroupServiceClient<tonic::transport::Channel>;
+
+fn rule(direction: &str, protocol: &str) -> pb::SecurityGroupRule {
+    pb::SecurityGroupRule { direction: direction.into(), protocol: protocol.into(), ..Default::default() }
+}
+
+/// The ACL rows of the NB database as `direction,priority,match,action`, sorted.
+fn acl_rows(central: &OvnCentral) -> Vec<String> {
+    let out = central.nbctl(&["--bare", "--columns=direction,priority,match,action", "list", "ACL"]);
+    let mut rows: Vec<String> = out
+        .split("\n\n")
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| r.lines().map(|l| l.trim().trim_matches('"')).collect::<Vec<_>>().join(","))
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// An OVS internal port `probe0` on br-int bound as logical port `probe` (10.95.0.200) of `switch`, in this
+/// test's namespace: the other end of the connections the VM's security group filters.
+fn plug_probe(central: &OvnCentral, chassis: &Chassis, switch: &str) {
+    // The VMs' taps are in this namespace too: only probe0 may answer ARP for its address, or a guest would send
+    // its replies to a tap's MAC, which OVN does not know.
+    std::fs::write("/proc/sys/net/ipv4/conf/all/arp_ignore", "1").expect("set arp_ignore in the test's namespace");
+    let mac = "0a:00:00:95:00:c8";
+    central.nbctl(&["lsp-add", switch, "probe", "--", "lsp-set-addresses", "probe", &format!("{mac} 10.95.0.200")]);
+    chassis.vsctl(&[
+        "add-port",
+        "br-int",
+        "probe0",
+        "--",
+        "set",
+        "Interface",
+        "probe0",
+        "type=internal",
+        "external_ids:iface-id=probe",
+    ]);
+    for args in [
+        &["link", "set", "probe0", "address", mac][..],
+        &["addr", "add", "10.95.0.200/24", "dev", "probe0"],
+        &["link", "set", "probe0", "up"],
+    ] {
+        let status = std::process::Command::new("ip").args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+    let up = qx_test_infra::wait_until(WAIT, || {
+        (central.nbctl(&["get", "Logical_Switch_Port", "probe", "up"]) == "true").then_some(())
+    });
+    assert!(up.is_some(), "the probe port was never bound");
+}
+
+/// Whether a ping from the probe port reaches `address`.
+fn probe_pings(address: &str) -> bool {
+    let out = std::process::Command::new("ping").args(["-c", "1", "-W", "1", "-I", "probe0", address]).output();
+    out.is_ok_and(|o| o.status.success())
+}
+
+/// Whether a TCP connection from the probe port to `address:port` is accepted within a second.
+fn probe_connects(address: &str, port: u16) -> bool {
+    let target = std::net::SocketAddr::new(address.parse().unwrap(), port);
+    std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)).is_ok()
+}
+
+/// Waits (at most 15 s, while ovn-controller installs the flows) until `probe` says `want`.
+fn eventually(want: bool, mut probe: impl FnMut() -> bool) -> bool {
+    qx_test_infra::wait_until(Duration::from_secs(15), || (probe() == want).then_some(())).is_some()
+}
+
+#[test]
+fn security_groups_filter_a_running_vm_and_rule_changes_apply_at_once() {
+    if skip_without_ovn() {
+        return;
+    }
+    isolate_network();
+    let central = OvnCentral::start();
+    let chassis = Chassis::start(&central, "qx-hv3");
+    test_guest();
+    let config = format!(
+        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
+        chassis.ovs().db_socket().display(),
+        central.nb_endpoint(),
+        chassis.name()
+    );
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = client(&daemon).await;
+        let mut groups = Groups::new(qx_agent::client::channel(daemon.socket()).await.unwrap());
+        client.create_network(ovn_network("net1", "10.95.0.0/24")).await.unwrap();
+
+        // Bad input is refused by field, and nothing reaches the northbound database.
+        let tcp = |min, max| pb::SecurityGroupRule { port_min: min, port_max: max, ..rule("ingress", "tcp") };
+        let cidr = |text: &str| pb::SecurityGroupRule { remote_cidr: text.into(), ..rule("ingress", "icmp") };
+        let from = |group: &str| pb::SecurityGroupRule { remote_group: group.into(), ..rule("ingress", "any") };
+        for (group, fields) in [
+            (pb::SecurityGroup { name: "bad-name".into(), ..Default::default() }, &["name"][..]),
+            (
+                pb::SecurityGroup { name: "web".into(), rules: vec![cidr("10.0.0.1/8")], ..Default::default() },
+                &["rules[0].remote_cidr"],
+            ),
+            (
+                pb::SecurityGroup {
+                    name: "web".into(),
+                    rules: vec![tcp(Some(0), None), tcp(Some(90), Some(80))],
+                    ..Default::default()
+                },
+                &["rules[0].port_min", "rules[1].port_max"],
+            ),
+            (
+                pb::SecurityGroup { name: "web".into(), rules: vec![from("ghost")], ..Default::default() },
+                &["rules[0].remote_group"],
+            ),
+        ] {
+            let status = groups.create_security_group(group).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            for field in fields {
+                assert!(status.message().contains(field), "{field} not named: {}", status.message());
+            }
+        }
+        assert_eq!(central.nbctl(&["--bare", "--columns=name", "list", "Port_Group"]), "", "nothing written");
+
+        let web = pb::SecurityGroup { name: "web".into(), description: "the web tier".into(), ..Default::default() };
+        groups.create_security_group(web.clone()).await.unwrap();
+        assert_eq!(groups.create_security_group(web).await.unwrap_err().code(), Code::AlreadyExists);
+        assert_eq!(central.nbctl(&["--bare", "--columns=name", "list", "Port_Group"]), "qx_sg_web");
+
+        // A NIC naming a group the node does not have is refused at start, by field.
+        let nics = "nics:\n  - kind: network\n    network: net1\n    security_groups: [ghost]\n";
+        let spec_text = test_guest().spec_yaml("x", nics);
+        client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.unwrap();
+        let status = client.start_vm(pb::StartVmRequest { name: "x".into(), paused: false }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("nics[0].security_groups[0]: \"ghost\" does not exist"),
+            "{}",
+            status.message()
+        );
+        client.delete_vm(pb::VmRef { name: "x".into() }).await.unwrap();
+
+        let nics = "nics:\n  - kind: network\n    network: net1\n    security_groups: [web]\n";
+        let spec_text = test_guest().spec_yaml("a", nics);
+        client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.unwrap();
+        start(&mut client, "a").await;
+        let mut a = boot(&mut client, "a").await;
+        let status = bound_nic(&mut client, "a").await;
+        let port_uuid = central.nbctl(&["get", "Logical_Switch_Port", &status.iface_id, "_uuid"]);
+        assert_eq!(central.nbctl(&["get", "Port_Group", "qx_sg_web", "ports"]), format!("[{port_uuid}]"));
+        // On the userspace datapath OVS's conntrack (3.1) takes the partially checksummed TCP of a virtio NIC with
+        // checksum offload for invalid and drops it (the kernel datapath does not): the guest computes its own.
+        let reloaded = a
+            .sh("rmmod virtio_net && insmod /lib/modules/$(uname -r)/kernel/drivers/net/virtio_net.ko csum=0; echo rc=$?")
+            .await;
+        assert!(reloaded.contains("rc=0"), "reloading virtio_net: {reloaded}");
+        // OVN's DHCP passes the default drop.
+        assert_eq!(dhcp(&mut a).await, status.ipv4, "DHCP lease\n{}", a.seen);
+        a.sh("httpd -p 8080 -h /tmp </dev/null >/dev/null 2>&1; echo started").await;
+        plug_probe(&central, &chassis, "net1");
+        let ip = status.ipv4.clone();
+
+        // Nothing is allowed in yet; each rule opens its traffic on the running VM, and only that.
+        assert!(!probe_pings(&ip), "ping passed the default drop");
+        assert!(!probe_connects(&ip, 8080), "TCP passed the default drop");
+        let icmp = pb::AddSecurityGroupRuleRequest { group: "web".into(), rule: Some(cidr("10.95.0.0/24")) };
+        let group = groups.add_security_group_rule(icmp).await.unwrap().into_inner();
+        assert_eq!(group.rules.iter().map(|r| r.id).collect::<Vec<_>>(), [1]);
+        assert!(eventually(true, || probe_pings(&ip)), "ping still dropped after the ICMP rule");
+        assert!(!probe_connects(&ip, 8080), "the ICMP rule let TCP in");
+        let qxctl = std::process::Command::new(env!("CARGO_BIN_EXE_qxctl"))
+            .arg("--socket")
+            .arg(daemon.socket())
+            .args(["sg", "rule", "add", "web", "ingress", "--protocol", "tcp", "--port", "8080"])
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&qxctl.stdout);
+        assert!(qxctl.status.success(), "{}", String::from_utf8_lossy(&qxctl.stderr));
+        assert!(listed.contains("2  ingress tcp 8080 from anywhere"), "{listed}");
+        assert!(eventually(true, || probe_connects(&ip, 8080)), "TCP still dropped after the TCP rule");
+
+        // The NB database holds exactly the group's rendering.
+        assert_eq!(
+            acl_rows(&central),
+            [
+                "from-lport,1000,inport == @qx_sg_web && ip,drop",
+                "from-lport,1001,inport == @qx_sg_web && ip4 && udp && udp.src == 68 && udp.dst == 67,allow",
+                "to-lport,1000,outport == @qx_sg_web && ip,drop",
+                "to-lport,1001,outport == @qx_sg_web && ip4 && ip4.src == 10.95.0.0/24 && icmp4,allow-related",
+                "to-lport,1001,outport == @qx_sg_web && ip4 && tcp && tcp.dst == 8080,allow-related",
+            ]
+        );
+
+        let request = pb::SecurityGroupRuleRef { group: "web".into(), id: 2 };
+        groups.delete_security_group_rule(request.clone()).await.unwrap();
+        assert!(eventually(false, || probe_connects(&ip, 8080)), "TCP still allowed after its rule went");
+        assert!(probe_pings(&ip), "deleting the TCP rule stopped ICMP");
+        assert_eq!(groups.delete_security_group_rule(request).await.unwrap_err().code(), Code::NotFound);
+
+        let status = groups.delete_security_group(pb::SecurityGroupRef { name: "web".into() }).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("VMs [\"a\"]"), "{}", status.message());
+        let request = pb::StopVmRequest { name: "a".into(), force: true, timeout_seconds: 0 };
+        client.stop_vm(request).await.unwrap();
+        client.delete_vm(pb::VmRef { name: "a".into() }).await.unwrap();
+        groups.delete_security_group(pb::SecurityGroupRef { name: "web".into() }).await.unwrap();
+        assert_eq!(central.nbctl(&["--bare", "--columns=name", "list", "Port_Group"]), "");
+        assert_eq!(acl_rows(&central), Vec::<String>::new(), "the group's ACLs went with it");
+        let listed = groups.list_security_groups(pb::ListSecurityGroupsRequest {}).await.unwrap().into_inner();
+        assert!(listed.security_groups.is_empty());
+    });
+}

@@ -97,6 +97,7 @@ async fn reflection_and_health_answer_on_the_unix_socket() {
             "quantix.node.v1.MigrationPeerService",
             "quantix.node.v1.MigrationService",
             "quantix.node.v1.NodeService",
+            "quantix.node.v1.SecurityGroupService",
             "quantix.node.v1.SnapshotService",
             "quantix.node.v1.UpdateService"
         ]

@@ -145,6 +145,7 @@ async fn tcp_serves_tls_1_3_with_client_certificates_only() {
             "quantix.node.v1.MigrationPeerService",
             "quantix.node.v1.MigrationService",
             "quantix.node.v1.NodeService",
+            "quantix.node.v1.SecurityGroupService",
             "quantix.node.v1.SnapshotService",
             "quantix.node.v1.UpdateService"
         ]

@@ -70,6 +70,7 @@ async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
         seed: None,
         hotplug: false,
         uefi: None,
+        tpm: None,
     };
     let devices = qx_vmm::DeviceTree::new(spec).expect("bench spec places");
     let args = qemu_args(spec, &devices, Accel::Tcg, &layout);

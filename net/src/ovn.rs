@@ -4,6 +4,7 @@
 //! `ovn-controller` has bound a port (`up`).
 //!
 //! - [`spec`]: what callers ask for ([`SwitchSpec`], [`PortSpec`], [`AclSpec`]), validated field by field.
+//! - [`security_group`]: security groups ([`SecurityGroup`], [`Rule`]) and the port-group ACLs they render.
 //! - [`northbound`]: [`Northbound`], the client. Every change is one transaction guarded by `wait` preconditions,
 //!   so concurrent control planes cannot silently overwrite each other; reads come from its monitor's replica.
 //!
@@ -34,7 +35,9 @@
 //! ```
 
 pub mod northbound;
+pub mod security_group;
 pub mod spec;
 
 pub use northbound::{AclInfo, Error, Northbound, PortGroupInfo, PortInfo, SwitchInfo};
+pub use security_group::{Direction, Protocol, Rule, SecurityGroup};
 pub use spec::{AclAction, AclDirection, AclSpec, DhcpSpec, Ipv4Cidr, LocalnetSpec, PortAddress, PortSpec, SwitchSpec};

@@ -179,6 +179,15 @@ fn switches_ports_dhcp_groups_and_refusals() {
         nb.remove_from_port_group("qx_sg_web", &["d"]).await.unwrap();
         assert_eq!(nb.port_group("qx_sg_web").unwrap().ports, ["a"]);
 
+        // A port joins its port groups in the transaction that creates it; a missing group writes nothing.
+        let before = nb_dump(&central);
+        let grouped = |group: &str| PortSpec { port_groups: vec![group.into()], ..port("g", 5, PortAddress::Dynamic) };
+        let err = nb.add_port("net1", &grouped("qx_sg_none")).await.unwrap_err();
+        assert!(matches!(&err, Error::PortGroupNotFound { name } if name == "qx_sg_none"), "{err}");
+        assert_eq!(nb_dump(&central), before, "a refused request wrote something");
+        nb.add_port("net1", &grouped("qx_sg_web")).await.unwrap();
+        assert_eq!(nb.port_group("qx_sg_web").unwrap().ports, ["a", "g"]);
+
         // Requested chassis, port removal, switch deletion with its DHCP_Options.
         nb.set_requested_chassis("a", Some("hv2")).await.unwrap();
         assert_eq!(nb.port("a").unwrap().requested_chassis.as_deref(), Some("hv2"));

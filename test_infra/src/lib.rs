@@ -170,8 +170,23 @@ pub struct Daemon {
     binary: PathBuf,
     log_filter: String,
     config: Option<PathBuf>,
+    /// Whether the daemon may use [`test_paths`] (`--allow-path`): tests keep their disks and images in temp dirs.
+    test_paths: bool,
     child: Option<Child>,
     dir: tempfile::TempDir,
+}
+
+/// Where tests keep the files their VMs use: the temp dir (disks, images to import) and the guests' caches. Every
+/// [`Daemon`] but a [`Daemon::start_confined`] one may name paths under them, on top of its pools.
+pub fn test_paths() -> Vec<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cache"));
+    let guest = std::env::var_os("QX_GUEST_DIR").map_or_else(|| cache.join("quantix/test-guest"), PathBuf::from);
+    let debian =
+        std::env::var_os("QX_DEBIAN_GUEST_DIR").map_or_else(|| cache.join("quantix/debian-guest"), PathBuf::from);
+    vec![std::env::temp_dir(), guest, debian]
 }
 
 impl Daemon {
@@ -188,6 +203,16 @@ impl Daemon {
 
     /// Like `start_with_log`, and with a YAML config file holding `config` when given.
     pub fn start_with(binary: &Path, log_filter: &str, config: Option<&str>) -> Self {
+        Self::start_inner(binary, log_filter, config, true)
+    }
+
+    /// Like `start_with`, but the daemon may name no host path beyond its pools and its config's `allowed_paths`
+    /// (no [`test_paths`]): for tests of that confinement.
+    pub fn start_confined(binary: &Path, config: Option<&str>) -> Self {
+        Self::start_inner(binary, "debug", config, false)
+    }
+
+    fn start_inner(binary: &Path, log_filter: &str, config: Option<&str>, test_paths: bool) -> Self {
         let dir = tempfile::Builder::new().prefix("qx-test-").tempdir().expect("temp dir");
         let config = config.map(|text| {
             let path = dir.path().join("node.yaml");
@@ -195,7 +220,7 @@ impl Daemon {
             path
         });
         let mut daemon =
-            Self { binary: binary.to_owned(), log_filter: log_filter.to_owned(), config, child: None, dir };
+            Self { binary: binary.to_owned(), log_filter: log_filter.to_owned(), config, test_paths, child: None, dir };
         daemon.restart();
         daemon
     }
@@ -231,6 +256,11 @@ impl Daemon {
         let mut command = Command::new(&self.binary);
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
+        }
+        if self.test_paths {
+            for path in test_paths() {
+                command.arg("--allow-path").arg(path);
+            }
         }
         let child = command
             .arg("--data-dir")

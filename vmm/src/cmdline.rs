@@ -38,6 +38,8 @@ pub struct LaunchLayout {
     pub hotplug: bool,
     /// The flash devices of a `firmware: uefi` VM (its NVRAM copy prepared by the launcher); `None` for SeaBIOS.
     pub uefi: Option<UefiArgs>,
+    /// QEMU's arguments for the VM's swtpm (its chardev, backend and `tpm-crb`), when the spec has `tpm`.
+    pub tpm: Option<Vec<String>>,
 }
 
 /// A guest device: rendered as `-device` at start, or as `device_add` arguments for hotplug.
@@ -284,7 +286,7 @@ pub fn qemu_args(spec: &VmSpec, tree: &DeviceTree, accel: Accel, layout: &Launch
         machine.push_str(property);
     }
     push(&[&"-machine", &machine]);
-    for arg in layout.uefi.iter().flat_map(|uefi| &uefi.args) {
+    for arg in layout.uefi.iter().flat_map(|uefi| &uefi.args).chain(layout.tpm.iter().flatten()) {
         push(&[arg]);
     }
     push(&[&"-accel", &accel.to_string()]);
@@ -370,6 +372,7 @@ mod tests {
             network: None,
             mac: Some("52:54:00:12:34:56".into()),
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.fill_device_ids();
         spec
@@ -388,6 +391,7 @@ mod tests {
             seed: None,
             hotplug: false,
             uefi: None,
+            tpm: None,
         }
     }
 
@@ -551,6 +555,7 @@ mod tests {
             network: Some("lan".into()),
             mac: Some("52:54:00:00:00:09".into()),
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let hw = Hardware::from_spec(&spec, &tree(&spec), None);
         assert_eq!(hw.network_nics.len(), 1);
@@ -644,6 +649,7 @@ mod tests {
                 seed: spec.cloud_init.is_some().then(|| PathBuf::from("/var/lib/quantix/vms/x/cloud-init-seed.img")),
                 hotplug: false,
                 uefi: None,
+                tpm: None,
             };
             let args = qemu_args(&spec, &tree, accel, &layout);
             let mut text: String = args.iter().map(|a| format!("{}\n", a.to_string_lossy())).collect();

@@ -291,6 +291,7 @@ mod tests {
                 network: None,
                 mac: None,
                 host_forwards: Vec::new(),
+                security_groups: Vec::new(),
             });
         }
         spec

@@ -38,11 +38,13 @@ mod manager;
 pub mod migration;
 pub mod network;
 pub mod persist;
+pub mod placement;
 pub mod process;
 mod qmp_ops;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod tpm;
 pub mod volumes;
 pub mod warm;
 

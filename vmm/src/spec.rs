@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use qx_devices::placement::CpuList;
 use qx_storage::cloudinit::{MetaData, NetworkConfig, SeedConfig, UserData};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -68,6 +69,13 @@ pub struct VmSpec {
     /// Management Mode). Default: off.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub secure_boot: bool,
+    /// A TPM 2.0 (`swtpm`, its state kept in the VM's directory) on a CRB interface, what Windows 11 requires.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tpm: bool,
+    /// Where the VM's threads run on the host. Default: wherever the host's scheduler puts them.
+    #[serde(default, skip_serializing_if = "Placement::is_unset")]
+    pub placement: Placement,
     /// Direct kernel boot; when absent the first disk boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelBoot>,
@@ -182,6 +190,25 @@ pub enum Firmware {
     Uefi,
 }
 
+/// vCPU and emulator thread pinning (`sched_setaffinity`), applied before the vCPUs first run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    /// Host CPUs for each vCPU, by vCPU index (`["2", "3"]`: vCPU 0 on host CPU 2, vCPU 1 on 3; `"2-3"` lets one
+    /// vCPU run on either). vCPUs past the list, and vCPUs hot-added later, are not pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vcpu_cpus: Vec<CpuList>,
+    /// Host CPUs for QEMU's other threads (main loop, I/O, workers), kept off the vCPUs' CPUs when they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_cpus: Option<CpuList>,
+}
+
+impl Placement {
+    pub fn is_unset(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelBoot {
@@ -266,6 +293,10 @@ pub struct NicSpec {
     /// developer or a test reaches a guest's SSH without a node network. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_forwards: Vec<HostForward>,
+    /// Security groups (of the node) whose rules filter the NIC's traffic, for `network` NICs on networks of kind
+    /// `ovn`; with any, all IP traffic not allowed by one of them is dropped. Default: none (no filtering).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub security_groups: Vec<String>,
 }
 
 /// One forwarded TCP port of a `user` NIC.
@@ -321,6 +352,11 @@ pub enum SpecParseError {
 pub trait HostFiles {
     /// `Ok(())` when `path` names an existing regular file or block device that can be opened.
     fn check_image(&self, path: &Path) -> Result<(), String>;
+
+    /// The host CPUs that are online (`/sys/devices/system/cpu/online`), `None` when that cannot be read.
+    fn online_cpus(&self) -> Option<CpuList> {
+        std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?.trim().parse().ok()
+    }
 }
 
 /// The real filesystem.
@@ -398,6 +434,7 @@ impl VmSpec {
                 );
             }
         }
+        self.validate_placement(files, &mut p);
         if let Some(kernel) = &self.kernel {
             self.validate_kernel(kernel, files, &mut p);
         } else if self.disks.is_empty() {
@@ -455,6 +492,32 @@ impl VmSpec {
             Ok(())
         } else {
             Err(ValidationErrors(p.0))
+        }
+    }
+
+    fn validate_placement(&self, files: &dyn HostFiles, p: &mut Problems) {
+        let placement = &self.placement;
+        if placement.vcpu_cpus.len() > self.max_vcpus() as usize {
+            let problem = format!("pins {} vCPUs; the VM has at most {}", placement.vcpu_cpus.len(), self.max_vcpus());
+            p.add("placement.vcpu_cpus", placement.vcpu_cpus.len(), problem);
+        }
+        let online = files.online_cpus();
+        let lists = placement.vcpu_cpus.iter().enumerate().map(|(i, c)| (format!("placement.vcpu_cpus[{i}]"), c));
+        for (field, cpus) in
+            lists.chain(placement.emulator_cpus.iter().map(|c| ("placement.emulator_cpus".to_owned(), c)))
+        {
+            if cpus.is_empty() {
+                p.add(field, cpus, "names no CPU");
+            } else if let Some(online) = &online {
+                let offline: CpuList = cpus.ids().filter(|cpu| !online.contains(*cpu)).collect();
+                if !offline.is_empty() {
+                    p.add(
+                        field,
+                        cpus,
+                        format!("names CPUs the host does not have online ({offline}; online: {online})"),
+                    );
+                }
+            }
         }
     }
 
@@ -542,6 +605,17 @@ impl VmSpec {
                 }
                 if forward.guest_port == 0 {
                     p.add(field("guest_port"), 0, "is not a port (1 to 65535)");
+                }
+            }
+            let mut groups = HashSet::new();
+            for (k, group) in nic.security_groups.iter().enumerate() {
+                let field = format!("nics[{i}].security_groups[{k}]");
+                if nic.kind != NicKind::Network {
+                    p.add(field, group, "is only for NICs of kind network");
+                } else if group.is_empty() {
+                    p.add(field, group, "is empty");
+                } else if !groups.insert(group) {
+                    p.add(field, group, "is named twice for this NIC");
                 }
             }
             let Some(mac) = &nic.mac else { continue };
@@ -817,6 +891,7 @@ mod tests {
             network: None,
             mac: Some("01:00:00:00:00:01".into()),
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
@@ -864,13 +939,21 @@ mod tests {
     #[test]
     fn generated_fields_are_stable_and_valid() {
         let mut spec = minimal();
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: Vec::new(),
+        });
         spec.nics.push(NicSpec {
             id: None,
             kind: NicKind::Network,
             network: Some("lan".into()),
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
@@ -939,6 +1022,7 @@ mod tests {
             network: network.map(Into::into),
             mac: None,
             host_forwards,
+            security_groups: Vec::new(),
         };
         spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 22), forward(0, 0)]));
         spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 80)]));
@@ -960,6 +1044,36 @@ mod tests {
         assert!(text.contains("\"tcp:127.0.0.1:8080-:80\" is only for NICs of kind user"), "{text}");
         spec.nics.truncate(1);
         spec.nics[0].host_forwards.truncate(1);
+        spec.validate(&files()).unwrap();
+    }
+
+    #[test]
+    fn security_groups_are_for_network_nics_each_once() {
+        let mut spec = minimal();
+        let groups = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::Network,
+            network: Some("lan".into()),
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: groups(&["web", "", "web"]),
+        });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: groups(&["web"]),
+        });
+        let errors = spec.validate(&files()).unwrap_err();
+        let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["nics[0].security_groups[1]", "nics[0].security_groups[2]", "nics[1].security_groups[0]"]);
+        let text = errors.to_string();
+        assert!(text.contains("nics[0].security_groups[2]: \"web\" is named twice for this NIC"), "{text}");
+        spec.nics.truncate(1);
+        spec.nics[0].security_groups.truncate(1);
         spec.validate(&files()).unwrap();
     }
 
@@ -987,6 +1101,7 @@ mod tests {
             network: None,
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -994,6 +1109,7 @@ mod tests {
             network: Some("bad net".into()),
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -1001,6 +1117,7 @@ mod tests {
             network: Some("lan".into()),
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["nics[0].network", "nics[1].network", "nics[2].network"]);
@@ -1017,6 +1134,7 @@ mod tests {
             network: None,
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         spec.nics.push(NicSpec {
             id: Some("a b".into()),
@@ -1024,6 +1142,7 @@ mod tests {
             network: None,
             mac: None,
             host_forwards: Vec::new(),
+            security_groups: Vec::new(),
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
@@ -1036,7 +1155,14 @@ mod tests {
         let mut spec = minimal();
         spec.disks.push(DiskSpec { id: Some("disk0".into()), ..spec.disks[0].clone() });
         spec.disks[0].path = Some("/img/b.qcow2".into());
-        spec.nics.push(NicSpec { id: None, kind: NicKind::User, network: None, mac: None, host_forwards: Vec::new() });
+        spec.nics.push(NicSpec {
+            id: None,
+            kind: NicKind::User,
+            network: None,
+            mac: None,
+            host_forwards: Vec::new(),
+            security_groups: Vec::new(),
+        });
         spec.fill_generated();
         let ids: Vec<_> = spec.disks.iter().map(|d| d.id.clone().unwrap()).collect();
         assert_eq!(ids, ["disk1", "disk0"]);

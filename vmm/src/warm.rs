@@ -65,6 +65,8 @@ impl WarmShape {
             accelerator: Default::default(),
             firmware: Firmware::default(),
             secure_boot: false,
+            tpm: false,
+            placement: Default::default(),
             kernel: self.kernel.clone(),
             disks: Vec::new(),
             nics: Vec::new(),
@@ -115,6 +117,8 @@ pub fn launch_key(spec: &VmSpec, tree: &DeviceTree, accel: Accel) -> Vec<OsStrin
         // Warm QEMUs boot SeaBIOS; a UEFI VM's flash devices are fixed at launch, so it never takes one.
         uefi: (spec.firmware == Firmware::Uefi)
             .then(|| UefiArgs { machine: vec!["pflash0=uefi".into()], args: Vec::new() }),
+        // Nor one with a TPM, whose device is there from launch.
+        tpm: spec.tpm.then(|| vec!["tpm".to_owned()]),
     };
     qemu_args(&spec, tree, accel, &layout)
 }

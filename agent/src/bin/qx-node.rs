@@ -41,6 +41,10 @@ struct Args {
     listen_tcp: Option<SocketAddr>,
     #[arg(long)]
     qemu: Option<PathBuf>,
+    /// Also allow VM disks, kernels, initrds and image imports under this host path (added to allowed_paths;
+    /// repeatable).
+    #[arg(long = "allow-path", value_name = "PATH")]
+    allow_paths: Vec<PathBuf>,
     /// auto, kvm or tcg.
     #[arg(long)]
     accel: Option<String>,
@@ -71,6 +75,7 @@ impl Args {
         if let Some(qemu) = self.qemu {
             config.qemu_binary = qemu;
         }
+        config.allowed_paths.extend(self.allow_paths);
         if let Some(accel) = self.accel {
             config.accelerator = match accel.as_str() {
                 "auto" => AccelChoice::Auto,

@@ -171,6 +171,8 @@ enum Role {
     GroupAbsent,
     /// The port `i` of the request exists.
     PortPresent(usize),
+    /// The port group `i` of the request exists.
+    GroupPresent(usize),
     Other,
 }
 
@@ -471,6 +473,7 @@ impl Northbound {
             );
             let mut inserts = Vec::with_capacity(specs.len());
             let mut named = Vec::with_capacity(specs.len());
+            let mut members: BTreeMap<&str, Vec<Atom>> = BTreeMap::new();
             for (i, spec) in specs.iter().enumerate() {
                 txn.push(
                     Role::PortAbsent(i),
@@ -479,12 +482,31 @@ impl Northbound {
                 let dhcp = dhcp.filter(|_| spec.address != PortAddress::None);
                 let name = format!("p{i}");
                 inserts.push(txn.push(Role::Other, Operation::insert_named(LSP, port_row(spec, dhcp), &name)));
+                for group in &spec.port_groups {
+                    members.entry(group.as_str()).or_default().push(Atom::NamedUuid(name.clone()));
+                }
                 named.push(Atom::NamedUuid(name));
             }
             txn.push(
                 Role::Other,
                 Operation::mutate(LS, vec![Condition::uuid(ls)], vec![Mutation::insert("ports", Value::Set(named))]),
             );
+            let groups: Vec<&str> = members.keys().copied().collect();
+            for (g, (group, ports)) in members.into_iter().enumerate() {
+                // Port_Group.ports is weak: joining a group deleted meanwhile must fail, not vanish.
+                txn.push(
+                    Role::GroupPresent(g),
+                    Operation::wait(PG, vec![Condition::eq("name", group)], &["name"], WaitUntil::Ne, vec![], Some(0)),
+                );
+                txn.push(
+                    Role::Other,
+                    Operation::mutate(
+                        PG,
+                        vec![Condition::eq("name", group)],
+                        vec![Mutation::insert("ports", Value::Set(ports))],
+                    ),
+                );
+            }
             txn.push(Role::Other, Operation::comment(format!("qx-node: {}", what())));
             match self.run(&txn, &what).await {
                 Ok(Attempt::Done(results)) => {
@@ -509,6 +531,12 @@ impl Northbound {
                     let Some(Role::PortAbsent(i)) = txn.failed_role(&source) else { unreachable!() };
                     let name = specs[i].name.clone();
                     return Err(Error::PortExists { switch: self.port(&name).and_then(|p| p.switch), name });
+                }
+                Err(Error::Transact { source, .. })
+                    if matches!(txn.failed_role(&source), Some(Role::GroupPresent(_))) =>
+                {
+                    let Some(Role::GroupPresent(g)) = txn.failed_role(&source) else { unreachable!() };
+                    return Err(Error::PortGroupNotFound { name: groups[g].to_owned() });
                 }
                 Err(e) => return Err(e),
             }
@@ -575,12 +603,34 @@ impl Northbound {
 
     /// Creates an empty port group without ACLs.
     pub async fn create_port_group(&self, name: &str, external_ids: &BTreeMap<String, String>) -> Result<Uuid, Error> {
-        check_port_group_name(name).map_err(|problem| ValidationErrors::one("name", name, problem))?;
-        let mut row = Row::new();
-        row.insert("name".into(), name.into());
-        row.insert("external_ids".into(), Value::map(external_ids.clone()));
+        self.create_port_group_with_acls(name, external_ids, &[]).await
+    }
+
+    /// Creates an empty port group with its ACLs, in one transaction.
+    pub async fn create_port_group_with_acls(
+        &self,
+        name: &str,
+        external_ids: &BTreeMap<String, String>,
+        acls: &[AclSpec],
+    ) -> Result<Uuid, Error> {
+        let mut p = Problems::default();
+        p.check("name", name, check_port_group_name(name));
+        for (i, acl) in acls.iter().enumerate() {
+            acl.validate_into(&mut p, &format!("acls[{i}]."));
+        }
+        p.into_result()?;
         let mut txn = Txn::new();
         txn.push(Role::GroupAbsent, Operation::assert_absent(PG, vec![Condition::eq("name", name)]));
+        let mut named = Vec::new();
+        for (i, acl) in acls.iter().enumerate() {
+            let acl_name = format!("a{i}");
+            txn.push(Role::Other, Operation::insert_named(ACL, acl_row(acl), &acl_name));
+            named.push(Atom::NamedUuid(acl_name));
+        }
+        let mut row = Row::new();
+        row.insert("name".into(), name.into());
+        row.insert("acls".into(), Value::Set(named));
+        row.insert("external_ids".into(), Value::map(external_ids.clone()));
         let insert = txn.push(Role::Other, Operation::insert(PG, row));
         txn.push(Role::Other, Operation::comment(format!("qx-node: create port group {name}")));
         let what = || format!("creating port group {name}");
@@ -593,7 +643,7 @@ impl Northbound {
         };
         let uuid = inserted(&results, insert, &what)?;
         self.settle(&what, |r| r.row(PG, &uuid).is_some()).await?;
-        info!(group = name, "port group created");
+        info!(group = name, acls = acls.len(), "port group created");
         Ok(uuid)
     }
 
@@ -834,6 +884,9 @@ fn check_new_ports(r: &Replica, switch: &str, specs: &[PortSpec]) -> Result<(Uui
         if let Some((_, existing)) = r.find(LSP, "name", &spec.name) {
             let _ = existing;
             return Err(Error::PortExists { name: spec.name.clone(), switch: port_switch(r, &spec.name) });
+        }
+        if let Some(group) = spec.port_groups.iter().find(|g| r.find(PG, "name", g).is_none()) {
+            return Err(Error::PortGroupNotFound { name: group.clone() });
         }
         let mac = spec.mac_lower();
         if let Some(other) = used_macs.insert(mac.clone(), spec.name.clone()) {

@@ -288,6 +288,9 @@ pub struct PortSpec {
     /// The chassis that should bind it (`options:requested-chassis`); none: whichever claims it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_chassis: Option<String>,
+    /// Port groups (each must exist) the port joins in the transaction that creates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_groups: Vec<String>,
     /// Other `external_ids` pairs (`vm-id`, ...).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub external_ids: BTreeMap<String, String>,
@@ -306,6 +309,7 @@ impl PortSpec {
             address: PortAddress::None,
             port_security: true,
             requested_chassis: None,
+            port_groups: Vec::new(),
             external_ids: BTreeMap::new(),
         }
     }
@@ -315,6 +319,9 @@ impl PortSpec {
         p.check(format!("{prefix}mac"), &self.mac, check_nic_mac(&self.mac).map(drop));
         if let Some(chassis) = &self.requested_chassis {
             p.check(format!("{prefix}requested_chassis"), chassis, check_ovn_name(chassis));
+        }
+        for (i, group) in self.port_groups.iter().enumerate() {
+            p.check(format!("{prefix}port_groups[{i}]"), group, check_port_group_name(group));
         }
         check_ids(p, &format!("{prefix}external_ids"), &self.external_ids);
     }

@@ -25,7 +25,7 @@ use crate::guest_agent::{agent_options, GuestAgent};
 use crate::machine::HOST_CPU;
 use crate::network::network_nics;
 use crate::persist::{read_tail, VmDir};
-use crate::process::{read_pidfile, ProcessError, QemuProcess};
+use crate::process::{read_pidfile, QemuProcess};
 use crate::qmp_ops::{self, plug_device, Simple};
 use crate::spec::{AccelChoice, ValidationErrors, VmSpec};
 use crate::state::VmState;
@@ -349,16 +349,36 @@ impl VmManager {
             blocking(move || prepare_sockets(&dir, serial)).await
         };
         let (fds, log) = prepared.map_err(|e| ("preparing sockets", String::new(), e.into()))?;
+        let (swtpm, tpm) = match spec.tpm {
+            true => {
+                let (swtpm, args) =
+                    crate::tpm::start(dir).await.map_err(|e| ("starting swtpm", String::new(), e.into()))?;
+                (Some(swtpm), Some(args))
+            }
+            false => (None, None),
+        };
+        // swtpm leaves by itself only once a QEMU has connected and gone: without one, it is ended here.
+        let end_swtpm = |swtpm: Option<QemuProcess>| async move {
+            if let Some(swtpm) = swtpm {
+                let _ = swtpm.kill();
+                swtpm.exited().await;
+            }
+        };
         let serial_fd = serial.then_some(SERIAL_FD);
         let pidfile = dir.pidfile();
-        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile, seed, hotplug, uefi };
+        let layout = LaunchLayout { qmp_fd: QMP_FD, serial_fd, qga_fd: QGA_FD, pidfile, seed, hotplug, uefi, tpm };
         let mut args = qemu_args(spec, devices, accel, &layout);
         if incoming {
             args.extend(["-incoming".into(), "defer".into()]);
         }
         debug!(vm = %spec.name, ?args, "spawning QEMU");
-        let process = QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log)
-            .map_err(|e: ProcessError| ("spawning QEMU", String::new(), e.into()))?;
+        let process = match QemuProcess::spawn(&self.inner.config.qemu_binary, &args, fds, log) {
+            Ok(process) => process,
+            Err(e) => {
+                end_swtpm(swtpm).await;
+                return Err(("spawning QEMU", String::new(), e.into()));
+            }
+        };
         let qmp = tokio::select! {
             qmp = QmpClient::connect(dir.qmp_socket(), qmp_options()) => qmp.map_err(|e| ("QMP handshake", e.into())),
             how = process.exited() => {
@@ -367,10 +387,16 @@ impl VmManager {
             }
         };
         match qmp {
-            Ok(qmp) => Ok((process, qmp)),
+            Ok(qmp) => {
+                if let Some(swtpm) = swtpm {
+                    crate::tpm::reap(swtpm);
+                }
+                Ok((process, qmp))
+            }
             Err((stage, source)) => {
                 let _ = process.kill();
                 process.exited().await;
+                end_swtpm(swtpm).await;
                 let dir = dir.clone();
                 let log = blocking(move || {
                     dir.remove_runtime_files();
@@ -417,6 +443,9 @@ impl VmManager {
             for nic in &hw.network_nics {
                 self.plug_network_nic(&qmp, spec, nic).await.map_err(|e| ("plugging a network NIC", e.into()))?;
             }
+            crate::placement::apply(&qmp, process.pid(), &self.inner.config.host, &spec.placement)
+                .await
+                .map_err(|e| ("pinning vCPUs", e.into()))?;
             if hotplug && spec.kernel.is_none() {
                 // The firmware reads the boot order from fw_cfg, which QEMU rebuilds from the plugged devices'
                 // bootindex at reset; the guest has not run yet, so this reset is invisible to it.

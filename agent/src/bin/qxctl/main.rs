@@ -20,6 +20,7 @@ mod guest;
 mod migrate;
 mod progress;
 mod remote;
+mod sg;
 mod snapshot;
 mod storage;
 mod system;
@@ -56,6 +57,11 @@ enum Command {
     Network {
         #[command(subcommand)]
         command: NetworkCommand,
+    },
+    /// Security groups: allow rules for VM NICs on OVN networks (`security_groups` in a NIC's spec).
+    Sg {
+        #[command(subcommand)]
+        command: sg::SgCommand,
     },
     /// Storage pools: capacity and usage.
     Pool {
@@ -270,6 +276,15 @@ struct CreateArgs {
     /// UEFI Secure Boot with Microsoft's keys enrolled (with --firmware uefi).
     #[arg(long)]
     secure_boot: bool,
+    /// A TPM 2.0 (swtpm), as Windows 11 requires.
+    #[arg(long)]
+    tpm: bool,
+    /// Host CPUs for the next vCPU (e.g. 2 or 2-3), once per vCPU in order.
+    #[arg(long = "pin-vcpu", value_name = "CPUS")]
+    pin_vcpu: Vec<String>,
+    /// Host CPUs for QEMU's other threads (main loop, I/O).
+    #[arg(long, value_name = "CPUS")]
+    emulator_cpus: Option<String>,
     #[arg(long)]
     kernel: Option<PathBuf>,
     #[arg(long, requires = "kernel")]
@@ -342,6 +357,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Events { vm } => events(&mut node, vm.unwrap_or_default(), json).await?,
         Command::Network { command } => network(&mut node, command, json).await?,
+        Command::Sg { command } => sg::run(channel, command, json).await?,
         Command::Pool { command } => storage::pool(&mut node, command, json).await?,
         Command::Volume { command } => storage::volume(&mut node, command, json).await?,
         Command::Image { command } => storage::image(&mut node, command, json).await?,
@@ -582,6 +598,9 @@ fn create_request(args: CreateArgs) -> anyhow::Result<pb::CreateVmRequest> {
         accelerator: args.accel,
         firmware: args.firmware,
         secure_boot: args.secure_boot,
+        tpm: args.tpm,
+        placement: (!args.pin_vcpu.is_empty() || args.emulator_cpus.is_some())
+            .then(|| pb::Placement { vcpu_cpus: args.pin_vcpu, emulator_cpus: args.emulator_cpus.unwrap_or_default() }),
         kernel_boot: args.kernel.map(|kernel| pb::KernelBoot {
             kernel: kernel.display().to_string(),
             initrd: args.initrd.map(|i| i.display().to_string()).unwrap_or_default(),
@@ -743,6 +762,8 @@ fn vm_json(vm: &pb::Vm) -> Value {
         "accelerator": spec.accelerator,
         "firmware": spec.firmware,
         "secure_boot": spec.secure_boot,
+        "tpm": spec.tpm,
+        "placement": spec.placement.as_ref().map(|p| json!({ "vcpu_cpus": p.vcpu_cpus, "emulator_cpus": p.emulator_cpus })),
         "kernel": spec.kernel_boot.map(|k| json!({ "kernel": k.kernel, "initrd": k.initrd, "cmdline": k.cmdline })),
         "disks": spec.disks.iter().map(|d| json!({
             "id": d.id,
@@ -885,6 +906,19 @@ fn print_vm(vm: &pb::Vm, json: bool) {
     };
     let secure = if spec.secure_boot { " (Secure Boot)" } else { "" };
     rows.push(("firmware", format!("{}{secure}", spec.firmware)));
+    if spec.tpm {
+        rows.push(("tpm", "TPM 2.0 (swtpm)".to_owned()));
+    }
+    if let Some(placement) = &spec.placement {
+        let vcpus: Vec<String> =
+            placement.vcpu_cpus.iter().enumerate().map(|(i, cpus)| format!("vCPU {i} on {cpus}")).collect();
+        if !vcpus.is_empty() {
+            rows.push(("pinning", vcpus.join(", ")));
+        }
+        if !placement.emulator_cpus.is_empty() {
+            rows.push(("emulator cpus", placement.emulator_cpus.clone()));
+        }
+    }
     rows.push(("vcpus", max(spec.max_vcpus.map(u64::from), u64::from(spec.vcpus), "")));
     rows.push(("memory", max(spec.max_memory_mib, spec.memory_mib, " MiB")));
     rows.push(("machine", spec.machine));

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the Host UI into ui/dist (what qx-node serves from ui.assets_dir): the TypeScript client generated from
+# proto/, a type check, the Vite build, and a gzip copy of every text file (the daemon sends it to browsers that
+# take gzip). Installs the npm packages from package-lock.json first when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -d node_modules ] || npm ci --no-audit --no-fund >&2
+npx buf generate
+npx tsc --noEmit
+npx vite build --logLevel warn
+find dist -type f \( -name '*.js' -o -name '*.css' -o -name '*.html' -o -name '*.svg' -o -name '*.map' \) \
+    -exec gzip -9 -k -f {} +
+# The first page's JavaScript, gzipped (the issue's budget is 300 KiB).
+js=$(find dist/assets -name '*.js.gz' -exec cat {} + | wc -c)
+echo "ui/build.sh: dist ready, JavaScript $((js / 1024)) KiB gzipped" >&2
