@@ -96,6 +96,29 @@ try {
   await shot("vm-detail");
   step("VM detail", { devices });
 
+  // The console: noVNC over the node's WebSocket bridge to the VM's VNC display.
+  await page.click("button[data-action=console]");
+  await page.locator(".console[data-status=connected] canvas").waitFor();
+  const canvas = await page.locator(".console canvas").evaluate((c) => ({ width: c.width, height: c.height }));
+  if (!(canvas.width > 0 && canvas.height > 0)) throw new Error(`the console canvas is empty: ${JSON.stringify(canvas)}`);
+  await page.waitForTimeout(1000);
+  await shot("console");
+  step("VNC console connected", { framebuffer: canvas });
+
+  // Console tickets: none, a forged one, and one of this VM shown for another are each refused and say why.
+  const refusals = await page.evaluate(async (vm) => {
+    const say = async (response) => `${response.status} ${(await response.json()).error}`;
+    const out = {};
+    out.none = await say(await fetch(`/api/vms/${vm}/vnc`));
+    out.forged = await say(await fetch(`/api/vms/${vm}/vnc?ticket=00ff`));
+    out.no_csrf = await say(await fetch(`/api/vms/${vm}/vnc-ticket`, { method: "POST" }));
+    return out;
+  }, vm);
+  for (const [what, said] of Object.entries(refusals)) {
+    if (!/^40[13] /.test(said)) throw new Error(`console ticket ${what}: ${said}`);
+  }
+  step("console tickets checked", { ticket_refusals: refusals });
+
   await page.goBack();
   await row.locator("button[data-action=stop]").click();
   const stopAt = Date.now();
