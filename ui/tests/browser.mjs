@@ -1,7 +1,8 @@
 // Drives the Host UI in Debian's headless Chromium (playwright-core; no browser is downloaded) against a running
 // qx-node, as agent/tests/ui_browser.rs starts it: a wrong password refused, a login, the host summary, the VM list
-// with the VM running, its detail page, an API call without the CSRF token refused, a click on Stop and the state
-// changing to stopped. Screenshots of each page go to QX_UI_ARTIFACTS. The last line printed is a JSON report.
+// with the VM running, its detail page and VNC console, an API call without the CSRF token refused, Pause and
+// Resume, a click on Stop and the state changing to stopped. Screenshots of each page go to QX_UI_ARTIFACTS. The
+// last line printed is a JSON report.
 //
 // Environment: QX_UI_URL (https://localhost:<port>), QX_UI_PASSWORD, QX_UI_VM, QX_UI_ARTIFACTS, and optionally
 // QX_CHROMIUM (default /usr/bin/chromium).
@@ -120,6 +121,12 @@ try {
   step("console tickets checked", { ticket_refusals: refusals });
 
   await page.goBack();
+  await row.locator("button[data-action=pause]").click();
+  await row.locator("td.state[data-state=paused]").waitFor();
+  await row.locator("button[data-action=resume]").click();
+  await row.locator("td.state[data-state=running]").waitFor();
+  step("VM paused and resumed from the page");
+
   await row.locator("button[data-action=stop]").click();
   const stopAt = Date.now();
   await row.locator("td.state[data-state=stopped]").waitFor({ timeout: 90_000 });
