@@ -1,8 +1,9 @@
 //! The Host UI in a real browser: Debian's headless Chromium, driven by playwright-core (`ui/tests/browser.mjs`),
 //! against a real qx-node serving the built web app (`ui/build.sh`, skipped when `ui/dist` is newer than its
 //! sources) on its HTTPS listener, with a booted test guest. The page refuses a wrong password, logs in, shows the
-//! host summary, lists the VM running, shows its detail, and stops it with a click; qx-node's own view (GetVm on
-//! the unix socket) then agrees. Screenshots of each page are kept under `target/tmp/ui-browser/`.
+//! host summary, lists the VM running, shows its detail, opens its VNC console in noVNC (a WebSocket the node
+//! bridges to the VM's display, opened with a one-use ticket), and stops it with a click; qx-node's own view (GetVm
+//! on the unix socket) then agrees. Screenshots of each page are kept under `target/tmp/ui-browser/`.
 
 mod common;
 
@@ -24,6 +25,13 @@ fn repo() -> PathBuf {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A VNC display whose port (5900 + display) nothing on the host listens on now.
+fn free_vnc_display() -> u32 {
+    (10..100)
+        .find(|display| std::net::TcpListener::bind(("127.0.0.1", 5900 + *display as u16)).is_ok())
+        .expect("a free VNC display")
 }
 
 fn hash(password: &str) -> String {
@@ -93,7 +101,9 @@ fn the_host_ui_in_a_browser_logs_in_lists_the_vm_and_stops_it() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut client = runtime.block_on(client(&daemon));
     runtime.block_on(async {
-        create(&mut client, "web1").await;
+        let extra = format!("nics:\n  - kind: user\nvnc_display: {}\n", free_vnc_display());
+        let spec_text = test_guest().spec_yaml("web1", &extra);
+        client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
         start(&mut client, "web1").await;
         // Booted to its shell, the guest powers off on the ACPI button the page's Stop sends.
         boot(&mut client, "web1").await;
@@ -136,7 +146,12 @@ fn the_host_ui_in_a_browser_logs_in_lists_the_vm_and_stops_it() {
     assert!(output.status.success() && report["error"].is_null(), "the browser test failed: {report}\n{stderr}");
     assert_eq!(report["refusal"], "wrong user name or password");
     assert!(report["csrf_refusal"].as_str().unwrap().contains("x-csrf-token"), "{report}");
-    for page in ["login-refused", "summary", "vms", "vm-detail", "vms-stopped"] {
+    assert!(report["framebuffer"]["width"].as_u64().unwrap() > 0, "{report}");
+    let refusals = &report["ticket_refusals"];
+    assert!(refusals["none"].as_str().unwrap().contains("no console ticket"), "{report}");
+    assert!(refusals["forged"].as_str().unwrap().contains("not one this node issued"), "{report}");
+    assert!(refusals["no_csrf"].as_str().unwrap().contains("x-csrf-token"), "{report}");
+    for page in ["login-refused", "summary", "vms", "vm-detail", "console", "vms-stopped"] {
         assert!(artifacts.join(format!("{page}.png")).exists(), "no screenshot of {page}");
     }
 

@@ -1,7 +1,8 @@
 // Drives the Host UI in Debian's headless Chromium (playwright-core; no browser is downloaded) against a running
 // qx-node, as agent/tests/ui_browser.rs starts it: a wrong password refused, a login, the host summary, the VM list
-// with the VM running, its detail page, an API call without the CSRF token refused, a click on Stop and the state
-// changing to stopped. Screenshots of each page go to QX_UI_ARTIFACTS. The last line printed is a JSON report.
+// with the VM running, its detail page and VNC console, an API call without the CSRF token refused, Pause and
+// Resume, a click on Stop and the state changing to stopped. Screenshots of each page go to QX_UI_ARTIFACTS. The
+// last line printed is a JSON report.
 //
 // Environment: QX_UI_URL (https://localhost:<port>), QX_UI_PASSWORD, QX_UI_VM, QX_UI_ARTIFACTS, and optionally
 // QX_CHROMIUM (default /usr/bin/chromium).
@@ -96,7 +97,36 @@ try {
   await shot("vm-detail");
   step("VM detail", { devices });
 
+  // The console: noVNC over the node's WebSocket bridge to the VM's VNC display.
+  await page.click("button[data-action=console]");
+  await page.locator(".console[data-status=connected] canvas").waitFor();
+  const canvas = await page.locator(".console canvas").evaluate((c) => ({ width: c.width, height: c.height }));
+  if (!(canvas.width > 0 && canvas.height > 0)) throw new Error(`the console canvas is empty: ${JSON.stringify(canvas)}`);
+  await page.waitForTimeout(1000);
+  await shot("console");
+  step("VNC console connected", { framebuffer: canvas });
+
+  // Console tickets: none, a forged one, and one of this VM shown for another are each refused and say why.
+  const refusals = await page.evaluate(async (vm) => {
+    const say = async (response) => `${response.status} ${(await response.json()).error}`;
+    const out = {};
+    out.none = await say(await fetch(`/api/vms/${vm}/vnc`));
+    out.forged = await say(await fetch(`/api/vms/${vm}/vnc?ticket=00ff`));
+    out.no_csrf = await say(await fetch(`/api/vms/${vm}/vnc-ticket`, { method: "POST" }));
+    return out;
+  }, vm);
+  for (const [what, said] of Object.entries(refusals)) {
+    if (!/^40[13] /.test(said)) throw new Error(`console ticket ${what}: ${said}`);
+  }
+  step("console tickets checked", { ticket_refusals: refusals });
+
   await page.goBack();
+  await row.locator("button[data-action=pause]").click();
+  await row.locator("td.state[data-state=paused]").waitFor();
+  await row.locator("button[data-action=resume]").click();
+  await row.locator("td.state[data-state=running]").waitFor();
+  step("VM paused and resumed from the page");
+
   await row.locator("button[data-action=stop]").click();
   const stopAt = Date.now();
   await row.locator("td.state[data-state=stopped]").waitFor({ timeout: 90_000 });
