@@ -10,10 +10,10 @@
 #     system.qxi.sha256, version, and the pieces: vmlinuz, initramfs, system.squashfs
 #
 # Every stage is cached under ${QX_IMAGE_CACHE:-~/.cache/quantix/image}, keyed by its inputs: the Debian root
-# filesystem by image/packages.txt and this script, the squashfs by that, overlay/, image/rootfs, image/initramfs
-# and the qx binaries, the system and disk images by that and the version. A run whose inputs are all cached
-# takes seconds and downloads nothing. `--variant broken-node` replaces qx-node with a program that exits 1: the
-# update the nested test expects to be rolled back.
+# filesystem by image/packages.txt and this script, the squashfs by that, overlay/, image/rootfs, image/initramfs,
+# the qx binaries and the Host UI build (ui/build.sh), the system and disk images by that and the version. A run
+# whose inputs are all cached takes seconds and downloads nothing. `--variant broken-node` replaces qx-node with a
+# program that exits 1: the update the nested test expects to be rolled back.
 set -euo pipefail
 exec 3>&1 1>&2
 
@@ -111,8 +111,18 @@ else
 fi
 for b in qx-node qxctl qx-console; do [[ -x $bindir/$b ]] || die "$bindir/$b is missing"; done
 bin_hash=$(cat "$bindir/qx-node" "$bindir/qxctl" "$bindir/qx-console" | sha256sum | cut -c1-64)
+# The Host UI's built files (ui/build.sh writes the same bytes for the same sources), which qx-node serves from
+# ui.assets_dir (/usr/share/quantix/ui). QX_IMAGE_UI names a build made elsewhere.
+if [[ -z ${QX_IMAGE_UI:-} ]]; then
+    log "stage 2: ui/build.sh (the Host UI)"
+    "$repo/ui/build.sh" >&2
+    uidir=$repo/ui/dist
+else
+    uidir=$QX_IMAGE_UI
+fi
+[[ -f $uidir/index.html ]] || die "$uidir/index.html is missing"
 squash_key=$(key_of squashfs "$rootfs_key" "$(stage_hash 2)" "$(hash_tree "$repo/overlay")" "$(hash_tree "$here/rootfs")" \
-    "$(hash_tree "$here/initramfs")" "$bin_hash" "$variant")
+    "$(hash_tree "$here/initramfs")" "$bin_hash" "$(hash_tree "$uidir")" "$variant")
 squash_dir=$cache/system-$squash_key
 build_version=${version:-$(cd "$repo" && git describe --always --dirty 2>/dev/null || echo unknown)}
 
@@ -149,6 +159,8 @@ build_system() {
     (cd "$repo/overlay" && tar --exclude=README.md -cf - .) | tar -xf - -C "$root" --no-same-owner
     cp -a "$here/rootfs/." "$root/"
     install -m 0755 "$bindir/qx-node" "$bindir/qxctl" "$bindir/qx-console" "$root/usr/bin/"
+    mkdir -p "$root/usr/share/quantix/ui"
+    cp -r "$uidir/." "$root/usr/share/quantix/ui/"
     if [[ $variant == broken-node ]]; then
         printf '#!/bin/sh\necho "qx-node: this build is broken on purpose (image variant broken-node)" >&2\nexit 1\n' \
             >"$root/usr/bin/qx-node"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Host UI into ui/dist (what qx-node serves from ui.assets_dir): the TypeScript client generated from
 # proto/, a type check, the Vite build, and a gzip copy of every text file (the daemon sends it to browsers that
-# take gzip). Installs the npm packages from package-lock.json first when they are missing or older than it.
+# take gzip; -n keeps names and times out, so the same sources give the same bytes). Installs the npm packages
+# from package-lock.json first when they are missing or older than it.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
@@ -11,7 +12,7 @@ npx buf generate
 npx tsc --noEmit
 npx vite build --logLevel warn
 find dist -type f \( -name '*.js' -o -name '*.css' -o -name '*.html' -o -name '*.svg' -o -name '*.map' \) \
-    -exec gzip -9 -k -f {} +
+    -exec gzip -9 -n -k -f {} +
 # The first page's JavaScript (what index.html loads) and all of it, gzipped (the issue's budget is 300 KiB for the
 # first page).
 entry=$(grep -o 'assets/[^"]*\.js' dist/index.html | sed 's|^|dist/|; s|$|.gz|')
