@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds the Host UI into ui/dist (what qx-node serves from ui.assets_dir): the TypeScript client generated from
 # proto/, a type check, the Vite build, and a gzip copy of every text file (the daemon sends it to browsers that
-# take gzip). Installs the npm packages from package-lock.json first when they are missing.
+# take gzip). Installs the npm packages from package-lock.json first when they are missing or older than it.
 set -euo pipefail
 cd "$(dirname "$0")"
-[ -d node_modules ] || npm ci --no-audit --no-fund >&2
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund >&2
+fi
 npx buf generate
 npx tsc --noEmit
 npx vite build --logLevel warn

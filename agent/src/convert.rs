@@ -171,6 +171,15 @@ fn spec_from_pb(spec: pb::VmSpec) -> Result<VmSpec, ValidationErrors> {
                 })
                 .collect(),
             security_groups: nic.security_groups.clone(),
+            ipv4: (!nic.ipv4.is_empty())
+                .then(|| match nic.ipv4.parse() {
+                    Ok(ip) => Some(ip),
+                    Err(_) => {
+                        p.add(format!("nics[{i}].ipv4"), &nic.ipv4, "is not an IPv4 address");
+                        None
+                    }
+                })
+                .flatten(),
         })
         .collect();
     let machine = if spec.machine.is_empty() { "q35".to_owned() } else { spec.machine };
@@ -259,6 +268,7 @@ pub fn spec_to_pb(spec: &VmSpec) -> pb::VmSpec {
                     .map(|f| pb::HostForward { host_port: f.host_port.into(), guest_port: f.guest_port.into() })
                     .collect(),
                 security_groups: n.security_groups.clone(),
+                ipv4: n.ipv4.map(|ip| ip.to_string()).unwrap_or_default(),
             })
             .collect(),
         serial: Some(spec.serial),
@@ -689,8 +699,10 @@ mod tests {
         let text = "name: a\nuuid: 6f1e9a43-3b1a-4c57-9d8c-2f6e4b1a7c10\nvcpus: 2\nmemory_mib: 256\nmachine: pc\n\
                     accelerator: tcg\nkernel:\n  kernel: /k\n  initrd: /i\n  cmdline: console=ttyS0\n\
                     disks:\n  - path: /d.qcow2\n    format: qcow2\n    read_only: true\n    cache: writeback\n    aio: io_uring\n\
-                    nics:\n  - mac: 52:54:00:00:00:01\nserial: false\nvnc_display: 3\nlabels:\n  env: prod\n";
+                    nics:\n  - mac: 52:54:00:00:00:01\n  - kind: network\n    network: t1\n    ipv4: 10.0.0.5\n    \
+                    security_groups: [web, db]\nserial: false\nvnc_display: 3\nlabels:\n  env: prod\n";
         let spec = VmSpec::from_text(text).unwrap();
+        assert_eq!(spec.nics[1].ipv4, Some("10.0.0.5".parse().unwrap()));
         assert_eq!(spec_from_pb(spec_to_pb(&spec)).unwrap(), spec);
     }
 
@@ -701,10 +713,16 @@ mod tests {
             uuid: "not-a-uuid".into(),
             accelerator: "hvf".into(),
             disks: vec![pb::Disk { path: "/d".into(), format: 9, cache: "sometimes".into(), ..Default::default() }],
+            nics: vec![pb::Nic {
+                kind: "network".into(),
+                network: "t1".into(),
+                ipv4: "10.0.0".into(),
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let fields: Vec<String> = spec_from_pb(spec).unwrap_err().0.into_iter().map(|e| e.field).collect();
-        assert_eq!(fields, ["uuid", "accelerator", "disks[0].format", "disks[0].cache"]);
+        assert_eq!(fields, ["uuid", "accelerator", "disks[0].format", "disks[0].cache", "nics[0].ipv4"]);
     }
 
     #[test]

@@ -519,7 +519,7 @@ impl Networks {
                 let nb = self.northbound().await.map_err(|e| error_chain(&e))?;
                 let logical_port = iface_id(&vm.uuid(), &slot.id);
                 let mut port = qx_net::ovn::PortSpec::new(logical_port.clone(), mac.clone().unwrap_or_default());
-                port.address = PortAddress::Dynamic;
+                port.address = nic.ipv4.map_or(PortAddress::Dynamic, PortAddress::Static);
                 port.requested_chassis = self.ovn.chassis.clone();
                 port.external_ids.insert("vm-id".into(), vm.uuid().to_string());
                 for group in &nic.security_groups {
@@ -540,6 +540,28 @@ impl Networks {
                         Err(e)
                     }
                 }
+            }
+        }
+    }
+
+    /// Static addresses of `vm`'s NICs on `ovn` networks: free host addresses of their subnets, each once.
+    fn check_static_addresses(&self, vm: &VmSpec, nb: &Northbound, errors: &mut Vec<FieldError>) {
+        let mut mine: BTreeMap<(String, Ipv4Addr), usize> = BTreeMap::new();
+        for index in network_nics(vm) {
+            let nic = &vm.nics[index];
+            let Some(ip) = nic.ipv4 else { continue };
+            let Some(network) = nic.network.as_deref().and_then(|n| self.get(n)) else { continue };
+            if network.kind != NetworkKind::Ovn {
+                continue;
+            }
+            let switch = network.switch_name().to_owned();
+            let port = iface_id(&vm.uuid(), nic.id.as_deref().unwrap_or_default());
+            let problem = match mine.insert((switch.clone(), ip), index) {
+                Some(other) => Some(format!("is also the address of nics[{other}] on logical switch {switch}")),
+                None => nb.static_address_problem(&switch, ip, &port),
+            };
+            if let Some(problem) = problem {
+                errors.push(FieldError { field: format!("nics[{index}].ipv4"), value: ip.to_string(), problem });
             }
         }
     }
@@ -643,6 +665,13 @@ impl NetworkBackend for Networks {
                 let nic = &vm.nics[index];
                 let name = nic.network.clone().unwrap_or_default();
                 let kind = self.get(&name).map(|n| n.kind);
+                if let Some(ip) = nic.ipv4.filter(|_| kind.is_some_and(|k| k != NetworkKind::Ovn)) {
+                    errors.push(FieldError {
+                        field: format!("nics[{index}].ipv4"),
+                        value: ip.to_string(),
+                        problem: format!("is only for NICs on networks of kind ovn, and network {name} is not"),
+                    });
+                }
                 if kind.is_some_and(|k| k != NetworkKind::Ovn) && !nic.security_groups.is_empty() {
                     errors.push(FieldError {
                         field: format!("nics[{index}].security_groups"),
@@ -667,12 +696,13 @@ impl NetworkBackend for Networks {
                     self.get(&name).is_some_and(|n| n.kind == NetworkKind::Ovn)
                 });
                 if let Some(index) = ovn {
-                    if let Err(e) = self.northbound().await {
-                        errors.push(FieldError {
+                    match self.northbound().await {
+                        Err(e) => errors.push(FieldError {
                             field: format!("nics[{index}].network"),
                             value: vm.nics[index].network.clone().unwrap_or_default(),
                             problem: format!("cannot be attached: {}", error_chain(&e)),
-                        });
+                        }),
+                        Ok(nb) => self.check_static_addresses(vm, &nb, &mut errors),
                     }
                 }
             }

@@ -290,14 +290,14 @@ fn acl_rows(central: &OvnCentral) -> Vec<String> {
     rows
 }
 
-/// An OVS internal port `probe0` on br-int bound as logical port `probe` (10.95.0.200) of `switch`, in this
-/// test's namespace: the other end of the connections the VM's security group filters.
-fn plug_probe(central: &OvnCentral, chassis: &Chassis, switch: &str) {
+/// An OVS internal port `probe0` on br-int bound as logical port `probe` (`ip`, in a /24) of `switch`, in this
+/// test's namespace: the other end of the VM's connections.
+fn plug_probe(central: &OvnCentral, chassis: &Chassis, switch: &str, ip: &str) {
     // The VMs' taps are in this namespace too: only probe0 may answer ARP for its address, or a guest would send
     // its replies to a tap's MAC, which OVN does not know.
     std::fs::write("/proc/sys/net/ipv4/conf/all/arp_ignore", "1").expect("set arp_ignore in the test's namespace");
     let mac = "0a:00:00:95:00:c8";
-    central.nbctl(&["lsp-add", switch, "probe", "--", "lsp-set-addresses", "probe", &format!("{mac} 10.95.0.200")]);
+    central.nbctl(&["lsp-add", switch, "probe", "--", "lsp-set-addresses", "probe", &format!("{mac} {ip}")]);
     chassis.vsctl(&[
         "add-port",
         "br-int",
@@ -311,7 +311,7 @@ fn plug_probe(central: &OvnCentral, chassis: &Chassis, switch: &str) {
     ]);
     for args in [
         &["link", "set", "probe0", "address", mac][..],
-        &["addr", "add", "10.95.0.200/24", "dev", "probe0"],
+        &["addr", "add", &format!("{ip}/24"), "dev", "probe0"],
         &["link", "set", "probe0", "up"],
     ] {
         let status = std::process::Command::new("ip").args(args).status().unwrap();
@@ -428,7 +428,7 @@ fn security_groups_filter_a_running_vm_and_rule_changes_apply_at_once() {
         // OVN's DHCP passes the default drop.
         assert_eq!(dhcp(&mut a).await, status.ipv4, "DHCP lease\n{}", a.seen);
         a.sh("httpd -p 8080 -h /tmp </dev/null >/dev/null 2>&1; echo started").await;
-        plug_probe(&central, &chassis, "net1");
+        plug_probe(&central, &chassis, "net1", "10.95.0.200");
         let ip = status.ipv4.clone();
 
         // Nothing is allowed in yet; each rule opens its traffic on the running VM, and only that.
@@ -479,5 +479,76 @@ fn security_groups_filter_a_running_vm_and_rule_changes_apply_at_once() {
         assert_eq!(acl_rows(&central), Vec::<String>::new(), "the group's ACLs went with it");
         let listed = groups.list_security_groups(pb::ListSecurityGroupsRequest {}).await.unwrap().into_inner();
         assert!(listed.security_groups.is_empty());
+    });
+}
+
+/// A test-guest VM with one NIC on `network` at the static address `ip`.
+async fn create_static(client: &mut Client, name: &str, network: &str, ip: &str) {
+    let nics = format!("nics:\n  - kind: network\n    network: {network}\n    ipv4: {ip}\n");
+    let spec_text = test_guest().spec_yaml(name, &nics);
+    client.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+}
+
+#[test]
+fn a_static_address_is_the_ports_address_its_dhcp_lease_and_its_port_security() {
+    if skip_without_ovn() {
+        return;
+    }
+    isolate_network();
+    let central = OvnCentral::start();
+    let chassis = Chassis::start(&central, "qx-hv4");
+    test_guest();
+    let config = format!(
+        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
+        chassis.ovs().db_socket().display(),
+        central.nb_endpoint(),
+        chassis.name()
+    );
+    let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let mut client = client(&daemon).await;
+        client.create_network(ovn_network("net1", "10.96.0.0/24")).await.unwrap();
+        create_static(&mut client, "s", "net1", "10.96.0.50").await;
+        start(&mut client, "s").await;
+        let status = bound_nic(&mut client, "s").await;
+        assert_eq!(status.ipv4, "10.96.0.50");
+        let mac = get(&mut client, "s").await.spec.unwrap().nics[0].mac.clone();
+        let expected = format!("[\"{mac} 10.96.0.50\"]");
+        assert_eq!(central.nbctl(&["get", "Logical_Switch_Port", &status.iface_id, "addresses"]), expected);
+        assert_eq!(central.nbctl(&["get", "Logical_Switch_Port", &status.iface_id, "port_security"]), expected);
+
+        // Addresses outside the subnet, the DHCP server's, and one taken on the switch are refused at start by
+        // field, before anything is written.
+        let ports_before = logical_ports(&central);
+        for (ip, problem) in [
+            ("10.97.0.5", "is not a host address of subnet 10.96.0.0/24"),
+            ("10.96.0.255", "is not a host address of subnet 10.96.0.0/24"),
+            ("10.96.0.1", "is the address of the subnet's DHCP server"),
+            ("10.96.0.50", &format!("is used by port {} on logical switch net1", status.iface_id)),
+        ] {
+            create_static(&mut client, "bad", "net1", ip).await;
+            let refused = client.start_vm(pb::StartVmRequest { name: "bad".into(), paused: false }).await.unwrap_err();
+            assert_eq!(refused.code(), Code::InvalidArgument, "{ip}: {refused:?}");
+            let text = format!("nics[0].ipv4: \"{ip}\" {problem}");
+            assert!(refused.message().contains(&text), "{text} not in {}", refused.message());
+            client.delete_vm(pb::VmRef { name: "bad".into() }).await.unwrap();
+        }
+        assert_eq!(logical_ports(&central), ports_before, "a refused start wrote a logical port");
+
+        // OVN's DHCP hands out the static address; port security lets the guest send from it only.
+        let mut s = boot(&mut client, "s").await;
+        assert_eq!(dhcp(&mut s).await, "10.96.0.50", "DHCP lease\n{}", s.seen);
+        plug_probe(&central, &chassis, "net1", "10.96.0.200");
+        assert!(eventually(true, || probe_pings("10.96.0.50")), "the probe does not reach the static address");
+        let own = ping(&mut s, "10.96.0.200").await;
+        assert!(!own.is_empty() && !own.starts_with("0 "), "from 10.96.0.50: {own:?}\n{}", s.seen);
+        s.sh("ip addr add 10.96.0.51/24 dev eth0").await;
+        let spoofed = s.sh("ping -c 2 -W 1 -I 10.96.0.51 10.96.0.200 | grep -o '[0-9]* packets received'").await;
+        assert_eq!(spoofed, "0 packets received", "port security let another source address out\n{}", s.seen);
+
+        let request = pb::StopVmRequest { name: "s".into(), force: true, timeout_seconds: 0 };
+        client.stop_vm(request).await.unwrap();
+        assert!(!logical_ports(&central).contains(&status.iface_id), "the logical port goes at stop");
     });
 }

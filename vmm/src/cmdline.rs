@@ -373,6 +373,7 @@ mod tests {
             mac: Some("52:54:00:12:34:56".into()),
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.fill_device_ids();
         spec
@@ -556,6 +557,7 @@ mod tests {
             mac: Some("52:54:00:00:00:09".into()),
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         let hw = Hardware::from_spec(&spec, &tree(&spec), None);
         assert_eq!(hw.network_nics.len(), 1);

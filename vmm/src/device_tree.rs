@@ -292,6 +292,7 @@ mod tests {
                 mac: None,
                 host_forwards: Vec::new(),
                 security_groups: Vec::new(),
+                ipv4: None,
             });
         }
         spec

@@ -198,7 +198,7 @@ pub struct Placement {
     /// vCPU run on either). vCPUs past the list, and vCPUs hot-added later, are not pinned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpu_cpus: Vec<CpuList>,
-    /// Host CPUs for QEMU's other threads (main loop, I/O, workers), kept off the vCPUs' CPUs when they differ.
+    /// Host CPUs for QEMU's other threads (main loop, I/O, workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emulator_cpus: Option<CpuList>,
 }
@@ -297,6 +297,11 @@ pub struct NicSpec {
     /// `ovn`; with any, all IP traffic not allowed by one of them is dropped. Default: none (no filtering).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub security_groups: Vec<String>,
+    /// A static IPv4 address, for `network` NICs on networks of kind `ovn`: the logical port's address (and port
+    /// security: the NIC sends from it only), handed out by OVN's DHCP when the network has it. Must be a free host
+    /// address of the network's subnet. Default: none (OVN allocates one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<std::net::Ipv4Addr>,
 }
 
 /// One forwarded TCP port of a `user` NIC.
@@ -607,6 +612,14 @@ impl VmSpec {
                     p.add(field("guest_port"), 0, "is not a port (1 to 65535)");
                 }
             }
+            if let Some(ip) = nic.ipv4 {
+                let field = format!("nics[{i}].ipv4");
+                if nic.kind != NicKind::Network {
+                    p.add(field, ip, "is only for NICs of kind network");
+                } else if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+                    p.add(field, ip, "is not a unicast host address");
+                }
+            }
             let mut groups = HashSet::new();
             for (k, group) in nic.security_groups.iter().enumerate() {
                 let field = format!("nics[{i}].security_groups[{k}]");
@@ -892,6 +905,7 @@ mod tests {
             mac: Some("01:00:00:00:00:01".into()),
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
@@ -946,6 +960,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -954,6 +969,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.fill_generated();
         let (uuid, mac) = (spec.uuid, spec.nics[0].mac.clone());
@@ -1023,6 +1039,7 @@ mod tests {
             mac: None,
             host_forwards,
             security_groups: Vec::new(),
+            ipv4: None,
         };
         spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 22), forward(0, 0)]));
         spec.nics.push(nic(NicKind::User, None, vec![forward(2222, 80)]));
@@ -1048,7 +1065,7 @@ mod tests {
     }
 
     #[test]
-    fn security_groups_are_for_network_nics_each_once() {
+    fn security_groups_and_static_addresses_are_for_network_nics() {
         let mut spec = minimal();
         let groups = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         spec.nics.push(NicSpec {
@@ -1058,6 +1075,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: groups(&["web", "", "web"]),
+            ipv4: Some("255.255.255.255".parse().unwrap()),
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -1066,14 +1084,25 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: groups(&["web"]),
+            ipv4: Some("10.0.0.5".parse().unwrap()),
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["nics[0].security_groups[1]", "nics[0].security_groups[2]", "nics[1].security_groups[0]"]);
+        assert_eq!(
+            fields,
+            [
+                "nics[0].ipv4",
+                "nics[0].security_groups[1]",
+                "nics[0].security_groups[2]",
+                "nics[1].ipv4",
+                "nics[1].security_groups[0]"
+            ]
+        );
         let text = errors.to_string();
         assert!(text.contains("nics[0].security_groups[2]: \"web\" is named twice for this NIC"), "{text}");
         spec.nics.truncate(1);
         spec.nics[0].security_groups.truncate(1);
+        spec.nics[0].ipv4 = Some("10.0.0.5".parse().unwrap());
         spec.validate(&files()).unwrap();
     }
 
@@ -1102,6 +1131,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -1110,6 +1140,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.nics.push(NicSpec {
             id: None,
@@ -1118,6 +1149,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         let fields: Vec<String> = spec.validate(&files()).unwrap_err().0.into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["nics[0].network", "nics[1].network", "nics[2].network"]);
@@ -1135,6 +1167,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.nics.push(NicSpec {
             id: Some("a b".into()),
@@ -1143,6 +1176,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         let errors = spec.validate(&files()).unwrap_err();
         let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
@@ -1162,6 +1196,7 @@ mod tests {
             mac: None,
             host_forwards: Vec::new(),
             security_groups: Vec::new(),
+            ipv4: None,
         });
         spec.fill_generated();
         let ids: Vec<_> = spec.disks.iter().map(|d| d.id.clone().unwrap()).collect();

@@ -279,6 +279,32 @@ impl Northbound {
         list
     }
 
+    /// What is wrong with `ip` as the static address of port `port` on `switch`, as the replica stands: not a host
+    /// address of the switch's subnet, the address of its DHCP server, or another port's address. `None` when it is
+    /// free (the port's own current address counts as free). [`add_ports`](Self::add_ports) checks the same again
+    /// in its guarded transaction.
+    pub fn static_address_problem(&self, switch: &str, ip: Ipv4Addr, port: &str) -> Option<String> {
+        self.replica(|r| {
+            let Some((_, row)) = r.find(LS, "name", switch) else {
+                return Some(format!("cannot be checked: logical switch {switch} does not exist"));
+            };
+            let Some(subnet) = subnet_of(row) else {
+                return Some(format!("needs a subnet on logical switch {switch}"));
+            };
+            if !subnet.is_host(ip) {
+                return Some(format!("is not a host address of subnet {subnet}"));
+            }
+            if dhcp_of(r, switch).is_some() && ip == dhcp_server_ip(subnet, dhcp_router(r, switch)) {
+                return Some("is the address of the subnet's DHCP server".into());
+            }
+            uuids(row, "ports").into_iter().find_map(|uuid| {
+                let info = port_info(r, uuid, r.row(LSP, &uuid)?);
+                (info.name != port && info.ipv4 == Some(ip))
+                    .then(|| format!("is used by port {} on logical switch {switch}", info.name))
+            })
+        })
+    }
+
     /// Waits until a chassis has bound port `name` (`up` is true), through the monitor: no polling.
     pub async fn wait_port_up(&self, name: &str, timeout: Duration) -> Result<(), Error> {
         match self.wait_for_port(name, timeout, |p| p.up.then_some(())).await {

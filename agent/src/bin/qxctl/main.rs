@@ -233,7 +233,7 @@ enum VmCommand {
 
 #[derive(Debug, Subcommand)]
 enum DeviceCommand {
-    /// Disk: PATH|volume=POOL/NAME[,id=ID][,format=..][,ro][,cache=..][,aio=..]; NIC: user|network=NAME[,id=ID][,mac=MAC].
+    /// Disk: PATH|volume=POOL/NAME[,id=ID][,format=..][,ro][,cache=..][,aio=..]; NIC: user|network=NAME[,id=ID][,mac=MAC][,ipv4=ADDR][,sg=GROUP].
     Attach { name: String, device: String },
     /// Detach the device with this id, waiting --timeout seconds (default 10) for the guest to release it.
     Detach {
@@ -294,7 +294,8 @@ struct CreateArgs {
     /// PATH or volume=POOL/NAME, then [,format=raw|qcow2][,ro][,cache=MODE][,aio=MODE]; repeatable.
     #[arg(long)]
     disk: Vec<String>,
-    /// user or network=NAME, then [,mac=MAC]; repeatable.
+    /// user or network=NAME, then [,mac=MAC]; ovn networks also [,ipv4=ADDR] (static) and [,sg=GROUP]...
+    /// (security groups); repeatable.
     #[arg(long)]
     nic: Vec<String>,
     #[arg(long)]
@@ -533,7 +534,7 @@ fn parse_disk(text: &str) -> anyhow::Result<pb::Disk> {
     Ok(disk)
 }
 
-/// `user|network=NAME[,id=ID][,mac=MAC]`.
+/// `user|network=NAME[,id=ID][,mac=MAC][,ipv4=ADDR][,sg=GROUP]...`.
 fn parse_nic(text: &str) -> anyhow::Result<pb::Nic> {
     let mut nic = pb::Nic { kind: "user".into(), ..Default::default() };
     for option in text.split(',') {
@@ -545,7 +546,9 @@ fn parse_nic(text: &str) -> anyhow::Result<pb::Nic> {
             }
             Some(("mac", mac)) => nic.mac = mac.to_owned(),
             Some(("id", id)) => nic.id = id.to_owned(),
-            _ => bail!("{option:?} is not one of user, network=NAME, id=ID, mac=MAC"),
+            Some(("ipv4", ip)) => nic.ipv4 = ip.to_owned(),
+            Some(("sg", group)) => nic.security_groups.push(group.to_owned()),
+            _ => bail!("{option:?} is not one of user, network=NAME, id=ID, mac=MAC, ipv4=ADDR, sg=GROUP"),
         }
     }
     Ok(nic)
