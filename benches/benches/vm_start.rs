@@ -264,34 +264,14 @@ fn print_row(label: &str, s: &Summary) {
     println!("  {label:<24} median {}  min {}  max {}", ms(s.median), ms(s.min), ms(s.max));
 }
 
-/// `cargo bench` builds bench targets, not other packages' binaries: build the qx-node being measured, in the
-/// same profile (`release`, or the one `cargo bench --profile` chose, e.g. `image`, the host image's), so a stale
-/// binary is never measured.
-fn build_daemon(profile_dir: &Path) {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let profile = profile_dir.file_name().and_then(|n| n.to_str()).unwrap_or("release");
-    let status = std::process::Command::new(cargo)
-        .args(["build", "--profile", profile, "-p", "qx-agent", "--bins"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("cargo build qx-node");
-    assert!(status.success(), "building qx-node failed");
-}
-
-/// target/release (or target/<profile>), where cargo puts qx-node next to this bench's `deps/` directory.
-fn release_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable path");
-    exe.parent().and_then(Path::parent).expect("target/release").to_owned()
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` and test discovery: nothing to list.
     }
     let runs: usize = std::env::var("QX_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
-    let release = release_dir();
-    build_daemon(&release);
+    let release = qx_benches::profile_dir();
+    qx_benches::build_daemon(&release);
     let qx_node = release.join("qx-node");
     test_guest();
 

@@ -1,7 +1,7 @@
 //! Benchmarks that put Quantix beside its comparisons in one run, and the small statistics they share.
 //!
 //! `cargo bench` runs `benches/vm_start.rs`: VM start latency of raw QEMU (the floor) and qx-node, interleaved,
-//! plus qx-node's memory and binary size. Figures are printed as ratios against the comparison measured in the same
+//! plus qx-node's memory and binary size; and `benches/hotplug.rs`: AttachDisk/DetachDisk against raw QMP. Figures are printed as ratios against the comparison measured in the same
 //! run; there are no stored baselines.
 //!
 //! ```
@@ -10,6 +10,7 @@
 //! assert_eq!(summary.median, Duration::from_millis(2));
 //! ```
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Median, extremes and p99 of a set of timings.
@@ -45,6 +46,31 @@ impl Summary {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         serde_json::json!({ "median_ms": ms(self.median), "min_ms": ms(self.min), "max_ms": ms(self.max), "p99_ms": ms(self.p99) })
     }
+}
+
+/// `cargo bench` builds bench targets, not other packages' binaries: build the qx-node being measured, in the
+/// same profile (`release`, or the one `cargo bench --profile` chose, e.g. `image`, the host image's), so a stale
+/// binary is never measured.
+pub fn build_daemon(profile_dir: &Path) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The dev profile builds into target/debug.
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(profile) => profile,
+        None => "release",
+    };
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--profile", profile, "-p", "qx-agent", "--bins"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo build qx-node");
+    assert!(status.success(), "building qx-node failed");
+}
+
+/// target/release (or target/<profile>), where cargo puts qx-node next to the running bench's `deps/` directory.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench executable path");
+    exe.parent().and_then(Path::parent).expect("target/release").to_owned()
 }
 
 /// `a / b` as a ratio of medians, for printing.
