@@ -189,8 +189,7 @@ build_system() {
     add_service() { [[ -f $root/etc/init.d/$2 ]] && ln -sfn "/etc/init.d/$2" "$root/etc/runlevels/$1/$2"; }
     add_service sysinit cgroups
     for f in hostname quantix-modules quantix-firstboot quantix-update-watchdog; do add_service boot $f; done
-    # The host firewall (overlay/usr/share/quantix/firewall.nft), opening the API port the image's node.yaml uses.
-    sed -i 's|^define api_ports = .*|define api_ports = { 9443 }|' "$root/usr/share/quantix/firewall.nft"
+    # The host firewall (overlay/usr/share/quantix/firewall.nft): its service opens the ports node.yaml serves.
     add_service boot firewall || log "no /etc/init.d/firewall in overlay/: the image boots without a firewall"
     for f in networking ovsdb-server ovs-vswitchd quantix-node; do add_service default $f; done
 

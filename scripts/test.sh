@@ -26,6 +26,10 @@ test_infra/guest/build.sh >/dev/null
 # And the Debian guest (cloud-init, SSH, the guest agent): minutes on the first run, then cached.
 test_infra/guest/build-debian.sh >/dev/null
 phase "test guests ready"
+# The Host UI: npm packages from ui/package-lock.json, the build the browser test serves, and the app's unit tests.
+ui/build.sh
+(cd ui && npx vitest run)
+phase "Host UI built and unit-tested"
 # The host images the nested test boots and updates to (cached under ~/.cache/quantix/image; image/build.sh says
 # how): a first system, a second good one, and one whose qx-node does not start. QX_SKIP_HOST_IMAGE=1 leaves the
 # nested test out (it then says it was skipped).

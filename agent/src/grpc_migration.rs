@@ -175,10 +175,17 @@ impl MigrationPeerService for MigrationApi {
         let spec = serde_json::from_str(&request.spec_json).map_err(|e| parse_error("spec_json", e))?;
         let devices = serde_json::from_str(&request.devices_json).map_err(|e| parse_error("devices_json", e))?;
         let config = serde_json::from_str(&request.config_json).map_err(|e| parse_error("config_json", e))?;
+        let accel = match request.accelerator.as_str() {
+            "" => None,
+            "kvm" => Some(qx_vmm::Accel::Kvm),
+            "tcg" => Some(qx_vmm::Accel::Tcg),
+            other => return Err(Status::invalid_argument(format!("accelerator: {other:?} is not kvm or tcg"))),
+        };
+        let facts = qx_vmm::SourceFacts { accel };
         let span = info_span!("PrepareIncoming", source = %request.source_node);
         let (vm, port) = self
             .node
-            .prepare_incoming(spec, devices, config, &request.source_node)
+            .prepare_incoming(spec, devices, config, &request.source_node, facts)
             .instrument(span)
             .await
             .map_err(peer_status)?;

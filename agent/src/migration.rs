@@ -16,7 +16,7 @@ use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::migration_peer_service_client::MigrationPeerServiceClient;
 use qx_vmm::device_tree::DeviceTree;
 use qx_vmm::migration::{MigrationConfig, Outcome, Progress};
-use qx_vmm::{IncomingPeer, PeerError, ValidationErrors, VmError, VmInfo, VmSpec};
+use qx_vmm::{IncomingPeer, PeerError, SourceFacts, ValidationErrors, VmError, VmInfo, VmSpec};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::Code;
@@ -176,6 +176,7 @@ impl IncomingPeer for PeerClient {
         spec: &'a VmSpec,
         devices: &'a DeviceTree,
         config: &'a MigrationConfig,
+        facts: &'a SourceFacts,
     ) -> BoxFuture<'a, Result<String, PeerError>> {
         Box::pin(async move {
             let json = |value: serde_json::Result<String>| value.map_err(|e| PeerError::Failed(e.to_string()));
@@ -184,6 +185,7 @@ impl IncomingPeer for PeerClient {
                 devices_json: json(serde_json::to_string(devices))?,
                 config_json: json(serde_json::to_string(config))?,
                 source_node: self.source_node.clone(),
+                accelerator: facts.accel.map(|a| a.to_string()).unwrap_or_default(),
             };
             let reply = self.client.clone().prepare_incoming(request).await.map_err(peer_error)?.into_inner();
             let port = u16::try_from(reply.port).map_err(|_| PeerError::Failed(format!("port {}", reply.port)))?;
@@ -265,6 +267,7 @@ impl Node {
         devices: DeviceTree,
         config: MigrationConfig,
         source: &str,
+        facts: SourceFacts,
     ) -> Result<(VmInfo, u16), VmError> {
         let (_, _, _, available) = tokio::task::spawn_blocking(crate::node::host_resources).await.unwrap_or_default();
         let needed = spec.memory_mib.saturating_mul(1 << 20);
@@ -279,7 +282,7 @@ impl Node {
             Some(IpAddr::V4(ip)) => ip.to_string(),
             None => "0.0.0.0".to_owned(),
         };
-        self.vms().prepare_incoming(spec, devices, &config, &listen, source).await
+        self.vms().prepare_incoming(spec, devices, &config, &listen, source, facts).await
     }
 }
 

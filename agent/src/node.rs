@@ -271,10 +271,28 @@ impl Node {
         Ok(with_allocation(pool, volume).await)
     }
 
-    /// Grows a volume no running VM uses. Shrinking is refused: it loses the guest's data.
+    /// Grows a volume. One that a running or paused VM writes grows online (QMP `block_resize` on the VM's disk,
+    /// then the pool re-reads its size; the guest sees it at once); one no running VM uses is resized by the pool,
+    /// and one in use otherwise (read-only, a VM starting or stopping) is refused. Shrinking is refused either
+    /// way: it loses the guest's data.
     pub async fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<Volume, VolumeError> {
+        let wanted = format!("{pool}/{name}");
         let pool = self.pools.pool(pool).await?;
-        let volume = pool.resize_volume(name, size, false, &self.in_use()).await?;
+        let online = self.vms.list().into_iter().find_map(|vm| {
+            if !matches!(vm.state, VmState::Running | VmState::Paused) {
+                return None;
+            }
+            let disk = vm.spec.disks.iter().find(|d| d.volume.as_deref() == Some(wanted.as_str()) && !d.read_only)?;
+            Some((vm.spec.name.clone(), disk.id.clone()?))
+        });
+        let volume = match online {
+            Some((vm, disk)) => {
+                pool.volume(name).await?;
+                self.vms.grow_disk(&vm, &disk, size).await?;
+                pool.refresh_volume(name).await?
+            }
+            None => pool.resize_volume(name, size, false, &self.in_use()).await?,
+        };
         Ok(with_allocation(pool, volume).await)
     }
 

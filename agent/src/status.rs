@@ -211,6 +211,7 @@ impl ApiError for VolumeError {
             VolumeError::Engine(_) => ErrorKind::Internal,
             VolumeError::Pool(e) => e.kind(),
             VolumeError::Invalid(_) => ErrorKind::InvalidArgument,
+            VolumeError::Vm(e) => return e.code(),
         };
         match kind {
             ErrorKind::NotFound => Code::NotFound,
@@ -227,6 +228,7 @@ impl ApiError for VolumeError {
             VolumeError::Pool(qx_storage::PoolError::Invalid { problems, .. }) | VolumeError::Invalid(problems) => {
                 all(problems)
             }
+            VolumeError::Vm(e) => e.problems(),
             _ => Cow::Borrowed(&[]),
         }
     }

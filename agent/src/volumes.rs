@@ -24,6 +24,9 @@ pub enum VolumeError {
     /// A request the node refuses before a pool sees it (a source outside the allowed host paths).
     #[error("{0}")]
     Invalid(qx_common::ValidationErrors),
+    /// An operation on a volume in use went through its VM (a running VM's disk grown online).
+    #[error(transparent)]
+    Vm(#[from] qx_vmm::VmError),
 }
 
 /// The node's pools (one for now; the `Pool` trait leaves room for NFS and Ceph RBD). The default pool and its

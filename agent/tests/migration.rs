@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{boot, create, get, start, state, Client, Console};
 use qx_agent::certs::CertPaths;
 use qx_proto::node::v1 as pb;
+use qx_proto::node::v1::migration_peer_service_client::MigrationPeerServiceClient;
 use qx_proto::node::v1::migration_service_client::MigrationServiceClient;
 use tls_common::TlsNode;
 use tonic::Code;
@@ -162,6 +163,79 @@ async fn a_running_vm_moves_to_the_other_node_and_its_counter_goes_on() {
         "migrated in {} ms, downtime {} ms, {} bytes; counter {before} -> {first}",
         result.total_time_ms, result.downtime_ms, result.transferred_bytes
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_under_another_accelerator_refuses_the_vm_and_creates_nothing() {
+    let (cluster, _a, b) = two_nodes().await;
+    // node-a's own certificate, as its migration driver presents it to node-b.
+    let certs = CertPaths::new(cluster.dir.path().join("certs-node-a"));
+    let files = tls_common::ClientFiles { key: certs.node_key(), cert: certs.node_cert(), ca: certs.cluster_ca() };
+    let mut peer = MigrationPeerServiceClient::new(b.channel(&files).await.expect("node-a reaches node-b"));
+    let spec_text = qx_test_infra::test_guest().spec_yaml("kvm-vm", "uuid: 11111111-2222-4333-8444-555555555555\n");
+    let spec = qx_vmm::VmSpec::from_text(&spec_text).unwrap();
+    let devices = qx_vmm::DeviceTree::new(&spec).unwrap();
+    let request = pb::PrepareIncomingRequest {
+        spec_json: serde_json::to_string(&spec).unwrap(),
+        devices_json: serde_json::to_string(&devices).unwrap(),
+        config_json: serde_json::to_string(&qx_vmm::migration::MigrationConfig::default()).unwrap(),
+        source_node: "node-a".into(),
+        accelerator: "kvm".into(),
+    };
+    let refused = peer.prepare_incoming(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let expected = "accelerator: \"kvm\" is what the VM runs under on node-a; this node would run it under tcg";
+    assert!(refused.message().contains(expected), "{}", refused.message());
+    let (mut client_b, _) = unix(&b).await;
+    assert!(client_b.list_vms(pb::ListVmsRequest {}).await.unwrap().into_inner().vms.is_empty());
+    assert!(vm_dirs(&b.daemon.data_dir()).iter().all(|d| d.starts_with('.')), "{:?}", vm_dirs(&b.daemon.data_dir()));
+}
+
+/// Runs `stream` to its result.
+async fn completed(stream: &mut tonic::Streaming<pb::MigrationEvent>) -> pb::MigrationResult {
+    loop {
+        match stream.message().await.expect("the migration succeeds").and_then(|e| e.event) {
+            Some(pb::migration_event::Event::Result(result)) => return result,
+            Some(_) => {}
+            None => panic!("the stream ended without a result"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uefi_vm_with_a_tpm_moves_with_its_nvram_and_keeps_its_tpm() {
+    let (_cluster, a, b) = two_nodes().await;
+    let (mut client_a, mut migrations_a) = unix(&a).await;
+    let (mut client_b, _) = unix(&b).await;
+    // OVMF boots the test guest's EFI-stub bzImage, not its PVH vmlinux.
+    let guest = qx_test_infra::test_guest();
+    let bzimage = guest.kernel.with_file_name("vmlinuz").display().to_string();
+    let spec_text = guest
+        .spec_yaml("efi", "firmware: uefi\ntpm: true\nnics:\n  - kind: user\n")
+        .replace(&guest.kernel.display().to_string(), &bzimage);
+    client_a.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
+    start(&mut client_a, "efi").await;
+    let mut console = boot(&mut client_a, "efi").await;
+    assert_eq!(console.sh("ls /sys/class/tpm").await, "tpm0");
+    // What the firmware wrote on the source at first boot (its boot entries): not the template any more.
+    let vars = std::fs::read(a.daemon.data_dir().join("vms/efi/uefi-vars.fd")).unwrap();
+    assert_ne!(vars, std::fs::read("/usr/share/OVMF/OVMF_VARS_4M.fd").unwrap());
+    let request = pb::MigrateVmRequest { name: "efi".into(), target_url: url(&b), ..Default::default() };
+    let mut stream = migrations_a.migrate_vm(request).await.expect("MigrateVm").into_inner();
+    completed(&mut stream).await;
+    assert_eq!(state(&get(&mut client_b, "efi").await), pb::VmState::Running);
+    let target_dir = b.daemon.data_dir().join("vms/efi");
+    // The flash travels in QEMU's stream; the target's QEMU writes it to its copy as the guest resumes.
+    let moved = qx_test_infra::wait_until(Duration::from_secs(10), || {
+        (std::fs::read(target_dir.join("uefi-vars.fd")).ok()? == vars).then_some(())
+    });
+    assert!(moved.is_some(), "the target's NVRAM is not the source's");
+    let swtpm: i32 = std::fs::read_to_string(target_dir.join("swtpm.pid")).unwrap().trim().parse().unwrap();
+    assert!(qx_test_infra::pid_alive(swtpm), "the target runs the VM's swtpm");
+    let mut console = Console::open(&mut client_b, "efi").await;
+    assert_eq!(console.sh("ls /sys/class/tpm").await, "tpm0", "the guest keeps its TPM");
+    let uptime = console.sh("cut -d. -f1 /proc/uptime").await;
+    assert!(uptime.parse::<u64>().unwrap() >= 2, "the guest rebooted: uptime {uptime}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

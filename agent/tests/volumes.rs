@@ -33,6 +33,17 @@ async fn stop(client: &mut Client, name: &str) {
     client.stop_vm(pb::StopVmRequest { name: name.into(), force: true, timeout_seconds: 0 }).await.expect("StopVm");
 }
 
+/// Waits until the guest's `/sys/block/vda/size` says `sectors` (a capacity change reaches it within moments).
+async fn guest_sees(console: &mut Console, sectors: &str) {
+    for _ in 0..50 {
+        if console.command("cat /sys/block/vda/size").await == sectors {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the guest never saw {sectors} sectors on vda");
+}
+
 type Operation = Result<tonic::Response<tonic::Streaming<pb::VolumeOperation>>, tonic::Status>;
 
 /// Follows a volume operation to its result or its error.
@@ -91,18 +102,36 @@ async fn vms_use_pool_volumes_and_volumes_in_use_are_protected() {
     assert!(status.message().contains("disks[0].volume: \"default/nope\" does not exist"), "{}", status.message());
     assert_eq!(daemon.qemu_pids().len(), 1, "only vol1's QEMU runs");
 
-    // Deleting, resizing or cloning a volume a running VM uses is refused.
+    // Deleting a volume a running VM uses is refused.
     let data1 = || pb::VolumeRef { pool: "default".into(), name: "data1".into() };
     let status = client.delete_volume(data1()).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "in use by vol1: {status:?}");
-    let resize = pb::ResizeVolumeRequest { pool: String::new(), name: "data1".into(), size_bytes: 64 << 20 };
-    assert_eq!(client.resize_volume(resize.clone()).await.unwrap_err().code(), Code::FailedPrecondition);
 
+    // Resizing it grows the running VM's disk online (`block_resize`): the guest sees the new size without a
+    // reboot, and the pool records it. Shrinking a disk in use is refused, naming the field and value.
+    let resize =
+        |mib: u64| pb::ResizeVolumeRequest { pool: String::new(), name: "data1".into(), size_bytes: mib << 20 };
+    let grown = client.resize_volume(resize(64)).await.expect("ResizeVolume online").into_inner();
+    assert_eq!(grown.capacity_bytes, 64 << 20, "the pool re-read the grown size");
+    guest_sees(&mut console, "131072").await;
+    let status = client.resize_volume(resize(32)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("size: \"33554432\" is below the disk's current size 67108864"), "{status:?}");
+    let qxctl = std::process::Command::new(env!("CARGO_BIN_EXE_qxctl"))
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(["volume", "resize", "data1", "--size-mib", "96"])
+        .output()
+        .unwrap();
+    assert!(qxctl.status.success(), "qxctl: {}", String::from_utf8_lossy(&qxctl.stderr));
+    guest_sees(&mut console, "196608").await;
+    assert_eq!(daemon.qemu_pids().len(), 1, "the same QEMU: no reboot, no restart");
+
+    // A stopped VM's volume resizes offline, as before; shrinking stays refused.
     stop(&mut client, "vol1").await;
-    let grown = client.resize_volume(resize).await.expect("ResizeVolume").into_inner();
-    assert_eq!(grown.capacity_bytes, 64 << 20);
-    let shrink = pb::ResizeVolumeRequest { pool: String::new(), name: "data1".into(), size_bytes: 32 << 20 };
-    assert_eq!(client.resize_volume(shrink).await.unwrap_err().code(), Code::FailedPrecondition, "no shrinking");
+    let grown = client.resize_volume(resize(128)).await.expect("ResizeVolume").into_inner();
+    assert_eq!(grown.capacity_bytes, 128 << 20);
+    assert_eq!(client.resize_volume(resize(32)).await.unwrap_err().code(), Code::FailedPrecondition, "no shrinking");
     client.delete_volume(data1()).await.unwrap();
     let listed = client.list_volumes(pb::ListVolumesRequest { pool: String::new() }).await.unwrap().into_inner();
     assert!(listed.volumes.is_empty());

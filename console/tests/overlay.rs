@@ -32,6 +32,7 @@ fn scripts_are_posix_sh_that_parses() {
         "etc/conf.d/quantix-node",
         "etc/conf.d/quantix-console",
         "usr/libexec/quantix/console-on-tty1",
+        "usr/libexec/quantix/firewall-ports",
     ];
     for script in scripts {
         let out = Command::new("sh").arg("-n").arg(overlay().join(script)).output().unwrap();

@@ -86,3 +86,21 @@ export function errorText(error: unknown): string {
   if (error instanceof ConnectError) return error.rawMessage || Code[error.code];
   return error instanceof Error ? error.message : String(error);
 }
+
+export interface ConsoleTicket {
+  ticket: string;
+  path: string;
+  expires_in_seconds: number;
+}
+
+/** A one-use ticket for a VM's VNC console WebSocket (a WebSocket cannot carry the CSRF header). */
+export async function consoleTicket(vm: string): Promise<ConsoleTicket> {
+  const headers: Record<string, string> = csrfToken ? { "x-csrf-token": csrfToken } : {};
+  const response = await fetch(`/api/vms/${encodeURIComponent(vm)}/vnc-ticket`, {
+    method: "POST",
+    credentials: "same-origin",
+    headers,
+  });
+  if (!response.ok) throw new Error(await jsonError(response));
+  return (await response.json()) as ConsoleTicket;
+}

@@ -55,7 +55,7 @@ pub use guest_agent::{AgentState, AgentStatus};
 pub use host::HostRoot;
 pub use manager::guest_ops::{ExecOutcome, GuestInfo, MAX_GUEST_FILE_BYTES};
 pub use manager::hotplug::{DEFAULT_DETACH_TIMEOUT, MEMORY_STEP_MIB};
-pub use manager::live_migration::{IncomingPeer, PeerError};
+pub use manager::live_migration::{IncomingPeer, PeerError, SourceFacts};
 pub use manager::stats::DiskStats;
 pub use manager::{Backends, ManagerConfig, StartOptions, VmError, VmInfo, VmManager};
 pub use network::NetworkBackend;

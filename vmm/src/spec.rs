@@ -198,7 +198,7 @@ pub struct Placement {
     /// vCPU run on either). vCPUs past the list, and vCPUs hot-added later, are not pinned.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vcpu_cpus: Vec<CpuList>,
-    /// Host CPUs for QEMU's other threads (main loop, I/O, workers), kept off the vCPUs' CPUs when they differ.
+    /// Host CPUs for QEMU's other threads (main loop, I/O, workers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub emulator_cpus: Option<CpuList>,
 }

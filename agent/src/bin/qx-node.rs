@@ -52,6 +52,10 @@ struct Args {
     /// exit.
     #[arg(long)]
     hash_password: bool,
+    /// Print the nft commands that open exactly the ports this configuration serves in the host firewall
+    /// (/usr/share/quantix/firewall.nft's sets), and exit. /etc/init.d/firewall runs it.
+    #[arg(long)]
+    firewall_ports: bool,
     /// tracing filter, e.g. `info`, `qx_vmm=debug`.
     #[arg(long, env = "QX_LOG", default_value = "info")]
     log: String,
@@ -97,6 +101,11 @@ fn main() -> anyhow::Result<()> {
         let password = password.strip_suffix('\n').unwrap_or(&password);
         anyhow::ensure!(!password.is_empty(), "--hash-password: the password on standard input is empty");
         println!("{}", qx_agent::ui::auth::hash_password(password).map_err(anyhow::Error::msg)?);
+        return Ok(());
+    }
+    if args.firewall_ports {
+        let config = args.into_config()?;
+        print!("{}", qx_agent::host::firewall::OpenPorts::of(&config).nft_commands());
         return Ok(());
     }
     // stderr, and the in-memory ring that GetDiagnostics reads.

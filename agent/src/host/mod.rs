@@ -7,6 +7,7 @@
 
 pub mod cluster;
 mod command;
+pub mod firewall;
 pub mod grubenv;
 pub mod hardware;
 pub mod logring;

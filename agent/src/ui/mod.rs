@@ -1,7 +1,8 @@
 //! The Host UI listener: HTTPS on its own port (`ui.listen`, 8443 on the host image) with the node's certificate.
 //! It serves the node API to the browser as gRPC-Web (`tonic-web` in front of the same `NodeService` the other
 //! listeners serve: no second API), behind a login ([`auth`]); `/api/login`, `/api/logout` and `/api/session` for
-//! the session; `/metrics` for Prometheus; and the web app's built files ([`assets`]).
+//! the session; VM consoles as WebSockets bridged to VNC ([`console`]); `/metrics` for Prometheus; and the web
+//! app's built files ([`assets`]).
 //!
 //! Not for: the node API's own clients (qxctl, a control plane), which use the unix socket or the mutual-TLS TCP
 //! listener ([`crate::server`]).
@@ -9,6 +10,7 @@
 mod assets;
 pub mod auth;
 pub mod config;
+pub mod console;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -45,6 +47,7 @@ struct UiState {
     node: Arc<Node>,
     rpc: RpcMetrics,
     auth: Auth,
+    tickets: console::Tickets,
 }
 
 /// The routes of the listener.
@@ -52,7 +55,7 @@ fn router(node: Arc<Node>, rpc: RpcMetrics) -> Router {
     let auth = Auth::new(&node.config().ui);
     let api = NodeServiceServer::new(NodeApi::new(Arc::clone(&node)));
     let grpc_web = tower::ServiceBuilder::new().layer(tonic_web::GrpcWebLayer::new()).layer(rpc.layer()).service(api);
-    let state = Arc::new(UiState { node, rpc, auth });
+    let state = Arc::new(UiState { node, rpc, auth, tickets: console::Tickets::default() });
     let grpc_path = format!("/{}/{{*method}}", <NodeServiceServer<NodeApi> as NamedService>::NAME);
     let api_routes = Router::new()
         .route_service(&grpc_path, grpc_web)
@@ -62,6 +65,8 @@ fn router(node: Arc<Node>, rpc: RpcMetrics) -> Router {
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/session", get(session))
+        .route("/api/vms/{name}/vnc-ticket", post(console::ticket))
+        .route("/api/vms/{name}/vnc", get(console::websocket))
         .merge(api_routes)
         .fallback(assets::serve)
         .with_state(state)

@@ -1,11 +1,16 @@
 import { bytes, stateName } from "../format";
 import { errorText } from "../api";
-import { DiskFormat } from "../gen/quantix/node/v1/node_pb";
+import { DiskFormat, VmState } from "../gen/quantix/node/v1/node_pb";
 import { useVm, useVmEvents } from "../vms";
 import { PowerButtons } from "./PowerButtons";
+import { lazy, Suspense, useState } from "react";
+
+// noVNC is most of the console's weight: it loads when a console opens, not with the first page.
+const Console = lazy(() => import("./Console").then((module) => ({ default: module.Console })));
 
 export function VmDetail({ name }: { name: string }) {
   const vm = useVm(name);
+  const [consoleOpen, setConsoleOpen] = useState(false);
   useVmEvents(name);
   if (vm.isPending) return <p className="loading">Loading {name}…</p>;
   if (vm.isError) return <p className="error">{errorText(vm.error)}</p>;
@@ -49,6 +54,21 @@ export function VmDetail({ name }: { name: string }) {
           </>
         )}
       </dl>
+
+      <h2>Console</h2>
+      {spec?.vncDisplay === undefined ? (
+        <p>No VNC display: set vnc_display in the VM's spec.</p>
+      ) : vm.data.state !== VmState.RUNNING && vm.data.state !== VmState.PAUSED ? (
+        <p>The display is there while the VM runs.</p>
+      ) : consoleOpen ? (
+        <Suspense fallback={<p className="loading">Loading the console…</p>}>
+          <Console vm={name} />
+        </Suspense>
+      ) : (
+        <button type="button" data-action="console" onClick={() => setConsoleOpen(true)}>
+          Open console
+        </button>
+      )}
 
       <h2>Devices</h2>
       {devices.length === 0 ? (

@@ -86,6 +86,16 @@ enum TargetHas {
 }
 
 /// A target node, as the source's VM operation sees it.
+/// What a target needs besides the spec and the device tree: facts of the VM as it runs on the source. (A UEFI
+/// VM's NVRAM needs nothing here: the flash contents travel in QEMU's migration stream, and the target's QEMU writes
+/// them to its own copy when the guest resumes.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceFacts {
+    /// The accelerator the source's QEMU runs under: a target under another one cannot load the vCPU state (a KVM
+    /// guest's CPU state does not restore under TCG, nor the other way), so it refuses.
+    pub accel: Option<crate::Accel>,
+}
+
 pub trait IncomingPeer: Send + Sync {
     /// Names the target in messages (its URL).
     fn describe(&self) -> String;
@@ -95,6 +105,7 @@ pub trait IncomingPeer: Send + Sync {
         spec: &'a VmSpec,
         devices: &'a DeviceTree,
         config: &'a MigrationConfig,
+        facts: &'a SourceFacts,
     ) -> BoxFuture<'a, Result<String, PeerError>>;
     /// The state is sent: the target resumes the guest and answers once it runs there.
     fn finish<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), PeerError>>;
@@ -180,8 +191,9 @@ impl VmManager {
             source,
         };
 
+        let facts = SourceFacts { accel: entry.status().record.accel };
         let uri = tokio::select! {
-            prepared = peer.prepare(&spec, &devices, config) => match prepared {
+            prepared = peer.prepare(&spec, &devices, config, &facts) => match prepared {
                 Ok(uri) => uri,
                 Err(e) => {
                     self.set_state(entry, VmState::Running, "migration refused by the target").await;
@@ -405,6 +417,7 @@ impl VmManager {
         config: &MigrationConfig,
         listen_host: &str,
         source: &str,
+        facts: SourceFacts,
     ) -> Result<(VmInfo, u16), VmError> {
         config.validate()?;
         let spec = validated(spec).await?;
@@ -413,6 +426,13 @@ impl VmManager {
         }
         spec.validate_shape(&self.inner.caps)?;
         let accel = self.resolve_accel(&spec)?;
+        if let Some(theirs) = facts.accel.filter(|theirs| *theirs != accel) {
+            let problem = format!(
+                "is what the VM runs under on {source}; this node would run it under {accel}, which cannot load its \
+                 vCPU state"
+            );
+            return Err(ValidationErrors::one("accelerator", theirs, problem).into());
+        }
         self.check_networks(&spec).await?;
         let resolved = self.resolve_volumes(&spec.name, spec.clone()).await?;
         let entry = {

@@ -9,6 +9,7 @@
 //! - `launch.rs`: start (cold and warm, running or paused), the QEMU spawn, the warm pool's refill;
 //! - `supervise.rs`: reattach after a restart, the per-QEMU watch task, exits;
 //! - `operations.rs`: create, update, delete, stop, reboot, reset, pause, resume, console;
+//! - `resize.rs`: a running VM's disk grown online (`block_resize`);
 //! - `hotplug.rs`, `snapshot_ops.rs`, `guest_ops.rs`, `live_migration.rs`, `stats.rs`: the live operations;
 //! - `error.rs`: [`VmError`].
 
@@ -42,6 +43,7 @@ use crate::warm::{WarmPool, WarmShape};
 mod error;
 mod launch;
 mod operations;
+mod resize;
 mod supervise;
 
 pub(crate) mod guest_ops;

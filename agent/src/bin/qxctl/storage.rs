@@ -48,7 +48,7 @@ pub enum VolumeCommand {
         #[arg(long, default_value = "default")]
         pool: String,
     },
-    /// Grows a volume no running VM uses.
+    /// Grows a volume; the disk of a running or paused VM grows online.
     Resize {
         name: String,
         #[arg(long)]
