@@ -167,8 +167,8 @@ enum Role {
     SwitchAbsent,
     /// The port `i` of the request does not exist.
     PortAbsent(usize),
-    /// A port group of this name does not exist.
-    GroupAbsent,
+    /// The port group `i` of the request does not exist.
+    GroupAbsent(usize),
     /// The port `i` of the request exists.
     PortPresent(usize),
     /// The port group `i` of the request exists.
@@ -298,9 +298,10 @@ impl Northbound {
                 return Some("is the address of the subnet's DHCP server".into());
             }
             uuids(row, "ports").into_iter().find_map(|uuid| {
-                let info = port_info(r, uuid, r.row(LSP, &uuid)?);
-                (info.name != port && info.ipv4 == Some(ip))
-                    .then(|| format!("is used by port {} on logical switch {switch}", info.name))
+                let row = r.row(LSP, &uuid)?;
+                let name = row.get("name").and_then(Value::as_str).unwrap_or_default();
+                (name != port && ipv4_of(row) == Some(ip))
+                    .then(|| format!("is used by port {name} on logical switch {switch}"))
             })
         })
     }
@@ -639,38 +640,65 @@ impl Northbound {
         external_ids: &BTreeMap<String, String>,
         acls: &[AclSpec],
     ) -> Result<Uuid, Error> {
+        let uuids = self.create_port_groups(&[(name, external_ids, acls)]).await?;
+        Ok(uuids[0])
+    }
+
+    /// Creates empty port groups, each `(name, external_ids, acls)` with its ACLs, in one transaction: all or none
+    /// (a taken name is [`Error::PortGroupExists`]).
+    pub async fn create_port_groups(
+        &self,
+        groups: &[(&str, &BTreeMap<String, String>, &[AclSpec])],
+    ) -> Result<Vec<Uuid>, Error> {
         let mut p = Problems::default();
-        p.check("name", name, check_port_group_name(name));
-        for (i, acl) in acls.iter().enumerate() {
-            acl.validate_into(&mut p, &format!("acls[{i}]."));
+        let many = groups.len() > 1;
+        for (g, (name, _, acls)) in groups.iter().enumerate() {
+            let prefix = if many { format!("groups[{g}].") } else { String::new() };
+            p.check(format!("{prefix}name"), name, check_port_group_name(name));
+            for (i, acl) in acls.iter().enumerate() {
+                acl.validate_into(&mut p, &format!("{prefix}acls[{i}]."));
+            }
         }
         p.into_result()?;
-        let mut txn = Txn::new();
-        txn.push(Role::GroupAbsent, Operation::assert_absent(PG, vec![Condition::eq("name", name)]));
-        let mut named = Vec::new();
-        for (i, acl) in acls.iter().enumerate() {
-            let acl_name = format!("a{i}");
-            txn.push(Role::Other, Operation::insert_named(ACL, acl_row(acl), &acl_name));
-            named.push(Atom::NamedUuid(acl_name));
+        if groups.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut row = Row::new();
-        row.insert("name".into(), name.into());
-        row.insert("acls".into(), Value::Set(named));
-        row.insert("external_ids".into(), Value::map(external_ids.clone()));
-        let insert = txn.push(Role::Other, Operation::insert(PG, row));
-        txn.push(Role::Other, Operation::comment(format!("qx-node: create port group {name}")));
-        let what = || format!("creating port group {name}");
+        let mut txn = Txn::new();
+        let mut inserts = Vec::with_capacity(groups.len());
+        for (g, (name, external_ids, acls)) in groups.iter().enumerate() {
+            txn.push(Role::GroupAbsent(g), Operation::assert_absent(PG, vec![Condition::eq("name", *name)]));
+            let mut named = Vec::new();
+            for (i, acl) in acls.iter().enumerate() {
+                let acl_name = format!("g{g}a{i}");
+                txn.push(Role::Other, Operation::insert_named(ACL, acl_row(acl), &acl_name));
+                named.push(Atom::NamedUuid(acl_name));
+            }
+            let mut row = Row::new();
+            row.insert("name".into(), (*name).into());
+            row.insert("acls".into(), Value::Set(named));
+            row.insert("external_ids".into(), Value::map((*external_ids).clone()));
+            inserts.push(txn.push(Role::Other, Operation::insert(PG, row)));
+        }
+        let what = || match groups {
+            [(name, ..)] => format!("creating port group {name}"),
+            _ => format!("creating {} port groups", groups.len()),
+        };
+        txn.push(Role::Other, Operation::comment(format!("qx-node: {}", what())));
         let results = match self.transact_txn(&txn, &what).await {
             Ok(results) => results,
-            Err(Error::Transact { source, .. }) if txn.failed_role(&source) == Some(Role::GroupAbsent) => {
-                return Err(Error::PortGroupExists { name: name.to_owned() });
+            Err(Error::Transact { source, .. }) if matches!(txn.failed_role(&source), Some(Role::GroupAbsent(_))) => {
+                let Some(Role::GroupAbsent(g)) = txn.failed_role(&source) else { unreachable!() };
+                return Err(Error::PortGroupExists { name: groups[g].0.to_owned() });
             }
             Err(e) => return Err(e),
         };
-        let uuid = inserted(&results, insert, &what)?;
-        self.settle(&what, |r| r.row(PG, &uuid).is_some()).await?;
-        info!(group = name, acls = acls.len(), "port group created");
-        Ok(uuid)
+        let uuids = inserts.iter().map(|i| inserted(&results, *i, &what)).collect::<Result<Vec<_>, _>>()?;
+        self.settle(&what, |r| uuids.iter().all(|u| r.row(PG, u).is_some())).await?;
+        match groups {
+            [(name, _, acls)] => info!(group = name, acls = acls.len(), "port group created"),
+            _ => info!(groups = groups.len(), "port groups created"),
+        }
+        Ok(uuids)
     }
 
     /// Deletes a port group with its ACLs. `false` if there was none.
@@ -891,16 +919,17 @@ fn check_new_ports(r: &Replica, switch: &str, specs: &[PortSpec]) -> Result<(Uui
     let server = dhcp.and(subnet).map(|s| dhcp_server_ip(s, dhcp_router(r, switch)));
     let mut used_macs: BTreeMap<String, String> = BTreeMap::new();
     let mut used_ips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    // From the rows alone (not `port_info`, which looks up each port's switch): this runs on every port added.
     for uuid in &ports {
         let Some(port) = r.row(LSP, uuid) else { continue };
-        let info = port_info(r, *uuid, port);
-        for address in &info.addresses {
+        let name = port.get("name").and_then(Value::as_str).unwrap_or_default();
+        for address in strings(port, "addresses") {
             if let Some(mac) = address.split_whitespace().next().filter(|m| m.contains(':')) {
-                used_macs.insert(mac.to_ascii_lowercase(), info.name.clone());
+                used_macs.insert(mac.to_ascii_lowercase(), name.to_owned());
             }
         }
-        if let Some(ip) = info.ipv4 {
-            used_ips.insert(ip, info.name.clone());
+        if let Some(ip) = ipv4_of(port) {
+            used_ips.insert(ip, name.to_owned());
         }
     }
     let mut p = Problems::default();
@@ -1068,12 +1097,19 @@ fn switch_info(r: &Replica, uuid: Uuid, row: &Row) -> SwitchInfo {
     }
 }
 
+/// A port's IPv4 address: the static one in `addresses`, else the one northd picked (`dynamic_addresses`).
+fn ipv4_of(row: &Row) -> Option<Ipv4Addr> {
+    let ip_of = |address: &String| address.split_whitespace().nth(1).and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+    strings(row, "addresses")
+        .iter()
+        .find_map(ip_of)
+        .or_else(|| strings(row, "dynamic_addresses").iter().find_map(ip_of))
+}
+
 fn port_info(r: &Replica, uuid: Uuid, row: &Row) -> PortInfo {
     let name = row.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
     let addresses = strings(row, "addresses");
-    let dynamic = strings(row, "dynamic_addresses");
-    let ip_of = |address: &String| address.split_whitespace().nth(1).and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-    let ipv4 = addresses.iter().find_map(ip_of).or_else(|| dynamic.iter().find_map(ip_of));
+    let ipv4 = ipv4_of(row);
     PortInfo {
         switch: port_switch(r, &name),
         kind: row.get("type").and_then(Value::as_str).unwrap_or_default().to_owned(),
