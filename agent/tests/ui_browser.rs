@@ -135,6 +135,8 @@ fn the_host_ui_in_a_browser_logs_in_lists_the_vm_and_stops_it() {
         let _ = browser.kill();
     }
     let output = browser.wait_with_output().unwrap();
+    // The browser's profile is of no use after the run; the screenshots stay.
+    let _ = std::fs::remove_dir_all(artifacts.join("profile"));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let report: serde_json::Value = stdout
