@@ -121,7 +121,11 @@ async fn vnc_port(state: &UiState, name: &str) -> Result<u16, Response> {
 }
 
 /// `POST /api/vms/<name>/vnc-ticket`: a ticket for the VM's console, for a live session with its CSRF token.
-pub(super) async fn ticket(State(state): State<Arc<UiState>>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+pub(super) async fn ticket(
+    State(state): State<Arc<UiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(error) = state.auth.check(cookie_token(&headers).as_deref(), Some(csrf_header(&headers))) {
         return refused(&error);
     }
