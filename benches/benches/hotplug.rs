@@ -18,15 +18,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qx_benches::{ratio, Summary};
+use qx_benches::{ratio, RawQemu, Summary};
 use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::node_service_client::NodeServiceClient;
-use qx_qmp::{ConnectOptions, Event, QemuEvent, QmpClient};
+use qx_qmp::{Event, QemuEvent, QmpClient};
 use qx_test_infra::{test_guest, Daemon, READY_MARKER};
-use qx_vmm::cmdline::{disk_plug, qemu_args, LaunchLayout};
+use qx_vmm::cmdline::disk_plug;
 use qx_vmm::device_tree::Growth;
 use qx_vmm::process::QemuProcess;
-use qx_vmm::{Accel, DeviceTree, VmSpec};
+use qx_vmm::{DeviceTree, VmSpec};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,43 +61,14 @@ struct RawVm {
 }
 
 async fn raw_vm(dir: &Path, disk: &Path) -> RawVm {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
     let spec = spec("raw", "");
     let mut devices = DeviceTree::new(&spec).expect("bench spec places");
-    let qmp_socket = dir.join("qmp.sock");
-    let serial_socket = dir.join("serial.sock");
-    let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
-    let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
-    let qga_listener = std::os::unix::net::UnixListener::bind(dir.join("qga.sock")).unwrap();
-    let layout = LaunchLayout {
-        qmp_fd: 3,
-        serial_fd: Some(4),
-        qga_fd: 5,
-        pidfile: dir.join("qemu.pid"),
-        seed: None,
-        hotplug: false,
-        uefi: None,
-        tpm: None,
+    let RawQemu { process, qmp, mut serial } = {
+        let mut raw = RawQemu::launch(dir, &spec, &devices).await;
+        raw.wait_for(READY_MARKER, READY_TIMEOUT).await;
+        raw
     };
-    let args = qemu_args(&spec, &devices, Accel::Tcg, &layout);
-    let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
-    let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4), (qga_listener.into(), 5)];
-    let process = QemuProcess::spawn(Path::new("qemu-system-x86_64"), &args, fds, log).unwrap();
-    let qmp = QmpClient::connect(&qmp_socket, ConnectOptions::default()).await.unwrap();
-    let mut serial = tokio::net::UnixStream::connect(&serial_socket).await.unwrap();
-    qmp.execute_raw("cont", None).await.unwrap();
-    let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
-    tokio::time::timeout(READY_TIMEOUT, async {
-        while !String::from_utf8_lossy(&seen).contains(READY_MARKER) {
-            let n = serial.read(&mut buf).await.unwrap();
-            assert!(n > 0, "raw QEMU closed its serial console before the ready marker");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("raw QEMU guest ready");
     // The serial console must keep draining, or a guest that prints blocks.
     tokio::spawn(async move { while serial.read(&mut buf).await.is_ok_and(|n| n > 0) {} });
 

@@ -13,16 +13,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use qx_benches::{ratio, Summary};
+use qx_benches::{ratio, RawQemu, Summary};
 use qx_proto::node::v1 as pb;
 use qx_proto::node::v1::node_service_client::NodeServiceClient;
-use qx_qmp::{ConnectOptions, QmpClient};
 use qx_test_infra::{test_guest, Daemon, READY_MARKER};
-use qx_vmm::cmdline::{qemu_args, LaunchLayout};
-use qx_vmm::process::QemuProcess;
-use qx_vmm::{Accel, VmSpec};
+use qx_vmm::VmSpec;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -53,49 +49,14 @@ fn spec(name: &str) -> VmSpec {
 
 /// The floor: the argument list qx-node would use, spawned here, QMP negotiated, `cont`.
 async fn raw_start(dir: &Path, spec: &VmSpec) -> Sample {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
-    let started = Instant::now();
-    let qmp_socket = dir.join("qmp.sock");
-    let serial_socket = dir.join("serial.sock");
-    let qmp_listener = std::os::unix::net::UnixListener::bind(&qmp_socket).unwrap();
-    let serial_listener = std::os::unix::net::UnixListener::bind(&serial_socket).unwrap();
-    // The guest agent's socket, as qx-node gives every VM one (nothing connects to it here).
-    let qga_listener = std::os::unix::net::UnixListener::bind(dir.join("qga.sock")).unwrap();
-    let layout = LaunchLayout {
-        qmp_fd: 3,
-        serial_fd: Some(4),
-        qga_fd: 5,
-        pidfile: dir.join("qemu.pid"),
-        seed: None,
-        hotplug: false,
-        uefi: None,
-        tpm: None,
-    };
     let devices = qx_vmm::DeviceTree::new(spec).expect("bench spec places");
-    let args = qemu_args(spec, &devices, Accel::Tcg, &layout);
-    let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
-    let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4), (qga_listener.into(), 5)];
-    let process = QemuProcess::spawn(Path::new("qemu-system-x86_64"), &args, fds, log).unwrap();
-    let qmp = QmpClient::connect(&qmp_socket, ConnectOptions::default()).await.unwrap();
-    let mut serial = tokio::net::UnixStream::connect(&serial_socket).await.unwrap();
-    qmp.execute_raw("cont", None).await.unwrap();
+    let started = Instant::now();
+    let mut raw = RawQemu::launch(dir, spec, &devices).await;
     let control = started.elapsed();
-
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(READY_TIMEOUT, async {
-        while !String::from_utf8_lossy(&seen).contains(READY_MARKER) {
-            let n = serial.read(&mut buf).await.unwrap();
-            assert!(n > 0, "raw QEMU closed its serial console before the ready marker");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("raw QEMU guest ready");
+    raw.wait_for(READY_MARKER, READY_TIMEOUT).await;
     let ready = started.elapsed();
-    process.kill().unwrap();
-    process.exited().await;
+    raw.process.kill().unwrap();
+    raw.process.exited().await;
     Sample { control, ready }
 }
 

@@ -81,6 +81,63 @@ pub fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
 }
 
+/// A QEMU started for `spec` the way qx-node starts one (the same arguments, its sockets bound first and handed
+/// over as fds), but by the bench itself: the floor qx-node is compared against.
+pub struct RawQemu {
+    pub process: qx_vmm::process::QemuProcess,
+    pub qmp: qx_qmp::QmpClient,
+    pub serial: tokio::net::UnixStream,
+}
+
+impl RawQemu {
+    /// Launches QEMU in `dir` (emptied first) with `devices` placed as given, connects QMP and the serial console,
+    /// and lets the vCPUs run.
+    pub async fn launch(dir: &Path, spec: &qx_vmm::VmSpec, devices: &qx_vmm::DeviceTree) -> Self {
+        use std::os::unix::net::UnixListener;
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).unwrap();
+        let (qmp_socket, serial_socket) = (dir.join("qmp.sock"), dir.join("serial.sock"));
+        let qmp_listener = UnixListener::bind(&qmp_socket).unwrap();
+        let serial_listener = UnixListener::bind(&serial_socket).unwrap();
+        // The guest agent's socket, as qx-node gives every VM one (nothing connects to it here).
+        let qga_listener = UnixListener::bind(dir.join("qga.sock")).unwrap();
+        let layout = qx_vmm::cmdline::LaunchLayout {
+            qmp_fd: 3,
+            serial_fd: Some(4),
+            qga_fd: 5,
+            pidfile: dir.join("qemu.pid"),
+            seed: None,
+            hotplug: false,
+            uefi: None,
+            tpm: None,
+        };
+        let args = qx_vmm::cmdline::qemu_args(spec, devices, qx_vmm::Accel::Tcg, &layout);
+        let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
+        let fds = vec![(qmp_listener.into(), 3), (serial_listener.into(), 4), (qga_listener.into(), 5)];
+        let process = qx_vmm::process::QemuProcess::spawn(Path::new("qemu-system-x86_64"), &args, fds, log).unwrap();
+        let qmp = qx_qmp::QmpClient::connect(&qmp_socket, qx_qmp::ConnectOptions::default()).await.unwrap();
+        let serial = tokio::net::UnixStream::connect(&serial_socket).await.unwrap();
+        qmp.execute_raw("cont", None).await.unwrap();
+        Self { process, qmp, serial }
+    }
+
+    /// Reads the serial console until the guest prints `marker`, within `timeout`.
+    pub async fn wait_for(&mut self, marker: &str, timeout: Duration) {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        tokio::time::timeout(timeout, async {
+            while !String::from_utf8_lossy(&seen).contains(marker) {
+                let n = self.serial.read(&mut buf).await.unwrap();
+                assert!(n > 0, "raw QEMU closed its serial console before {marker:?}");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("raw QEMU guest ready");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
