@@ -18,12 +18,16 @@
 //! from round to round; ratios are the medians of the rounds' ratios, with their spread. `ovn-nbctl` runs with its
 //! default `--no-wait` and our calls wait for the monitor, so neither side waits for ovn-northd.
 
+#[path = "common/stats.rs"]
+mod stats;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use qx_net::ovn::{AclAction, AclDirection, AclSpec, Northbound, PortSpec, SwitchSpec};
 use qx_net::ovsdb::{ClientOptions, Endpoint, Operation};
 use qx_test_infra::ovn::{ovn_installed, Chassis, OvnCentral};
+use stats::{ms, percentile};
 
 const TARGET_PER_PORT: f64 = 20.0;
 const TARGET_BATCHED: f64 = 1.0;
@@ -131,15 +135,6 @@ async fn measure<F: std::future::Future<Output = ()>>(nb: &Northbound, switch: &
     nb.client().echo(vec![]).await.unwrap();
     assert!(nb.port_groups().is_empty());
     elapsed
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 async fn bench(n: usize) {

@@ -17,8 +17,11 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/stats.rs"]
+mod stats;
 
 use common::OvsEndpoint;
+use stats::{ms, percentile};
 
 use std::time::{Duration, Instant};
 
@@ -126,15 +129,6 @@ async fn measure<F: std::future::Future<Output = ()>>(
     assert!(vs.delete_bridge(bridge).await.unwrap());
     vs.sync(SETTLE).await.unwrap();
     elapsed
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 async fn bench(n: usize) {
