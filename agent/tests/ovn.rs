@@ -85,6 +85,16 @@ fn logical_ports(central: &OvnCentral) -> Vec<String> {
     names.lines().filter(|l| !l.trim().is_empty()).map(|l| l.trim().to_owned()).collect()
 }
 
+/// qx-node's config for a node on `chassis`: its Open vSwitch (userspace datapath) and `central`'s northbound.
+fn node_config(central: &OvnCentral, chassis: &Chassis) -> String {
+    format!(
+        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
+        chassis.ovs().db_socket().display(),
+        central.nb_endpoint(),
+        chassis.name()
+    )
+}
+
 #[test]
 fn vms_on_one_logical_switch_get_dhcp_addresses_and_reach_each_other_but_not_another_switch() {
     if skip_without_ovn() {
@@ -95,12 +105,7 @@ fn vms_on_one_logical_switch_get_dhcp_addresses_and_reach_each_other_but_not_ano
     let central = OvnCentral::start();
     let chassis = Chassis::start(&central, "qx-hv1");
     test_guest();
-    let config = format!(
-        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
-        chassis.ovs().db_socket().display(),
-        central.nb_endpoint(),
-        chassis.name()
-    );
+    let config = node_config(&central, &chassis);
     let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "debug", Some(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
@@ -233,12 +238,7 @@ fn a_northbound_restart_mid_session_loses_and_doubles_no_logical_port() {
     let mut central = OvnCentral::start();
     let chassis = Chassis::start(&central, "qx-hv2");
     test_guest();
-    let config = format!(
-        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
-        chassis.ovs().db_socket().display(),
-        central.nb_endpoint(),
-        chassis.name()
-    );
+    let config = node_config(&central, &chassis);
     let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
@@ -349,12 +349,7 @@ fn security_groups_filter_a_running_vm_and_rule_changes_apply_at_once() {
     let central = OvnCentral::start();
     let chassis = Chassis::start(&central, "qx-hv3");
     test_guest();
-    let config = format!(
-        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
-        chassis.ovs().db_socket().display(),
-        central.nb_endpoint(),
-        chassis.name()
-    );
+    let config = node_config(&central, &chassis);
     let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
@@ -498,12 +493,7 @@ fn a_static_address_is_the_ports_address_its_dhcp_lease_and_its_port_security() 
     let central = OvnCentral::start();
     let chassis = Chassis::start(&central, "qx-hv4");
     test_guest();
-    let config = format!(
-        "ovs:\n  socket: {}\n  datapath_type: netdev\novn:\n  northbound: {}\n  chassis: {}\n",
-        chassis.ovs().db_socket().display(),
-        central.nb_endpoint(),
-        chassis.name()
-    );
+    let config = node_config(&central, &chassis);
     let daemon = Daemon::start_with(Path::new(env!("CARGO_BIN_EXE_qx-node")), "info", Some(&config));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
