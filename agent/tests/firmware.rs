@@ -11,14 +11,10 @@ use common::*;
 use qx_proto::node::v1 as pb;
 use qx_test_infra::{cmdline_of, pid_alive, test_guest, wait_until};
 
-/// The test guest booted from its bzImage: its `vmlinux` is a PVH ELF for SeaBIOS's fast path, which OVMF does
-/// not load; the bzImage's EFI stub is what UEFI starts.
+/// The test guest on UEFI: its `vmlinux` is a PVH ELF for SeaBIOS's fast path, which OVMF does not load; the
+/// bzImage's EFI stub is what UEFI starts.
 fn create_request(name: &str, extra: &str) -> pb::CreateVmRequest {
-    let guest = test_guest();
-    let bzimage = guest.kernel.with_file_name("vmlinuz");
-    let spec_text =
-        guest.spec_yaml(name, extra).replace(&guest.kernel.display().to_string(), &bzimage.display().to_string());
-    pb::CreateVmRequest { spec: None, spec_text }
+    pb::CreateVmRequest { spec: None, spec_text: test_guest().efi_spec_yaml(name, extra) }
 }
 
 /// The value after `-machine` and the `-blockdev` values of a QEMU process.

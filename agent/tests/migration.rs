@@ -207,12 +207,8 @@ async fn a_uefi_vm_with_a_tpm_moves_with_its_nvram_and_keeps_its_tpm() {
     let (_cluster, a, b) = two_nodes().await;
     let (mut client_a, mut migrations_a) = unix(&a).await;
     let (mut client_b, _) = unix(&b).await;
-    // OVMF boots the test guest's EFI-stub bzImage, not its PVH vmlinux.
-    let guest = qx_test_infra::test_guest();
-    let bzimage = guest.kernel.with_file_name("vmlinuz").display().to_string();
-    let spec_text = guest
-        .spec_yaml("efi", "firmware: uefi\ntpm: true\nnics:\n  - kind: user\n")
-        .replace(&guest.kernel.display().to_string(), &bzimage);
+    let spec_text =
+        qx_test_infra::test_guest().efi_spec_yaml("efi", "firmware: uefi\ntpm: true\nnics:\n  - kind: user\n");
     client_a.create_vm(pb::CreateVmRequest { spec: None, spec_text }).await.expect("CreateVm");
     start(&mut client_a, "efi").await;
     let mut console = boot(&mut client_a, "efi").await;

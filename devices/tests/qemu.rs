@@ -134,7 +134,7 @@ fn uefi_boot(ovmf: &Ovmf, vars: &Path) -> Vec<String> {
     args.extend(uefi.args);
     args.extend([
         "-kernel".into(),
-        guest.kernel.with_file_name("vmlinuz").display().to_string(),
+        guest.bzimage().display().to_string(),
         "-initrd".into(),
         guest.initrd.display().to_string(),
         "-append".into(),

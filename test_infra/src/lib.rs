@@ -43,6 +43,16 @@ impl TestGuest {
             self.cmdline
         )
     }
+
+    /// The compressed kernel with its EFI stub (`vmlinuz`): what OVMF boots (it cannot load the PVH `vmlinux`).
+    pub fn bzimage(&self) -> PathBuf {
+        self.kernel.with_file_name("vmlinuz")
+    }
+
+    /// Like [`TestGuest::spec_yaml`], booting [`TestGuest::bzimage`]: for VMs on UEFI.
+    pub fn efi_spec_yaml(&self, name: &str, extra: &str) -> String {
+        Self { kernel: self.bzimage(), ..self.clone() }.spec_yaml(name, extra)
+    }
 }
 
 /// Builds the test guest the first time any test asks (a cached no-op afterwards) and returns it.
