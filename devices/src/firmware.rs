@@ -38,6 +38,12 @@ pub enum FirmwareError {
     },
 }
 
+/// Whether QEMU machine type `machine` has System Management Mode, where Secure Boot's firmware guards its keys:
+/// q35 does (`q35`, `pc-q35-X.Y`), i440fx does not.
+pub fn has_smm(machine: &str) -> bool {
+    machine.contains("q35")
+}
+
 /// The firmware files a VM boots with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ovmf {
@@ -76,7 +82,7 @@ impl Ovmf {
 
     /// Secure Boot's firmware guards its variables in System Management Mode, which only q35 has.
     pub fn check_machine(&self, machine: &str) -> Result<(), FirmwareError> {
-        if self.secure_boot && !machine.contains("q35") {
+        if self.secure_boot && !has_smm(machine) {
             return Err(FirmwareError::SecureBootMachine { machine: machine.to_owned() });
         }
         Ok(())

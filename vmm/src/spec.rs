@@ -431,7 +431,7 @@ impl VmSpec {
             if self.firmware != Firmware::Uefi {
                 p.add("secure_boot", "true", format!("needs firmware uefi, not {}", self.firmware));
             }
-            if !self.machine.contains("q35") {
+            if !qx_devices::firmware::has_smm(&self.machine) {
                 p.add(
                     "secure_boot",
                     "true",
